@@ -1,0 +1,3 @@
+from tappass_host.cli import main
+
+main()

@@ -1,0 +1,130 @@
+"""tappass-host's configuration: `config.toml`, every key defaulted.
+
+A key not listed in DEFAULTS is rejected with its dotted name; a value of
+the wrong type is rejected with the key and the expected type. The file is
+optional: without it every default applies.
+"""
+
+import copy
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tappass_host.errors import ConfigError
+
+OCI_SCHEMA_DIR = "/usr/share/gocode/src/github.com/opencontainers/runtime-spec/schema"
+
+DEFAULTS: dict[str, Any] = {
+    "runtime": "crun",
+    "runtime_path": "",  # empty: look the runtime up on PATH
+    "conmon_path": "",
+    "oci_schema_dir": OCI_SCHEMA_DIR,  # "" turns the schema check off
+    "agent_id_range": "200000-299999",
+    "max_sandboxes": 8,
+    "kernel_layer": "required",  # required | best-effort
+    "on_expiry": "keep",  # keep | stop
+    "restart_on_policy_change": False,
+    "appliers": [
+        "identity", "filesystem", "keyring", "kernel",
+        "network", "resources", "harness", "gateway",
+    ],
+    "log_max_bytes": 10 * 1024 * 1024,
+    "trust": {"keys": []},
+    "limits": {  # host maxima a keyring's `process` aspect may ask for
+        "memory_mb": 16384,
+        "pids_max": 4096,
+        "cpu_millis": 8000,
+    },
+    "sync": {
+        "keepalive_timeout_s": 45,
+        "backoff_initial_s": 0.5,
+        "backoff_max_s": 30.0,
+    },
+    "network": {
+        "address_pool": "169.254.64.0/18",
+        "proxy_port": 3128,
+    },
+}
+
+CHOICES = {
+    "runtime": ("crun", "runc"),
+    "kernel_layer": ("required", "best-effort"),
+    "on_expiry": ("keep", "stop"),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    values: dict[str, Any]
+    source: Path | None
+
+    def __getitem__(self, key: str) -> Any:
+        node: Any = self.values
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    @property
+    def agent_id_range(self) -> tuple[int, int]:
+        low, high = (int(x) for x in self["agent_id_range"].split("-"))
+        return low, high
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a table"}[type(value)]
+
+
+def _merge(defaults: dict, given: dict, prefix: str) -> dict:
+    merged = copy.deepcopy(defaults)
+    for key, value in given.items():
+        name = prefix + key
+        if key not in defaults:
+            raise ConfigError(f"unknown config key {name!r}")
+        default = defaults[key]
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {name!r} must be a table")
+            merged[key] = _merge(default, value, name + ".")
+            continue
+        ok = isinstance(value, type(default)) and not (
+            isinstance(value, bool) and not isinstance(default, bool)
+        )
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            ok, value = True, float(value)
+        if not ok:
+            raise ConfigError(f"config key {name!r} must be {_type_name(default)}")
+        if name in CHOICES and value not in CHOICES[name]:
+            raise ConfigError(f"config key {name!r} must be one of {', '.join(CHOICES[name])}")
+        merged[key] = value
+    return merged
+
+
+def _check_agent_id_range(text: str) -> None:
+    try:
+        low, high = (int(x) for x in text.split("-"))
+    except ValueError:
+        raise ConfigError("config key 'agent_id_range' must look like '200000-299999'") from None
+    if not 0 < low <= high:
+        raise ConfigError("config key 'agent_id_range' must be a non-empty range above 0")
+
+
+def load(path: Path | None, required: bool = False) -> Config:
+    """Load `path` over the defaults. A missing file is fine unless `required`."""
+    given: dict = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                given = tomllib.load(f)
+        except FileNotFoundError:
+            if required:
+                raise ConfigError(f"config file {path} does not exist") from None
+            path = None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    values = _merge(DEFAULTS, given, "")
+    _check_agent_id_range(values["agent_id_range"])
+    return Config(values=values, source=path)

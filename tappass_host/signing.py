@@ -1,0 +1,78 @@
+"""Ed25519 keys in the text form the contracts use: `ed25519:<base64 raw key>`.
+
+A key's id is the hex SHA-256 of its raw 32-byte public key (the DSSE keyid).
+"""
+
+import base64
+import binascii
+import hashlib
+import os
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from tappass_host.errors import TappassError
+
+PREFIX = "ed25519:"
+
+
+class BadKey(TappassError):
+    """A key string is not `ed25519:<base64 of 32 bytes>`."""
+
+
+def public_key_from_text(text: str) -> Ed25519PublicKey:
+    if not isinstance(text, str) or not text.startswith(PREFIX):
+        raise BadKey("signing key must look like 'ed25519:<base64>'")
+    try:
+        raw = base64.b64decode(text[len(PREFIX):], validate=True)
+    except (binascii.Error, ValueError):
+        raise BadKey("signing key is not valid base64") from None
+    if len(raw) != 32:
+        raise BadKey("signing key must be 32 bytes")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def raw_public(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def public_key_to_text(key: Ed25519PublicKey) -> str:
+    return PREFIX + base64.b64encode(raw_public(key)).decode("ascii")
+
+
+def key_id(key: Ed25519PublicKey) -> str:
+    return hashlib.sha256(raw_public(key)).hexdigest()
+
+
+def generate() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+def load_or_create_private_key(path: Path) -> Ed25519PrivateKey:
+    """Load a PEM Ed25519 key, creating it (0600, O_EXCL) on first use."""
+    path = Path(path)
+    try:
+        pem = path.read_bytes()
+    except FileNotFoundError:
+        key = generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            from tappass_host.statefile import write_file_durably
+
+            write_file_durably(path, pem, 0o600)
+            return key
+        except FileExistsError:  # another process won the race: use its key
+            pem = path.read_bytes()
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise BadKey(f"{path} is not an Ed25519 private key")
+    return key

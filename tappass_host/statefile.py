@@ -1,0 +1,46 @@
+"""Atomic writes of state files.
+
+Invariant: a reader (or a crash at any instant) sees either the complete old
+file or the complete new one, never a prefix. Sequence:
+  1. write the bytes to a temp file in the same directory (O_EXCL, final mode),
+  2. fsync the temp file,
+  3. rename it over the target,
+  4. fsync the directory so the rename itself is durable.
+"""
+
+import os
+import secrets
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_durably(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Create `path` (which must not exist) with `data`, and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fchmod(fd, mode)  # the umask must not widen or narrow the mode
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        write_file_durably(tmp, data, mode)
+        os.rename(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)

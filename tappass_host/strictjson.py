@@ -1,0 +1,50 @@
+"""Strict JSON parsing and the canonical JSON encoding.
+
+Strict: duplicate object keys, NaN/Infinity and invalid UTF-8 are errors,
+because two parsers that disagree on such input could disagree on what was
+signed.
+"""
+
+import json
+from typing import Any
+
+
+class StrictJSONError(ValueError):
+    pass
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise StrictJSONError(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def _reject_constant(name: str) -> Any:
+    raise StrictJSONError(f"non-finite number {name}")
+
+
+def loads(data: bytes | str) -> Any:
+    """Parse strict JSON; raises StrictJSONError on anything not strict."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise StrictJSONError("not valid UTF-8") from exc
+    try:
+        return json.loads(
+            data, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
+        )
+    except StrictJSONError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise StrictJSONError("not valid JSON") from exc
+
+
+def canonical(value: Any) -> bytes:
+    """Sorted keys, no whitespace, UTF-8: the encoding hashes and signatures cover."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
