@@ -1,0 +1,68 @@
+"""One keyring update, start to finish: verify, flip, audit.
+
+This is the only way a keyring reaches a sandbox's directory: the daemon and
+`tappass-host sync apply` both call `apply_update`. The lock of the store is
+held from reading the current version to the flip, so two updates to one
+sandbox are serialized and each is checked against the version it replaces.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from tappass_host import sandbox as sandbox_record
+from tappass_host.audit import AuditLog
+from tappass_host.keyring.store import KeyringStore
+from tappass_host.keyring.verify import (
+    KeyringRejected,
+    KeyringVersion,
+    Limits,
+    Trust,
+    VerifiedKeyring,
+    envelope_sha256,
+    verify,
+)
+from tappass_host.paths import HostPaths
+
+HarnessRenderer = Callable[[VerifiedKeyring], dict[str, bytes]]
+
+
+@dataclass(frozen=True)
+class Applied:
+    keyring: VerifiedKeyring
+    previous: KeyringVersion | None
+
+
+def store_for(paths: HostPaths, record) -> KeyringStore:
+    sandbox = paths.sandbox(record.name)
+    return KeyringStore(sandbox.keyring, sandbox.keyring_lock, group=record.agent_gid)
+
+
+def apply_update(paths: HostPaths, name: str, data: bytes, *, limits: Limits = Limits(),
+                 audit: AuditLog | None = None, now: datetime | None = None,
+                 render_harness: HarnessRenderer | None = None) -> Applied:
+    """Apply one envelope to sandbox `name`; raises KeyringRejected on refusal."""
+    now = now or datetime.now(timezone.utc)
+    record = sandbox_record.load(paths, name)
+    audit = audit or AuditLog.for_host(paths)
+    store = store_for(paths, record)
+    with store.transaction():
+        previous = store.current_version()
+        try:
+            keyring = verify(data, Trust.from_record(record), previous, now, limits)
+        except KeyringRejected as rejection:
+            details = {"reason": rejection.reason, "sha256": rejection.sha256
+                       or envelope_sha256(data if isinstance(data, bytes) else b"")}
+            if rejection.policy_version is not None:
+                details["policy_version"] = rejection.policy_version
+            audit.append("keyring.rejected", sandbox=name, details=details)
+            raise
+        harness = render_harness(keyring) if render_harness else {}
+        store.flip(keyring, harness)
+        audit.append("keyring.applied", sandbox=name, details={
+            "policy_version": keyring.version.policy_version,
+            "issued_at": keyring.payload["issued_at"],
+            "sha256": keyring.sha256,
+            "previous": previous.policy_version if previous else None,
+        })
+    return Applied(keyring=keyring, previous=previous)

@@ -1,0 +1,188 @@
+"""The keyring directory: layout, modes, garbage collection, recovery, and
+crash safety under SIGKILL at random instants."""
+
+import json
+import os
+import random
+import signal
+import stat
+import time
+import traceback
+from datetime import datetime, timezone
+
+import pytest
+
+from keyrings import policy, sign
+from tappass_host.audit import AuditLog
+from tappass_host.keyring.store import KeyringStore
+from tappass_host.keyring.update import apply_update
+
+BASE = datetime.now(timezone.utc).replace(microsecond=0)
+
+
+def envelope_for(version: int, signer) -> bytes:
+    """Deterministic: Ed25519 signatures and the JSON here depend only on inputs."""
+    return sign(policy(version, now=BASE, ttl=3600), signer)
+
+
+def keyring_dir(paths):
+    return paths.sandbox("demo").keyring
+
+
+def version_dirs(paths):
+    return sorted(p.name for p in keyring_dir(paths).iterdir() if p.name.startswith("..v"))
+
+
+def test_layout_links_and_modes(paths, sandbox, signer):
+    apply_update(paths, "demo", envelope_for(1, signer), render_harness=lambda k: {
+        "claude-code/settings.json": b"{}"})
+    top = keyring_dir(paths)
+    current = os.readlink(top / "..data")
+    assert current.startswith("..v0000000001-") and "/" not in current
+    for name in ("keyring.json", "keyring.dsse.json", "harness"):
+        assert os.readlink(top / name) == f"..data/{name}"
+    assert stat.S_IMODE(top.stat().st_mode) == 0o750
+    for dirpath, dirnames, filenames in os.walk(top / current):
+        assert stat.S_IMODE(os.stat(dirpath).st_mode) == 0o550, dirpath
+        for name in filenames:
+            assert stat.S_IMODE(os.stat(os.path.join(dirpath, name)).st_mode) == 0o440
+    assert (top / "harness" / "claude-code" / "settings.json").read_bytes() == b"{}"
+    assert json.loads((top / "keyring.json").read_bytes())["policy_version"] == 1
+    dsse = json.loads((top / "keyring.dsse.json").read_bytes())
+    assert dsse["payloadType"] == "application/vnd.tappass.keyring+json"
+
+
+def test_files_belong_to_the_agent_group(paths, signer):
+    import keyrings
+    from tappass_host import sandbox as sandbox_record
+
+    record = keyrings.enroll(paths, "demo", [signer])
+    record.agent_gid = 201234
+    sandbox_record.save(paths.sandbox("demo"), record)
+    apply_update(paths, "demo", envelope_for(1, signer))
+    top = keyring_dir(paths)
+    assert top.stat().st_gid == 201234
+    assert (top / "keyring.json").stat().st_gid == 201234
+
+
+def test_garbage_collection_keeps_the_previous_version(paths, sandbox, signer):
+    for version in range(1, 6):
+        apply_update(paths, "demo", envelope_for(version, signer))
+    assert [d[:13] for d in version_dirs(paths)] == ["..v0000000004", "..v0000000005"]
+
+
+def test_recovery_removes_leftovers_which_never_become_current(paths, sandbox, signer):
+    apply_update(paths, "demo", envelope_for(1, signer))
+    top = keyring_dir(paths)
+    (top / "..tmp-deadbeef").mkdir()
+    (top / "..tmp-deadbeef" / "keyring.json").write_text('{"half":')
+    newer = "..v0000000009-20991231T000000Z"
+    (top / newer).mkdir()
+    os.symlink(newer, top / "..data_tmp")
+    (top / "keyring.json").unlink()  # crash before the first links were made
+    store = KeyringStore(top, paths.sandbox("demo").keyring_lock)
+    with store.transaction():
+        assert store.current_version().policy_version == 1
+    assert sorted(p.name for p in top.iterdir() if p.name.startswith("..")) == [
+        "..data", version_dirs(paths)[0]]
+    assert json.loads((top / "keyring.json").read_bytes())["policy_version"] == 1
+    apply_update(paths, "demo", envelope_for(2, signer))
+    assert json.loads((top / "keyring.json").read_bytes())["policy_version"] == 2
+
+
+def test_no_keyring_yet(paths, sandbox):
+    store = KeyringStore(keyring_dir(paths), paths.sandbox("demo").keyring_lock)
+    with store.transaction():
+        assert store.current_version() is None
+        assert store.read_current() is None
+
+
+def _apply_forever(paths, signer, first: int, ready_fd: int) -> None:
+    """Runs in a forked child: apply updates until killed; never returns."""
+    os.write(ready_fd, b"x")
+    version = first
+    try:
+        while True:
+            apply_update(paths, "demo", envelope_for(version, signer))
+            version += 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(1)
+
+
+def _fork_applier(paths, signer, first: int) -> int:
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        _apply_forever(paths, signer, first, write_fd)
+    os.close(write_fd)
+    os.read(read_fd, 1)
+    os.close(read_fd)
+    return pid
+
+
+def _current_version(paths) -> int:
+    data = (keyring_dir(paths) / "keyring.json").read_bytes()
+    return json.loads(data)["policy_version"]
+
+
+def test_sigkill_at_random_instants_leaves_one_whole_version(paths, sandbox, signer):
+    written = {v: envelope_for(v, signer) for v in range(1, 2000)}
+    payload_of = {v: json.dumps(policy(v, now=BASE, ttl=3600)).encode() for v in written}
+    apply_update(paths, "demo", written[1])
+    rng = random.Random(1234)
+    kills = 0
+    seen_versions = set()
+    while kills < 200:
+        pid = _fork_applier(paths, signer, _current_version(paths) + 1)
+        time.sleep(rng.uniform(0, 0.02))
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status), "the child stopped by itself"
+        kills += 1
+
+        store = KeyringStore(keyring_dir(paths), paths.sandbox("demo").keyring_lock)
+        with store.transaction():
+            current = store.current_version()
+        version = _current_version(paths)
+        assert version == current.policy_version
+        top = keyring_dir(paths)
+        assert (top / "keyring.json").read_bytes() == payload_of[version]
+        assert (top / "keyring.dsse.json").read_bytes() == written[version]
+        leftovers = [p.name for p in top.iterdir()
+                     if p.name.startswith(("..tmp-", "..data_tmp"))]
+        assert leftovers == []
+        seen_versions.add(version)
+    assert len(seen_versions) > 50, "kills did not land during applies"
+    report = AuditLog.for_host(paths).verify()
+    assert report.ok, report
+
+
+def test_reader_never_sees_a_torn_or_missing_keyring(paths, sandbox, signer):
+    apply_update(paths, "demo", envelope_for(1, signer))
+    pid = _fork_applier(paths, signer, 2)
+    path = keyring_dir(paths) / "keyring.json"
+    versions = []
+    try:
+        for _ in range(10_000):
+            with open(path, "rb") as f:
+                doc = json.loads(f.read())
+            versions.append(doc["policy_version"])
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert versions == sorted(versions)
+    assert versions[-1] - versions[0] > 10, "no flips happened while reading"
+
+
+@pytest.mark.parametrize("entry", ["..data_tmp", "..tmp-0001"])
+def test_a_stray_leftover_alone_is_cleaned(paths, sandbox, entry):
+    top = keyring_dir(paths)
+    top.mkdir(parents=True)
+    (top / entry).mkdir()
+    store = KeyringStore(top, paths.sandbox("demo").keyring_lock)
+    with store.transaction():
+        assert store.current_version() is None
+    assert not (top / entry).exists()
