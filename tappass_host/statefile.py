@@ -21,15 +21,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_file_durably(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Create `path` (which must not exist) with `data`, and fsync it."""
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_durably(path: Path, data: bytes, mode: int = 0o644, sync: bool = True) -> None:
+    """Create `path` (which must not exist) with `data`, and fsync it unless
+    the caller will (`sync=False`: several files then cost one journal commit)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
         os.fchmod(fd, mode)  # the umask must not widen or narrow the mode
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -18,7 +18,15 @@ from tappass_host.errors import TappassError
 # name -> (module, attribute, one-line help shown by --help without importing)
 _COMMANDS = {
     "audit": ("tappass_host.cli.audit", "audit", "Verify or print the tamper-evident audit log."),
+    "init": ("tappass_host.cli.enroll", "init", "Enroll a sandbox from a one-time bootstrap URL."),
     "sync": ("tappass_host.cli.sync", "sync", "Apply signed keyrings (air-gapped hosts)."),
+    "start": ("tappass_host.cli.sandbox", "start", "Start a sandbox's agent."),
+    "stop": ("tappass_host.cli.sandbox", "stop", "Stop a sandbox's agent."),
+    "status": ("tappass_host.cli.sandbox", "status", "Show sandboxes and their state."),
+    "inspect": ("tappass_host.cli.sandbox", "inspect", "Show a sandbox's OCI config and layers."),
+    "logs": ("tappass_host.cli.sandbox", "logs", "Print a sandbox agent's output."),
+    "shell": ("tappass_host.cli.sandbox", "shell", "Run a command inside a sandbox, as the agent."),
+    "_exited": ("tappass_host.cli.sandbox", "exited", ""),
 }
 
 
@@ -71,7 +79,7 @@ class _LazyGroup(click.Group):
         return getattr(importlib.import_module(module), attr)
 
     def format_commands(self, ctx, formatter):
-        rows = [(name, _COMMANDS[name][2]) for name in sorted(_COMMANDS)]
+        rows = [(name, _COMMANDS[name][2]) for name in sorted(_COMMANDS) if _COMMANDS[name][2]]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 

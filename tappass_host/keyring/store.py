@@ -11,8 +11,9 @@ The scheme is the kubelet's atomic writer. Invariants:
     `recover` removes them, so they can never become current.
 
 Sequence of `flip`:
-  1. write every file into `..v<version>` (0440), fsync each, chmod the
-     directories 0550 and fsync the ones that hold files;
+  1. write every file into `..v<version>`, set owners and modes (files
+     0440, directories 0550), then fsync each file and each directory that
+     holds one (all written before any is synced: one journal commit);
   2. link `..data_tmp -> ..v<version>`, rename it over `..data`, fsync the
      keyring directory: this rename is the commit point;
   3. create the top-level links if missing (first flip only);
@@ -28,8 +29,9 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from tappass_host.keyring.verify import KeyringVersion, VerifiedKeyring, parse_timestamp
-from tappass_host.statefile import fsync_dir, write_file_durably
+from tappass_host.clock import parse_timestamp
+from tappass_host.keyring.verify import KeyringVersion, VerifiedKeyring
+from tappass_host.statefile import fsync_dir, fsync_path, write_file_durably
 
 DATA = "..data"
 DATA_TMP = "..data_tmp"
@@ -109,6 +111,17 @@ class KeyringStore:
         except FileNotFoundError:
             return None
 
+    def adopt_group(self) -> None:
+        """Give every file to the store's group (after the agent's gid is allocated)."""
+        current = self.current_dirname()
+        if self.group is None or current is None or (
+                os.stat(self.dir / current).st_gid == self.group):
+            return
+        for dirpath, dirnames, filenames in os.walk(self.dir):
+            for name in dirnames + filenames:
+                os.chown(os.path.join(dirpath, name), -1, self.group, follow_symlinks=False)
+        os.chown(self.dir, -1, self.group)
+
     def recover(self) -> None:
         current = self.current_version()
         for entry in os.listdir(self.dir):
@@ -138,22 +151,25 @@ class KeyringStore:
         self._collect_garbage(keep={target, previous})
 
     def _stage(self, staging: Path, keyring: VerifiedKeyring, harness: dict[str, bytes]) -> None:
-        staging.mkdir(mode=0o700)
-        (staging / "harness").mkdir(mode=0o700)
-        write_file_durably(staging / "keyring.json", keyring.payload_bytes, FILE_MODE)
-        write_file_durably(staging / "keyring.dsse.json", keyring.envelope_bytes, FILE_MODE)
-        for relpath, data in sorted(harness.items()):
-            path = staging / "harness" / relpath
+        files = {Path("keyring.json"): keyring.payload_bytes,
+                 Path("keyring.dsse.json"): keyring.envelope_bytes}
+        for relpath, data in harness.items():
             if ".." in Path(relpath).parts or Path(relpath).is_absolute():
                 raise ValueError(f"harness file {relpath!r} escapes the harness directory")
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_file_durably(path, data, FILE_MODE)
-        for dirpath, dirnames, filenames in os.walk(staging, topdown=False):
+            files[Path("harness") / relpath] = data
+        staging.mkdir(mode=0o700)
+        (staging / "harness").mkdir(mode=0o700)
+        for relpath, data in sorted(files.items()):
+            (staging / relpath).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_file_durably(staging / relpath, data, FILE_MODE, sync=False)
+        for dirpath, _, filenames in os.walk(staging, topdown=False):
             for name in filenames:
                 self._own(Path(dirpath) / name, FILE_MODE)
             self._own(Path(dirpath), DIR_MODE)
-            if filenames:
-                fsync_dir(Path(dirpath))
+        for relpath in sorted(files):
+            fsync_path(staging / relpath)
+        for directory in sorted({staging / relpath.parent for relpath in files}):
+            fsync_dir(directory)
 
     def _ensure_links(self) -> None:
         missing = [name for name in LINKS if not (self.dir / name).is_symlink()]

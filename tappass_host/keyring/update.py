@@ -33,6 +33,12 @@ class Applied:
     previous: KeyringVersion | None
 
 
+def _harness_files(keyring: VerifiedKeyring) -> dict[str, bytes]:
+    from tappass_host.layers import harness
+
+    return harness.render(keyring.payload)[0]
+
+
 def store_for(paths: HostPaths, record) -> KeyringStore:
     sandbox = paths.sandbox(record.name)
     return KeyringStore(sandbox.keyring, sandbox.keyring_lock, group=record.agent_gid)
@@ -57,7 +63,7 @@ def apply_update(paths: HostPaths, name: str, data: bytes, *, limits: Limits = L
                 details["policy_version"] = rejection.policy_version
             audit.append("keyring.rejected", sandbox=name, details=details)
             raise
-        harness = render_harness(keyring) if render_harness else {}
+        harness = (render_harness or _harness_files)(keyring)
         store.flip(keyring, harness)
         audit.append("keyring.applied", sandbox=name, details={
             "policy_version": keyring.version.policy_version,

@@ -25,6 +25,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 
 from tappass_host import domains, signing, strictjson
+from tappass_host.clock import parse_timestamp
 from tappass_host.errors import TappassError
 from tappass_host.keyring import MAX_ENVELOPE_BYTES, PAYLOAD_TYPE, envelope
 
@@ -105,14 +106,6 @@ class Limits:
 
 def envelope_sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def parse_timestamp(text: str) -> datetime:
-    """RFC 3339 -> aware UTC datetime truncated to whole seconds."""
-    from datetime import timezone
-
-    value = datetime.fromisoformat(text)
-    return value.astimezone(timezone.utc).replace(microsecond=0)
 
 
 @cache

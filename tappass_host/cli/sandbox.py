@@ -1,0 +1,157 @@
+"""`start`, `stop`, `status`, `inspect`, `logs`, `shell` and the hidden
+`_exited` hook: thin clients over the state on disk (tappass_host.runtime)."""
+
+import json
+import sys
+import time
+
+import click
+
+from tappass_host.cli import pass_host
+
+
+@click.command()
+@click.argument("name")
+@click.option("--agent", "agent_spec", required=True, metavar="PKG",
+              help="Agent package: a directory with tappass-agent.toml, or an installed "
+                   "distribution with a 'tappass.agents' entry point.")
+@click.option("--foreground", is_flag=True, help="Run attached; exit with the agent's code.")
+@click.option("--rm", "remove", is_flag=True, help="With --foreground: remove runtime state after.")
+@click.option("--runtime", type=click.Choice(["crun", "runc"]), default=None,
+              help="OCI runtime (default: config 'runtime', crun).")
+@pass_host
+def start(host, name, agent_spec, foreground, remove, runtime):
+    """Start NAME's agent in a locked-down sandbox under its current keyring."""
+    from tappass_host.runtime import lifecycle
+
+    host.paths.sandbox(name)
+    started = lifecycle.start(host.paths, name, agent_spec, host.config, runtime,
+                              foreground_run=foreground, remove=remove)
+    for warning in started.warnings:
+        click.echo(f"tappass-host: warning: {warning}", err=True)
+    if foreground:
+        sys.exit(started.exit_code)
+    host.emit({"name": name, "pid": started.pid, "runtime": started.runtime,
+               "policy_version": started.policy_version},
+              f"{name}: started (pid {started.pid}, {started.runtime}, "
+              f"policy_version {started.policy_version})")
+
+
+@click.command()
+@click.argument("name")
+@click.option("--timeout", default=10.0, show_default=True, metavar="S",
+              help="Seconds between SIGTERM and SIGKILL.")
+@pass_host
+def stop(host, name, timeout):
+    """Stop NAME's agent: SIGTERM, then SIGKILL after --timeout."""
+    from tappass_host.runtime import lifecycle
+    from tappass_host.runtime.oci import OCIRuntime
+
+    sandbox = lifecycle.ensure_known(host.paths, name)
+    state = lifecycle.read_json(lifecycle.state_file(sandbox)) or {}
+    runtime = OCIRuntime.find(state.get("runtime") or host.config["runtime"], host.paths.runtime)
+    exit_record = lifecycle.stop(host.paths, name, runtime, timeout)
+    host.emit({"name": name, "exit": exit_record},
+              f"{name}: stopped (exit code {exit_record.get('code')})")
+
+
+def _status_line(s: dict) -> str:
+    detail = {"running": lambda: f"pid {s['pid']}, up {s['uptime_s']}s",
+              "exited": lambda: f"code {(s['exit'] or {}).get('code')}"
+                                + (", OOM-killed" if (s['exit'] or {}).get("oom") else ""),
+              "created": lambda: "never started"}[s["state"]]()
+    flags = f" [{','.join(s['flags'])}]" if s["flags"] else ""
+    return (f"{s['name']:<20} {s['state']:<8} keyring v{s['keyring_version']}  "
+            f"{detail}{flags}")
+
+
+@click.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_host
+def status(host, name, as_json):
+    """Show the state of one sandbox, or of all."""
+    from tappass_host.runtime import lifecycle
+
+    host.json = host.json or as_json
+    names = [name] if name else host.paths.sandbox_names()
+    rows = [lifecycle.status(host.paths, n) for n in names]
+    if host.json:
+        host.emit(rows[0] if name else rows)
+    elif not rows:
+        click.echo("no sandboxes")
+    else:
+        click.echo("\n".join(_status_line(r) for r in rows))
+
+
+@click.command()
+@click.argument("name")
+@pass_host
+def inspect(host, name):
+    """Print NAME's rendered OCI config, which layer set which field, and its keyring version."""
+    from tappass_host.errors import NotFound
+    from tappass_host.runtime import lifecycle
+
+    sandbox = lifecycle.ensure_known(host.paths, name)
+    config = lifecycle.read_json(sandbox.bundle / "config.json")
+    if config is None:
+        raise NotFound(f"sandbox {name!r} has no rendered bundle yet: start it first")
+    layers = lifecycle.read_json(sandbox.bundle / "layers.json") or {}
+    keyring = lifecycle.read_json(sandbox.keyring / "keyring.json") or {}
+    click.echo(json.dumps({"name": name, "keyring_version": keyring.get("policy_version"),
+                           "config": config, **layers}, indent=2, sort_keys=True))
+
+
+@click.command()
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+@click.option("--tail", "tail", type=int, default=None, metavar="N", help="Only the last N lines.")
+@pass_host
+def logs(host, name, follow, tail):
+    """Print the agent's stdout/stderr (conmon's k8s-file log)."""
+    from tappass_host.runtime import lifecycle
+
+    path = lifecycle.ensure_known(host.paths, name).agent_log
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        lines = []
+    for line in lines[-tail:] if tail else lines:
+        click.echo(_k8s_message(line))
+    if not follow:
+        return
+    with open(path, errors="replace") if path.exists() else open("/dev/null") as f:
+        f.seek(0, 2)
+        while True:
+            line = f.readline()
+            if line:
+                click.echo(_k8s_message(line.rstrip("\n")))
+            else:
+                time.sleep(0.2)
+
+
+def _k8s_message(line: str) -> str:
+    """`<ts> <stream> <P|F> <message>` -> message (partial lines are joined by conmon's F)."""
+    parts = line.split(" ", 3)
+    return parts[3] if len(parts) == 4 else line
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@pass_host
+def shell(host, name, command):
+    """Run CMD (default /bin/sh) inside NAME's sandbox, as the agent, under the same restrictions."""
+    from tappass_host.runtime import lifecycle
+
+    sys.exit(lifecycle.shell(host.paths, name, list(command) or ["/bin/sh"]))
+
+
+@click.command("_exited", hidden=True)
+@click.argument("name")
+@pass_host
+def exited(host, name):
+    """conmon's exit hook: record the agent's exit."""
+    from tappass_host.runtime import lifecycle
+
+    lifecycle.record_exit_from_monitor(host.paths, name)

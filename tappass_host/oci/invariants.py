@@ -1,0 +1,472 @@
+"""The escalation invariants of DESIGN §8, enforced on a final OCI config.
+
+Whatever the layers asked for, a config that breaks one of these is never
+handed to the runtime. `check` raises on the first violation, naming the
+field and the layer that set it (from the merge's provenance map: field
+path -> layer name; a field no layer set belongs to the template).
+"""
+
+import os
+import posixpath
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tappass_host.errors import TappassError
+from tappass_host.oci import parent_field
+
+KEYRING_DESTINATION = "/run/tappass/keyring"
+WORKSPACE_DESTINATION = "/workspace"
+KEYRING_OPTIONS = ("ro", "nosuid", "nodev", "noexec")
+
+CAPABILITY_SETS = ("bounding", "effective", "inheritable", "permitted", "ambient")
+REQUIRED_NAMESPACES = ("pid", "mount", "ipc", "uts", "network")
+
+# The defaults of `runc spec` / podman; the template may add more.
+STANDARD_MASKED_PATHS = (
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+)
+STANDARD_READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+
+# destination -> filesystem type of the template's kernel filesystem mounts
+STANDARD_MOUNTS = {
+    "/proc": "proc",
+    "/dev": "tmpfs",
+    "/dev/pts": "devpts",
+    "/dev/shm": "tmpfs",
+    "/dev/mqueue": "mqueue",
+    "/sys": "sysfs",
+}
+READONLY_STANDARD_MOUNTS = ("/sys",)
+# Besides the standard mounts and tmpfs, only these may be mounted (read-only).
+EXTRA_FILESYSTEMS = ("cgroup", "cgroup2")
+
+# Host paths that hold runtime sockets, devices or kernel state: never bound
+# into a sandbox, nor any directory above them.
+HOST_RUNTIME_PATHS = (
+    "/run",
+    "/var/run",
+    "/var/lib/docker",
+    "/var/lib/containerd",
+    "/var/lib/containers",
+    "/dev",
+    "/proc",
+    "/sys",
+)
+NETNS_DIRS = ("/run/netns", "/var/run/netns")
+HOST_NETNS = ("/proc/1/ns/net", "/proc/self/ns/net", "/proc/thread-self/ns/net")
+
+DENYING_DEFAULT_ACTIONS = ("SCMP_ACT_ERRNO", "SCMP_ACT_KILL", "SCMP_ACT_KILL_PROCESS", "SCMP_ACT_KILL_THREAD")
+# LOG lets the call through; TRACE and NOTIFY hand the decision to another process.
+PERMISSIVE_ACTIONS = ("SCMP_ACT_ALLOW", "SCMP_ACT_LOG", "SCMP_ACT_TRACE", "SCMP_ACT_NOTIFY")
+ESCALATION_SYSCALLS = frozenset(
+    """
+    mount umount umount2 mount_setattr move_mount open_tree fsopen fsconfig fsmount fspick
+    pivot_root chroot unshare setns clone3 ptrace process_vm_readv process_vm_writev
+    process_madvise kcmp pidfd_getfd bpf perf_event_open userfaultfd
+    io_uring_setup io_uring_enter io_uring_register keyctl add_key request_key
+    kexec_load kexec_file_load init_module finit_module delete_module create_module
+    swapon swapoff reboot acct quotactl quotactl_fd open_by_handle_at name_to_handle_at
+    lookup_dcookie syslog iopl ioperm uselib nfsservctl _sysctl fanotify_init
+    settimeofday clock_settime clock_settime64 stime adjtimex clock_adjtime vhangup
+    """.split()
+)
+CLONE_NAMESPACE_FLAGS = 0x7E020000  # NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
+SAFE_PERSONALITIES = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)  # PER_LINUX(32), UNAME26, query
+
+
+class InvariantViolation(TappassError):
+    """A rendered OCI config breaks an escalation invariant."""
+
+    def __init__(self, field: str, layer: str, rule: str):
+        self.field = field
+        self.layer = layer
+        super().__init__(f"layer {layer!r} broke invariant: {field} {rule}")
+
+
+@dataclass(frozen=True)
+class _Sandbox:
+    state_dir: str
+    keyring_dir: str
+    workspace_dir: str
+    rootless: bool
+    provenance: dict[str, str]
+
+    def layer_of(self, field: str) -> str:
+        while field:
+            if field in self.provenance:
+                return self.provenance[field]
+            field = parent_field(field)
+        return "template"
+
+    def violation(self, field: str, rule: str) -> InvariantViolation:
+        return InvariantViolation(field, self.layer_of(field), rule)
+
+
+def check(
+    config: dict,
+    *,
+    state_dir: Path,
+    keyring_dir: Path,
+    workspace_dir: Path,
+    rootless: bool,
+    provenance: dict[str, str],
+) -> None:
+    sandbox = _Sandbox(
+        state_dir=_host_path(state_dir),
+        keyring_dir=_host_path(keyring_dir),
+        workspace_dir=_host_path(workspace_dir),
+        rootless=rootless,
+        provenance=dict(provenance),
+    )
+    if not isinstance(config, dict):
+        raise sandbox.violation("", "the config must be a JSON object")
+    for rule in _RULES:
+        rule(config, sandbox)
+
+
+# --- helpers -----------------------------------------------------------------
+
+
+def _obj(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _host_path(path: Path | str) -> str:
+    return os.path.realpath(os.fspath(path))
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _overlaps(path: str, root: str) -> bool:
+    """`path` is `root`, inside it, or a directory above it (mounting it exposes root)."""
+    return _within(path, root) or _within(root, path)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# --- process -----------------------------------------------------------------
+
+
+def _check_user(config: dict, sandbox: _Sandbox) -> None:
+    user = _obj(_obj(config.get("process")).get("user"))
+    for key in ("uid", "gid"):
+        value = user.get(key)
+        if not _is_int(value) or value == 0:
+            raise sandbox.violation(f"process.user.{key}", "must be set and not 0")
+    for i, gid in enumerate(_list(user.get("additionalGids"))):
+        if not _is_int(gid) or gid == 0:
+            raise sandbox.violation(f"process.user.additionalGids[{i}]", "must not be 0")
+    if not sandbox.rootless:
+        _check_not_mapped_to_host_root(config, sandbox, user)
+
+
+def _check_not_mapped_to_host_root(config: dict, sandbox: _Sandbox, user: dict) -> None:
+    linux = _obj(config.get("linux"))
+    for key, mappings in (("uid", "uidMappings"), ("gid", "gidMappings")):
+        inner = user[key]
+        for i, m in enumerate(_list(linux.get(mappings))):
+            m = _obj(m)
+            start, host, size = m.get("containerID"), m.get("hostID"), m.get("size")
+            if all(map(_is_int, (start, host, size))) and start <= inner < start + size:
+                if host + inner - start == 0:
+                    raise sandbox.violation(f"linux.{mappings}[{i}]", f"must not map the agent {key} to host root")
+
+
+def _check_no_new_privileges(config: dict, sandbox: _Sandbox) -> None:
+    if _obj(config.get("process")).get("noNewPrivileges") is not True:
+        raise sandbox.violation("process.noNewPrivileges", "must be true")
+
+
+def _check_capabilities(config: dict, sandbox: _Sandbox) -> None:
+    capabilities = _obj(config.get("process")).get("capabilities")
+    if capabilities is None:
+        return
+    if not isinstance(capabilities, dict):
+        raise sandbox.violation("process.capabilities", "must be an object of empty sets")
+    for name, value in capabilities.items():
+        if value not in (None, []):
+            raise sandbox.violation(f"process.capabilities.{name}", "must be empty")
+
+
+# --- root and mounts ---------------------------------------------------------
+
+
+def _check_root(config: dict, sandbox: _Sandbox) -> None:
+    if _obj(config.get("root")).get("readonly") is not True:
+        raise sandbox.violation("root.readonly", "must be true")
+
+
+@dataclass(frozen=True)
+class _Mount:
+    field: str
+    destination: str
+    type: str
+    source: str
+    options: tuple[str, ...]
+
+    @property
+    def is_bind(self) -> bool:
+        return self.type == "bind" or "bind" in self.options or "rbind" in self.options
+
+    @property
+    def readonly(self) -> bool:
+        # Later options win, as the runtimes parse them; rro/rrw are separate.
+        plain = recursive = False
+        for option in self.options:
+            if option in ("ro", "rw"):
+                plain = option == "ro"
+            elif option in ("rro", "rrw"):
+                recursive = option == "rro"
+        return plain or recursive
+
+    @property
+    def size_limited(self) -> bool:
+        return any(option.startswith("size=") for option in self.options)
+
+
+def _mounts(config: dict, sandbox: _Sandbox) -> Iterator[_Mount]:
+    for i, raw in enumerate(_list(config.get("mounts"))):
+        field = f"mounts[{i}]"
+        raw = _obj(raw)
+        destination = raw.get("destination")
+        if not isinstance(destination, str) or not destination.startswith("/"):
+            raise sandbox.violation(field, "destination must be an absolute path")
+        options = raw.get("options") or []
+        if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+            raise sandbox.violation(field, "options must be a list of strings")
+        yield _Mount(
+            field=field,
+            destination=posixpath.normpath(destination),
+            type=str(raw.get("type") or ""),
+            source=str(raw.get("source") or ""),
+            options=tuple(options),
+        )
+
+
+def _check_keyring_mount(config: dict, sandbox: _Sandbox) -> None:
+    mounts = list(_mounts(config, sandbox))
+    keyring = [m for m in mounts if m.destination == KEYRING_DESTINATION]
+    if not keyring:
+        raise sandbox.violation("mounts", f"must mount the keyring at {KEYRING_DESTINATION}")
+    for m in keyring:
+        if not m.is_bind or _host_path(m.source) != sandbox.keyring_dir:
+            raise sandbox.violation(m.field, f"{KEYRING_DESTINATION} must be a bind of the sandbox's keyring directory")
+        contrary = {"rw", "suid", "dev", "exec"} & set(m.options)
+        if not set(KEYRING_OPTIONS) <= set(m.options) or contrary or not m.readonly:
+            raise sandbox.violation(m.field, f"the keyring mount must be {','.join(KEYRING_OPTIONS)}")
+    last = max(i for i, m in enumerate(mounts) if m.destination == KEYRING_DESTINATION)
+    for m in mounts[last + 1 :]:
+        if _within(KEYRING_DESTINATION, m.destination):
+            raise sandbox.violation(m.field, f"must not hide the keyring mount at {KEYRING_DESTINATION}")
+
+
+def _check_mount_sources(config: dict, sandbox: _Sandbox) -> None:
+    own = (sandbox.keyring_dir, sandbox.workspace_dir)
+    for m in _mounts(config, sandbox):
+        if not m.is_bind:
+            if _within(m.source, "/dev"):
+                raise sandbox.violation(m.field, "must not mount a host device")
+            continue
+        if not m.source.startswith("/"):
+            raise sandbox.violation(m.field, "bind source must be an absolute host path")
+        literal, real = posixpath.normpath(m.source), _host_path(m.source)
+        if real in own:
+            continue
+        if _overlaps(real, sandbox.state_dir) or _overlaps(literal, sandbox.state_dir):
+            raise sandbox.violation(m.field, "must not mount tappass-host state other than its keyring and workspace")
+        for host in HOST_RUNTIME_PATHS:
+            if _overlaps(real, host) or _overlaps(literal, host):
+                raise sandbox.violation(m.field, f"must not bind host sockets, devices or kernel state ({host})")
+        if real.endswith((".sock", ".socket")) or _is_socket(real):
+            raise sandbox.violation(m.field, "must not bind a host socket")
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _check_mount_kinds(config: dict, sandbox: _Sandbox) -> None:
+    for m in _mounts(config, sandbox):
+        standard = STANDARD_MOUNTS.get(m.destination)
+        if standard is not None:
+            if m.is_bind or m.type != standard:
+                raise sandbox.violation(m.field, f"{m.destination} must be a {standard} mount")
+            if m.destination in READONLY_STANDARD_MOUNTS and not m.readonly:
+                raise sandbox.violation(m.field, f"{m.destination} must be read-only")
+            continue
+        if m.is_bind:
+            writable_ok = m.destination == WORKSPACE_DESTINATION and _host_path(m.source) == sandbox.workspace_dir
+        elif m.type == "tmpfs":
+            writable_ok = m.size_limited
+        elif m.type in EXTRA_FILESYSTEMS:
+            writable_ok = False
+        else:
+            raise sandbox.violation(m.field, f"filesystem type {m.type or '(none)'} is not allowed")
+        if not writable_ok and not m.readonly:
+            raise sandbox.violation(m.field, "must be read-only: only the workspace and sized tmpfs are writable")
+
+
+def _check_devices(config: dict, sandbox: _Sandbox) -> None:
+    linux = _obj(config.get("linux"))
+    if _list(linux.get("devices")):
+        raise sandbox.violation("linux.devices[0]", "must not add host devices")
+    for i, rule in enumerate(_list(_obj(linux.get("resources")).get("devices"))):
+        if _obj(rule).get("allow") is not False:
+            raise sandbox.violation(f"linux.resources.devices[{i}]", "must not allow device access")
+
+
+# --- namespaces --------------------------------------------------------------
+
+
+def _check_namespaces(config: dict, sandbox: _Sandbox) -> None:
+    namespaces = [_obj(ns) for ns in _list(_obj(config.get("linux")).get("namespaces"))]
+    present = {str(ns.get("type")) for ns in namespaces}
+    required = REQUIRED_NAMESPACES + (("user",) if sandbox.rootless else ())
+    for kind in required:
+        if kind not in present:
+            raise sandbox.violation("linux.namespaces", f"must include a new {kind} namespace")
+    for i, ns in enumerate(namespaces):
+        path = ns.get("path")
+        if not path:
+            continue
+        field = f"linux.namespaces[{i}].path"
+        if ns.get("type") != "network":
+            raise sandbox.violation(field, f"must be unset: the {ns.get('type')} namespace must be new")
+        if not _is_sandbox_netns(str(path)):
+            raise sandbox.violation(field, "must not join the host network namespace")
+
+
+def _is_sandbox_netns(path: str) -> bool:
+    literal = posixpath.normpath(path)
+    if not any(_within(literal, d) and literal != d for d in NETNS_DIRS):
+        return False
+    try:
+        target = os.stat(path)
+    except FileNotFoundError:
+        return True  # created later, before the runtime starts: nothing to compare yet
+    except OSError:
+        return False  # there, but we cannot tell whose it is
+    for host in HOST_NETNS:
+        try:
+            known = os.stat(host)
+        except OSError:
+            continue
+        if (target.st_dev, target.st_ino) == (known.st_dev, known.st_ino):
+            return False
+    return True
+
+
+# --- seccomp -----------------------------------------------------------------
+
+
+def _check_seccomp(config: dict, sandbox: _Sandbox) -> None:
+    seccomp = _obj(config.get("linux")).get("seccomp")
+    if not isinstance(seccomp, dict):
+        raise sandbox.violation("linux.seccomp", "must be present")
+    if seccomp.get("defaultAction") not in DENYING_DEFAULT_ACTIONS:
+        raise sandbox.violation("linux.seccomp.defaultAction", "must deny (SCMP_ACT_ERRNO or SCMP_ACT_KILL*)")
+    for i, rule in enumerate(_list(seccomp.get("syscalls"))):
+        rule = _obj(rule)
+        if rule.get("action") not in PERMISSIVE_ACTIONS:
+            continue
+        field = f"linux.seccomp.syscalls[{i}]"
+        args = [_obj(a) for a in _list(rule.get("args"))]
+        for name in _list(rule.get("names")):
+            if not isinstance(name, str):
+                raise sandbox.violation(field, "names must be syscall names")
+            if name in ESCALATION_SYSCALLS:
+                raise sandbox.violation(field, f"must not allow {name}")
+            if name == "clone" and not _clone_without_namespaces(args):
+                raise sandbox.violation(field, "must only allow clone without namespace flags")
+            if name == "personality" and not _safe_personality(args):
+                raise sandbox.violation(field, "must only allow safe personality values")
+
+
+def _clone_without_namespaces(args: list[dict]) -> bool:
+    for arg in args:
+        mask, expected = arg.get("value"), arg.get("valueTwo", 0)
+        if (
+            arg.get("index") == 0
+            and arg.get("op") == "SCMP_CMP_MASKED_EQ"
+            and _is_int(mask)
+            and _is_int(expected)
+            and mask & CLONE_NAMESPACE_FLAGS == CLONE_NAMESPACE_FLAGS
+            and expected & CLONE_NAMESPACE_FLAGS == 0
+        ):
+            return True
+    return False
+
+
+def _safe_personality(args: list[dict]) -> bool:
+    return any(
+        a.get("index") == 0 and a.get("op") == "SCMP_CMP_EQ" and a.get("value") in SAFE_PERSONALITIES for a in args
+    )
+
+
+# --- the rest ----------------------------------------------------------------
+
+
+def _check_masked_paths(config: dict, sandbox: _Sandbox) -> None:
+    linux = _obj(config.get("linux"))
+    for key, standard in (("maskedPaths", STANDARD_MASKED_PATHS), ("readonlyPaths", STANDARD_READONLY_PATHS)):
+        missing = [p for p in standard if p not in _list(linux.get(key))]
+        if missing:
+            raise sandbox.violation(f"linux.{key}", f"must include the standard set (missing {missing[0]})")
+
+
+def _check_hooks(config: dict, sandbox: _Sandbox) -> None:
+    hooks = config.get("hooks")
+    if not hooks:
+        return
+    if not isinstance(hooks, dict):
+        raise sandbox.violation("hooks", "must be empty: OCI hooks run as root on the host")
+    for kind, entries in hooks.items():
+        if entries:
+            raise sandbox.violation(f"hooks.{kind}", "must be empty: OCI hooks run as root on the host")
+
+
+def _check_sysctl(config: dict, sandbox: _Sandbox) -> None:
+    sysctl = _obj(config.get("linux")).get("sysctl")
+    if sysctl:
+        name = next(iter(sysctl)) if isinstance(sysctl, dict) else "?"
+        raise sandbox.violation("linux.sysctl", f"must be empty (sets {name})")
+
+
+_RULES: tuple[Callable[[dict, _Sandbox], None], ...] = (
+    _check_user,
+    _check_no_new_privileges,
+    _check_capabilities,
+    _check_root,
+    _check_keyring_mount,
+    _check_mount_sources,
+    _check_mount_kinds,
+    _check_devices,
+    _check_namespaces,
+    _check_seccomp,
+    _check_masked_paths,
+    _check_hooks,
+    _check_sysctl,
+)

@@ -1,0 +1,69 @@
+"""Rendering: layer results merged over the template into one OCI config.
+
+Merge rules: objects merge key by key; `process.args` is replaced; every
+other list is appended to (mounts, env, namespaces, masked paths…); any
+other value is replaced. Each field a layer sets is recorded in the
+provenance map (field path -> layer), which `inspect` shows and the
+invariants use to name the layer that broke one. Environment entries are
+deduplicated by name, the last layer winning.
+"""
+
+import copy
+from dataclasses import dataclass
+
+from tappass_host import shipped
+from tappass_host.layers import LayerResult
+from tappass_host.oci import field_path
+
+REPLACED_LISTS = {"process.args"}
+
+
+@dataclass(frozen=True)
+class Rendered:
+    config: dict
+    provenance: dict[str, str]
+    files: dict[str, bytes]
+    warnings: tuple[str, ...]
+    hot_reload: frozenset[str]
+    restart: frozenset[str]
+
+
+def _merge(base: dict, fragment: dict, layer: str, path: tuple, provenance: dict) -> None:
+    for key, value in fragment.items():
+        here = (*path, key)
+        name = field_path(here)
+        current = base.get(key)
+        if isinstance(value, dict) and isinstance(current, dict):
+            _merge(current, value, layer, here, provenance)
+        elif isinstance(value, list) and isinstance(current, list) and name not in REPLACED_LISTS:
+            start = len(current)
+            current.extend(copy.deepcopy(value))
+            for i in range(start, len(current)):
+                provenance[field_path((*here, i))] = layer
+        else:
+            base[key] = copy.deepcopy(value)
+            provenance[name] = layer
+
+
+def _dedupe_env(config: dict) -> None:
+    env = config.get("process", {}).get("env", [])
+    last = {entry.split("=", 1)[0]: entry for entry in env}
+    config["process"]["env"] = list(last.values())
+
+
+def render(results: list[tuple[str, LayerResult]], template: str = "base.json") -> Rendered:
+    config = shipped.load_json(shipped.template(template))
+    provenance: dict[str, str] = {}
+    files: dict[str, bytes] = {}
+    for layer, result in results:
+        _merge(config, result.oci, layer, (), provenance)
+        files.update(result.files)
+    _dedupe_env(config)
+    return Rendered(
+        config=config,
+        provenance=provenance,
+        files=files,
+        warnings=tuple(w for _, r in results for w in r.warnings),
+        hot_reload=frozenset().union(*(r.hot_reload for _, r in results)),
+        restart=frozenset().union(*(r.restart for _, r in results)),
+    )

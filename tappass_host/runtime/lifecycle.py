@@ -1,0 +1,360 @@
+"""Sandbox lifecycle: start, stop, the exit hook, and status — all as plain
+state on disk, so the CLI is a thin client and no process of ours stays
+behind per sandbox (conmon monitors it).
+
+`<runtime>/<name>/state.json` describes the last start; `exit.json` in the
+sandbox's state dir describes the last exit.
+"""
+
+import fcntl
+import json
+import os
+import signal as signals
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tappass_host import statefile
+from tappass_host.errors import NotFound, TappassError
+from tappass_host.paths import HostPaths, SandboxPaths
+from tappass_host.runtime import container_id
+from tappass_host.runtime.monitor import MonitorFiles
+
+
+class LifecycleError(TappassError):
+    pass
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def monitor_files(sandbox: SandboxPaths) -> MonitorFiles:
+    return MonitorFiles(sandbox.runtime)
+
+
+def state_file(sandbox: SandboxPaths) -> Path:
+    return sandbox.runtime / "state.json"
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _alive(pid: int | None, comm: str | None = None) -> bool:
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    state = stat[stat.rfind(")") + 2:][:1]
+    if state in ("Z", "X"):
+        return False
+    return comm is None or stat[stat.find("(") + 1:stat.rfind(")")] == comm
+
+
+def is_running(sandbox: SandboxPaths) -> bool:
+    state = read_json(state_file(sandbox))
+    if not state:
+        return False
+    if state.get("foreground"):
+        return _alive(state.get("pid"))
+    return _alive(state.get("conmon_pid"), "conmon") and _alive(state.get("pid"))
+
+
+@contextmanager
+def host_lock(paths: HostPaths):
+    """Serializes starts, so `max_sandboxes` holds under concurrent starts."""
+    paths.runtime.mkdir(parents=True, exist_ok=True)
+    fd = os.open(paths.runtime / "start.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def running_names(paths: HostPaths) -> list[str]:
+    return [n for n in paths.sandbox_names() if is_running(paths.sandbox(n))]
+
+
+def write_exit(paths: HostPaths, name: str, code: int | None, oom: bool) -> dict:
+    """Record an exit (conmon reports a signal death as 128 + signal)."""
+    sandbox = paths.sandbox(name)
+    signal = code - 128 if code is not None and code > 128 else None
+    record = {"code": code, "signal": signals.Signals(signal).name if signal and
+              signal in signals.Signals._value2member_map_ else signal,
+              "oom": oom, "finished_at": _now()}
+    statefile.write_atomic(sandbox.exit_record, json.dumps(record).encode(), 0o644)
+    from tappass_host.audit import AuditLog
+
+    AuditLog.for_host(paths).append("sandbox.exited", sandbox=name, details=record)
+    return record
+
+
+def record_exit_from_monitor(paths: HostPaths, name: str) -> dict:
+    """The exit hook conmon runs: its files -> exit.json + audit."""
+    files = monitor_files(paths.sandbox(name))
+    return write_exit(paths, name, files.exit_code(), files.oom_killed())
+
+
+def exit_command(paths: HostPaths, name: str) -> list[str]:
+    return [sys.executable, "-m", "tappass_host", "--state-dir", str(paths.state),
+            "_exited", name]
+
+
+def write_state(sandbox: SandboxPaths, state: dict) -> None:
+    sandbox.runtime.mkdir(parents=True, exist_ok=True)
+    statefile.write_atomic(state_file(sandbox), json.dumps(state, indent=2).encode(), 0o644)
+
+
+def stop(paths: HostPaths, name: str, runtime, timeout: float = 10) -> dict:
+    sandbox = paths.sandbox(name)
+    state = read_json(state_file(sandbox))
+    if not state or not is_running(sandbox):
+        raise LifecycleError(f"sandbox {name!r} is not running")
+    cid = container_id(name)
+    runtime.kill(cid, "SIGTERM")
+    if not _wait(lambda: not _alive(state["pid"]), timeout):
+        runtime.kill(cid, "SIGKILL")
+        _wait(lambda: not _alive(state["pid"]), 10)
+    _wait(lambda: not _alive(state.get("conmon_pid"), "conmon"), 10)
+    exit_record = read_json(sandbox.exit_record)
+    if not _wait(lambda: (read_json(sandbox.exit_record) or {}).get("finished_at", "")
+                 >= state["started_at"], 10):
+        exit_record = record_exit_from_monitor(paths, name)
+    else:
+        exit_record = read_json(sandbox.exit_record)
+    runtime.delete(cid)
+    from tappass_host.audit import AuditLog
+
+    AuditLog.for_host(paths).append("sandbox.stopped", sandbox=name,
+                                    details={"code": exit_record.get("code")})
+    return exit_record
+
+
+def _wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+    return True
+
+
+def ensure_known(paths: HostPaths, name: str) -> SandboxPaths:
+    sandbox = paths.sandbox(name)
+    if not sandbox.record.is_file():
+        raise NotFound(f"no sandbox named {name!r} (run 'tappass-host init {name} ...' first)")
+    return sandbox
+
+
+def foreground(runtime, cid: str, bundle: Path) -> int:
+    """Run attached; signals to us go to the agent; returns its exit code."""
+    runtime.root.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(runtime.argv("run", "--bundle", str(bundle), cid),
+                            stdin=subprocess.DEVNULL)
+
+    def forward(signum, _frame):
+        runtime.kill(cid, signals.Signals(signum).name)
+
+    previous = {s: signals.signal(s, forward) for s in (signals.SIGTERM, signals.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signals.signal(s, handler)
+
+
+def current_keyring(paths: HostPaths, name: str) -> dict:
+    """The sandbox's current keyring payload, which must not have expired."""
+    from tappass_host.clock import parse_timestamp
+
+    data = None
+    try:
+        data = (paths.sandbox(name).keyring / "keyring.json").read_bytes()
+    except (FileNotFoundError, PermissionError):
+        pass
+    if data is None:
+        raise LifecycleError(
+            f"sandbox {name!r} has no keyring yet: run 'tappass-host daemon' to receive one, "
+            f"or 'tappass-host sync apply {name} FILE'")
+    keyring = json.loads(data)
+    if parse_timestamp(keyring["expires_at"]) <= datetime.now(timezone.utc):
+        raise LifecycleError(
+            f"sandbox {name!r}'s keyring (policy_version {keyring['policy_version']}) expired at "
+            f"{keyring['expires_at']}: run 'tappass-host daemon' or 'sync apply' a fresh one")
+    return keyring
+
+
+def prepare_workspace(sandbox: SandboxPaths, uid: int, gid: int) -> None:
+    sandbox.workspace.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        os.chown(sandbox.workspace, uid, gid)
+    os.chmod(sandbox.workspace, 0o700)
+
+
+@dataclass(frozen=True)
+class Started:
+    name: str
+    pid: int
+    runtime: str
+    policy_version: int
+    warnings: tuple[str, ...]
+    exit_code: int | None = None  # foreground only
+
+
+def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: str | None = None,
+          foreground_run: bool = False, remove: bool = False) -> Started:
+    from tappass_host import agent, ids
+    from tappass_host import sandbox as sandbox_record
+    from tappass_host.audit import AuditLog
+    from tappass_host.keyring.update import store_for
+    from tappass_host.oci import bundle as oci_bundle
+    from tappass_host.paths import is_rootless
+    from tappass_host.runtime import monitor
+    from tappass_host.runtime.oci import OCIRuntime
+
+    sandbox = ensure_known(paths, name)
+    manifest = agent.load(agent_spec)
+    runtime = OCIRuntime.find(runtime_name or config["runtime"], paths.runtime,
+                              config["runtime_path"] if not runtime_name else "")
+    conmon = None if foreground_run else monitor.find_conmon(config["conmon_path"])
+    keyring = current_keyring(paths, name)
+    record = ids.ensure_agent_ids(paths, name, config.agent_id_range)
+    rootless = is_rootless()
+    cid = container_id(name)
+    with host_lock(paths):
+        if is_running(sandbox):
+            raise LifecycleError(f"sandbox {name!r} is already running")
+        running = running_names(paths)
+        if len(running) >= config["max_sandboxes"]:
+            raise LifecycleError(
+                f"{len(running)} sandboxes are running, the limit (max_sandboxes) is "
+                f"{config['max_sandboxes']}: stop one first")
+        store = store_for(paths, record)
+        with store.transaction():
+            store.adopt_group()
+        prepare_workspace(sandbox, record.agent_uid, record.agent_gid)
+        inputs = oci_bundle.layer_inputs(paths, name, record, keyring, manifest, config,
+                                         oci_bundle.host_capabilities(record, rootless))
+        built = oci_bundle.build(paths, inputs, rootless)
+        runtime.delete(cid)  # a stopped container of an earlier run
+        record.agent, record.runtime = str(manifest.directory), runtime.name
+        sandbox_record.save(sandbox, record)
+        state = {"runtime": runtime.name, "cid": cid, "started_at": _now(),
+                 "policy_version": keyring["policy_version"], "agent": str(manifest.directory),
+                 "restart_policy": manifest.restart, "foreground": foreground_run,
+                 "restart_aspects": _aspects(keyring, built.rendered.restart),
+                 "warnings": list(built.rendered.warnings)}
+        if not foreground_run:
+            files = monitor_files(sandbox)
+            sandbox.logs.mkdir(parents=True, exist_ok=True)
+            pid = monitor.launch(runtime, conmon, cid, built.directory, files, sandbox.agent_log,
+                                 config["log_max_bytes"], exit_command(paths, name))
+            conmon_pid = int(files.conmon_pid.read_text().strip())
+            write_state(sandbox, {**state, "pid": pid, "conmon_pid": conmon_pid})
+            runtime.start(cid)
+    audit = AuditLog.for_host(paths)
+    audit.append("sandbox.started", sandbox=name, details={
+        "runtime": runtime.name, "policy_version": keyring["policy_version"],
+        "agent": manifest.name, "foreground": foreground_run})
+    if not foreground_run:
+        return Started(name, pid, runtime.name, keyring["policy_version"],
+                       built.rendered.warnings)
+    write_state(sandbox, {**state, "pid": os.getpid()})
+    code = foreground(runtime, cid, built.directory)
+    write_exit(paths, name, code, oom=False)
+    runtime.delete(cid)
+    state_file(sandbox).unlink(missing_ok=True)
+    if remove:
+        import shutil
+
+        shutil.rmtree(sandbox.runtime, ignore_errors=True)
+    return Started(name, 0, runtime.name, keyring["policy_version"], built.rendered.warnings,
+                   exit_code=code)
+
+
+def _aspects(keyring: dict, names: frozenset[str]) -> str:
+    """A digest of the keyring aspects whose change needs a restart."""
+    import hashlib
+
+    picked = {}
+    for name in sorted(names):
+        aspect, _, key = name.partition(".")
+        value = keyring.get(aspect, {})
+        picked[name] = value.get(key) if key and isinstance(value, dict) else value
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
+
+
+def status(paths: HostPaths, name: str) -> dict:
+    """Everything `status` shows, from files only (no runtime call, no crypto)."""
+    from tappass_host.clock import parse_timestamp
+
+    sandbox = ensure_known(paths, name)
+    state = read_json(state_file(sandbox)) or {}
+    exit_record = read_json(sandbox.exit_record)
+    running = is_running(sandbox)
+    keyring = read_json(sandbox.keyring / "keyring.json")
+    flags = []
+    if keyring and parse_timestamp(keyring["expires_at"]) <= datetime.now(timezone.utc):
+        flags.append("stale")
+    if running and keyring and state.get("restart_aspects") and _aspects(
+            keyring, frozenset(json.loads((sandbox.bundle / "layers.json").read_text())
+                               ["restart"])) != state["restart_aspects"]:
+        flags.append("restart-pending")
+    if state.get("degraded"):
+        flags.append("degraded")
+    if running:
+        phase = "running"
+    elif exit_record:
+        phase = "exited"
+    else:
+        phase = "created"
+    started = state.get("started_at")
+    uptime = None
+    if running and started:
+        uptime = round((datetime.now(timezone.utc) - datetime.fromisoformat(started))
+                       .total_seconds(), 1)
+    return {
+        "name": name, "state": phase, "pid": state.get("pid") if running else None,
+        "runtime": state.get("runtime"), "uptime_s": uptime, "started_at": started,
+        "keyring_version": keyring.get("policy_version") if keyring else None,
+        "started_with_version": state.get("policy_version"),
+        "exit": exit_record if not running else None, "flags": flags,
+    }
+
+
+def shell(paths: HostPaths, name: str, command: list[str]) -> int:
+    """Run `command` in the running sandbox with the agent's own process spec
+    (same user, no capabilities, no_new_privs, seccomp): only argv differs."""
+    import tempfile
+
+    from tappass_host.runtime.oci import OCIRuntime
+
+    sandbox = ensure_known(paths, name)
+    if not is_running(sandbox):
+        raise LifecycleError(f"sandbox {name!r} is not running")
+    state = read_json(state_file(sandbox))
+    process = read_json(sandbox.bundle / "config.json")["process"]
+    process["args"] = command
+    process["terminal"] = sys.stdin.isatty() and sys.stdout.isatty()
+    runtime = OCIRuntime.find(state["runtime"], paths.runtime)
+    with tempfile.NamedTemporaryFile("w", dir=sandbox.runtime, suffix=".json") as spec:
+        json.dump(process, spec)
+        spec.flush()
+        argv = runtime.argv("exec", "--process", spec.name)
+        if process["terminal"]:
+            argv.append("--tty")
+        return subprocess.call([*argv, container_id(name)])

@@ -1,0 +1,104 @@
+"""conmon, the monitor (the one Podman uses): one tiny C process per
+sandbox holds the agent's stdio, writes the k8s-file log with size-based
+rotation, and records the exit code (and OOM) when the agent ends. No Python
+process stays behind per sandbox; when the agent exits, conmon runs our exit
+command once, which turns conmon's files into `exit.json` and an audit event.
+
+The handshake: conmon gets a sync pipe (`_OCI_SYNCPIPE`), runs
+`<runtime> create`, and writes `{"data": <pid>}` (or a negative value and a
+message) to it; the caller then runs `<runtime> start`.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from tappass_host.errors import TappassError
+from tappass_host.runtime.oci import OCIRuntime
+
+
+class MonitorError(TappassError):
+    pass
+
+
+@dataclass(frozen=True)
+class MonitorFiles:
+    """conmon's files for one sandbox, under `<runtime>/<name>/`."""
+
+    root: Path
+
+    @property
+    def conmon_pid(self) -> Path:
+        return self.root / "conmon.pid"
+
+    @property
+    def container_pid(self) -> Path:
+        return self.root / "container.pid"
+
+    @property
+    def exits(self) -> Path:
+        return self.root / "exits"
+
+    @property
+    def persist(self) -> Path:
+        return self.root / "persist"
+
+    def exit_code(self) -> int | None:
+        try:
+            return int((self.persist / "exit").read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def oom_killed(self) -> bool:
+        return (self.persist / "oom").exists()
+
+
+def find_conmon(override: str = "") -> str:
+    binary = override or shutil.which("conmon")
+    if not binary:
+        raise MonitorError("conmon is not installed (apt-get install -y conmon)")
+    return binary
+
+
+def launch(runtime: OCIRuntime, conmon: str, cid: str, bundle: Path, files: MonitorFiles,
+           log_path: Path, log_max_bytes: int, exit_command: list[str]) -> int:
+    """Start conmon (which creates the container), return the agent's host pid."""
+    for directory in (files.exits, files.persist):
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+    runtime.root.mkdir(parents=True, exist_ok=True)
+    argv = [
+        conmon, "--api-version", "1", "-c", cid, "-u", cid, "-n", cid,
+        "-r", runtime.binary, "-b", str(bundle),
+        "-p", str(files.container_pid), "-P", str(files.conmon_pid),
+        "-l", f"k8s-file:{log_path}", "--log-size-max", str(log_max_bytes),
+        "--exit-dir", str(files.exits), "-0", str(files.persist),
+        "--socket-dir-path", str(files.root),
+        "--runtime-arg", "--root", "--runtime-arg", str(runtime.root),
+        "--exit-command", exit_command[0],
+    ]
+    for arg in exit_command[1:]:
+        argv += ["--exit-command-arg", arg]
+    read_fd, write_fd = os.pipe()
+    env = {**os.environ, "_OCI_SYNCPIPE": str(write_fd)}
+    try:
+        subprocess.run(argv, pass_fds=(write_fd,), env=env, check=False, timeout=60,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE)
+    finally:
+        os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        line = pipe.readline()
+    try:
+        message = json.loads(line)
+    except ValueError:
+        raise MonitorError(f"conmon did not report the container for {cid} "
+                           f"(is {runtime.name} working on this host?)") from None
+    pid = message.get("data", -1)
+    if not isinstance(pid, int) or pid <= 0:
+        detail = (message.get("message") or "unknown error").strip().splitlines()[-1]
+        raise MonitorError(f"{runtime.name} could not create {cid}: {detail}")
+    return pid

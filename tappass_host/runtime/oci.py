@@ -1,0 +1,68 @@
+"""The OCI runtime adapter: crun (default) or runc, each with its own
+`--root` under tappass-host's runtime directory, driven by its CLI."""
+
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from tappass_host.errors import TappassError
+
+RUNTIMES = ("crun", "runc")
+
+
+class RuntimeError_(TappassError):
+    """The OCI runtime is missing or failed."""
+
+
+@dataclass(frozen=True)
+class OCIRuntime:
+    name: str
+    binary: str
+    root: Path
+
+    @classmethod
+    def find(cls, name: str, runtime_dir: Path, path_override: str = "") -> "OCIRuntime":
+        if name not in RUNTIMES:
+            raise RuntimeError_(f"unknown runtime {name!r}: use one of {', '.join(RUNTIMES)}")
+        binary = path_override or shutil.which(name)
+        if not binary or not Path(binary).is_file():
+            raise RuntimeError_(f"the OCI runtime {name!r} is not installed "
+                                f"(apt-get install -y {name})")
+        return cls(name=name, binary=binary, root=runtime_dir / "oci" / name)
+
+    def argv(self, *args: str) -> list[str]:
+        return [self.binary, "--root", str(self.root), *args]
+
+    def _call(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+        self.root.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            message = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise RuntimeError_(f"{self.name} {args[0]} failed: {message}")
+        return result
+
+    def state(self, cid: str) -> dict | None:
+        result = self._call("state", cid, check=False)
+        if result.returncode != 0:
+            return None
+        return json.loads(result.stdout)
+
+    def start(self, cid: str) -> None:
+        self._call("start", cid)
+
+    def kill(self, cid: str, signal: str) -> None:
+        self._call("kill", cid, signal, check=False)
+
+    def delete(self, cid: str) -> None:
+        self._call("delete", "--force", cid, check=False)
+
+    def update(self, cid: str, resources: dict) -> None:
+        """Apply new `linux.resources` to a running container."""
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+            json.dump(resources, f)
+            f.flush()
+            self._call("update", "--resources", f.name, cid)

@@ -1,0 +1,141 @@
+"""A locked-down OCI config for tests, built without the renderer.
+
+Stand-in for the real renderer: the base template plus this machine's seccomp
+profile, a "host" rootfs (host /usr and /etc read-only, the merged-usr
+symlinks mirrored), the keyring and workspace of a sandbox under a private
+state dir, and a size-limited /tmp.
+"""
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from tappass_host import shipped
+
+AGENT_UID = 200000
+AGENT_GID = 200000
+HOST_DIRS = ("/usr", "/etc")
+MERGED_USR_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+BIND_RO = ["rbind", "ro", "nosuid", "nodev"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    state_dir: Path
+    sandbox_dir: Path
+    keyring_dir: Path
+    workspace_dir: Path
+    machine_key: Path
+    bundle_dir: Path
+    rootfs: Path
+
+
+def layout(tmp_path: Path, name: str = "probe") -> Layout:
+    """Create a sandbox's state tree (with a machine key) and an empty bundle."""
+    state = tmp_path / "state"
+    sandbox = state / "sandboxes" / name
+    paths = Layout(
+        state_dir=state,
+        sandbox_dir=sandbox,
+        keyring_dir=sandbox / "keyring",
+        workspace_dir=sandbox / "workspace",
+        machine_key=state / "machine" / "key.pem",
+        bundle_dir=tmp_path / "bundle",
+        rootfs=tmp_path / "bundle" / "rootfs",
+    )
+    if not paths.keyring_dir.exists():
+        _create(paths)
+    return paths
+
+
+def _create(paths: Layout) -> None:
+    paths.machine_key.parent.mkdir(parents=True)
+    paths.machine_key.write_text("-----BEGIN PRIVATE KEY-----\nnot a real key\n-----END PRIVATE KEY-----\n")
+    paths.machine_key.chmod(0o600)
+    paths.keyring_dir.mkdir(parents=True)
+    (paths.keyring_dir / "keyring.json").write_text(json.dumps({"policy_version": 1}))
+    # Wide open on purpose: only the read-only mount may stop the agent writing.
+    paths.keyring_dir.chmod(0o777)
+    (paths.keyring_dir / "keyring.json").chmod(0o666)
+    paths.workspace_dir.mkdir()
+    if os.geteuid() == 0:
+        os.chown(paths.workspace_dir, AGENT_UID, AGENT_GID)
+    _host_rootfs(paths.rootfs)
+
+
+def _host_rootfs(rootfs: Path) -> None:
+    rootfs.mkdir(parents=True)
+    rootfs.chmod(0o777)  # so that a write to / fails only because the root is read-only
+    for link in MERGED_USR_LINKS:
+        if os.path.islink(link):
+            os.symlink(os.readlink(link), rootfs / link.lstrip("/"))
+    for mountpoint in (*HOST_DIRS, "/proc", "/dev", "/sys", "/tmp", "/workspace", "/run/tappass/keyring"):
+        (rootfs / mountpoint.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    # runc gives a tmpfs the mode of the directory it covers, whatever mode= says.
+    (rootfs / "tmp").chmod(0o1777)
+
+
+def host_dir_mounts() -> list[dict]:
+    """Host /usr, /etc and any /lib* that is a real directory (not merged-usr), read-only."""
+    dirs = list(HOST_DIRS) + [d for d in MERGED_USR_LINKS if os.path.isdir(d) and not os.path.islink(d)]
+    return [{"destination": d, "type": "bind", "source": d, "options": list(BIND_RO)} for d in dirs]
+
+
+def locked_down_config(
+    tmp_path: Path,
+    *,
+    args: list[str] | None = None,
+    extra_mounts: list[dict] = (),
+    uid: int = AGENT_UID,
+    gid: int = AGENT_GID,
+    env: list[str] = (),
+) -> dict:
+    paths = layout(tmp_path)
+    config = shipped.load_json(shipped.template())
+    config["root"] = {"path": str(paths.rootfs), "readonly": True}
+    process = config["process"]
+    process["user"] = {"uid": uid, "gid": gid}
+    process["args"] = list(args or ["/usr/bin/true"])
+    process["cwd"] = "/workspace"
+    process["env"] += ["HOME=/workspace", "TAPPASS_KEYRING_PATH=/run/tappass/keyring/keyring.json", *env]
+    config["mounts"] += [
+        *host_dir_mounts(),
+        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", "mode=1777", "size=65536k"]},
+        {"destination": "/workspace", "type": "bind", "source": str(paths.workspace_dir),
+         "options": ["rbind", "rw", "nosuid", "nodev"]},
+        {"destination": "/run/tappass/keyring", "type": "bind", "source": str(paths.keyring_dir),
+         "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]},
+        *extra_mounts,
+    ]
+    config["linux"]["resources"]["pids"] = {"limit": 256}
+    config["linux"]["seccomp"] = shipped.load_json(shipped.seccomp_profile())
+    return config
+
+
+def write_bundle(tmp_path: Path, config: dict) -> Path:
+    paths = layout(tmp_path)
+    (paths.bundle_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return paths.bundle_dir
+
+
+def invariant_args(tmp_path: Path, *, rootless: bool = False) -> dict:
+    """The keyword arguments of invariants.check for the fixture's sandbox."""
+    paths = layout(tmp_path)
+    return {
+        "state_dir": paths.state_dir,
+        "keyring_dir": paths.keyring_dir,
+        "workspace_dir": paths.workspace_dir,
+        "rootless": rootless,
+    }
+
+
+def copy_setuid_python(directory: Path) -> Path:
+    """A setuid-root copy of the host python: with no_new_privs it must not give euid 0."""
+    target = directory / "suid-python"
+    shutil.copy2(os.path.realpath("/usr/bin/python3"), target)
+    os.chown(target, 0, 0)
+    target.chmod(0o4755)
+    return target
