@@ -165,8 +165,12 @@ def test_reader_never_sees_a_torn_or_missing_keyring(paths, sandbox, signer):
     pid = _fork_applier(paths, signer, 2)
     path = keyring_dir(paths) / "keyring.json"
     versions = []
+    deadline = time.monotonic() + 60
     try:
-        for _ in range(10_000):
+        # At least 10,000 reads, and on until 20 flips were seen (a loaded CI
+        # machine may flip slowly), within a minute.
+        while len(versions) < 10_000 or (versions[-1] - versions[0] < 20
+                                         and time.monotonic() < deadline):
             with open(path, "rb") as f:
                 doc = json.loads(f.read())
             versions.append(doc["policy_version"])
@@ -174,7 +178,7 @@ def test_reader_never_sees_a_torn_or_missing_keyring(paths, sandbox, signer):
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     assert versions == sorted(versions)
-    assert versions[-1] - versions[0] > 10, "no flips happened while reading"
+    assert versions[-1] - versions[0] >= 20, "no flips happened while reading"
 
 
 @pytest.mark.parametrize("entry", ["..data_tmp", "..tmp-0001"])
