@@ -1,0 +1,3 @@
+from tappass_host.devplane.cli import main
+
+main()
