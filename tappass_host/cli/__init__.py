@@ -19,6 +19,7 @@ from tappass_host.errors import TappassError
 _COMMANDS = {
     "audit": ("tappass_host.cli.audit", "audit", "Verify or print the tamper-evident audit log."),
     "init": ("tappass_host.cli.enroll", "init", "Enroll a sandbox from a one-time bootstrap URL."),
+    "daemon": ("tappass_host.cli.daemon", "daemon", "Receive signed keyring updates for every enrolled sandbox."),
     "sync": ("tappass_host.cli.sync", "sync", "Apply signed keyrings (air-gapped hosts)."),
     "start": ("tappass_host.cli.sandbox", "start", "Start a sandbox's agent."),
     "stop": ("tappass_host.cli.sandbox", "stop", "Stop a sandbox's agent."),
@@ -102,28 +103,35 @@ def cli(ctx, state_dir, config_file, as_json, verbose):
     ctx.obj = Host(state_dir=state_dir, config_file=config_file, json=as_json, verbose=verbose)
 
 
-def main(argv=None) -> None:
-    verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
+def run(group: click.Group, prog: str, argv=None) -> None:
+    """Run a click group the way every tappass command line behaves: errors
+    are one line on stderr with a non-zero exit; -v shows the traceback."""
+    args = sys.argv[1:] if argv is None else argv
+    verbose = "-v" in args or "--verbose" in args
     try:
-        cli.main(args=argv, prog_name="tappass-host", standalone_mode=False)
+        group.main(args=argv, prog_name=prog, standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
-        click.echo("tappass-host: aborted", err=True)
+        click.echo(f"{prog}: aborted", err=True)
         sys.exit(130)
     except TappassError as exc:
         if verbose:
             raise
-        click.echo(f"tappass-host: error: {exc}", err=True)
+        click.echo(f"{prog}: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         if verbose:
             raise
-        click.echo(f"tappass-host: internal error: {type(exc).__name__}: {exc} "
+        click.echo(f"{prog}: internal error: {type(exc).__name__}: {exc} "
                    "(run with -v for details)", err=True)
         sys.exit(70)
+
+
+def main(argv=None) -> None:
+    run(cli, "tappass-host", argv)

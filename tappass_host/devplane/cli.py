@@ -14,7 +14,6 @@ from pathlib import Path
 
 import click
 
-from tappass_host.errors import TappassError
 
 PROG = "tappass-devplane"
 
@@ -181,17 +180,6 @@ def acks(name, state_dir):
 
 
 def main(argv=None) -> None:
-    try:
-        cli.main(args=argv, prog_name=PROG, standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except TappassError as exc:
-        click.echo(f"{PROG}: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    from tappass_host.cli import run
+
+    run(cli, PROG, argv)
