@@ -1,0 +1,33 @@
+"""What a flipped keyring changes in a running sandbox (DESIGN §6, hot reload).
+
+Only `process` limits need an action here: `<runtime> update`. Secrets,
+gateway, mcp, tools and budget are read from the keyring by the agent;
+harness files were rendered before the flip; restart-only aspects show as
+`restart-pending` in `status`.
+"""
+
+from tappass_host.paths import HostPaths
+from tappass_host.runtime import container_id
+
+
+def apply_process_limits(paths: HostPaths, name: str, previous: dict | None,
+                         current: dict) -> dict | None:
+    """Push `current`'s process limits to the running sandbox if they changed.
+
+    Returns the OCI resources applied, or None when nothing had to be done.
+    Raises the runtime's error when the update fails.
+    """
+    from tappass_host.layers.resources import linux_resources
+    from tappass_host.runtime import lifecycle
+    from tappass_host.runtime.oci import OCIRuntime
+
+    if (previous or {}).get("process") == current.get("process"):
+        return None
+    sandbox = paths.sandbox(name)
+    state = lifecycle.read_json(lifecycle.state_file(sandbox))
+    if not state or not lifecycle.is_running(sandbox):
+        return None
+    resources = linux_resources(current.get("process", {}))
+    runtime = OCIRuntime.find(state["runtime"], paths.runtime, state.get("runtime_binary", ""))
+    runtime.update(container_id(name), resources)
+    return resources

@@ -1,0 +1,59 @@
+"""One envelope from the control plane, received: verify and flip it through
+the keyring core, then apply what can be applied live. Shared by the daemon
+and by `start`'s one-time pull."""
+
+import json
+from dataclasses import dataclass
+
+from tappass_host.errors import TappassError
+from tappass_host.keyring.update import apply_update
+from tappass_host.keyring.verify import KeyringRejected, Limits
+from tappass_host.paths import HostPaths
+
+APPLIED = "applied"
+REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # applied | rejected
+    policy_version: int | None
+    reason: str | None = None
+    live_error: str | None = None  # the keyring is applied, its live limits are not
+    resources: dict | None = None  # the limits pushed to the running sandbox
+
+
+def _current_payload(paths: HostPaths, name: str) -> dict | None:
+    try:
+        return json.loads((paths.sandbox(name).keyring / "keyring.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def is_current(paths: HostPaths, name: str, data: bytes) -> bool:
+    """True when `data` is the envelope of the keyring in place (a pull after
+    a reconnect usually is: it must not be re-applied as a replay)."""
+    try:
+        return (paths.sandbox(name).keyring / "keyring.dsse.json").read_bytes() == data
+    except OSError:
+        return False
+
+
+def receive(paths: HostPaths, name: str, data: bytes, *, limits: Limits = Limits(),
+            claimed_version: int | None = None) -> Outcome:
+    from tappass_host.sync import hotreload
+
+    previous = _current_payload(paths, name)
+    try:
+        applied = apply_update(paths, name, data, limits=limits)
+    except KeyringRejected as rejection:
+        version = rejection.policy_version
+        return Outcome(REJECTED, claimed_version if version is None else version,
+                       rejection.reason)
+    payload = applied.keyring.payload
+    version = applied.keyring.version.policy_version
+    try:
+        resources = hotreload.apply_process_limits(paths, name, previous, payload)
+    except TappassError as exc:
+        return Outcome(APPLIED, version, live_error=str(exc))
+    return Outcome(APPLIED, version, resources=resources)

@@ -1,0 +1,196 @@
+"""The control-plane side of sync (DESIGN §7), as the daemon sees it.
+
+`SyncTransport` is what the daemon needs; `SyncClient` speaks it over HTTPS
+with the sandbox's mTLS identity. Every call loads the sandbox record and
+builds a fresh TLS context, so a renewed certificate is used from the next
+connection on. Failures are typed: `Unreachable` (network, TLS, timeouts),
+`Refused` (an HTTP status we did not expect), `Stalled` (no byte, not even a
+keepalive, within the keepalive timeout).
+"""
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Protocol
+
+from tappass_host import sandbox as sandbox_record
+from tappass_host.errors import TappassError
+from tappass_host.paths import HostPaths
+
+CONNECT_TIMEOUT_S = 10.0
+REQUEST_TIMEOUT_S = 10.0
+
+
+class SyncError(TappassError):
+    """A sync call failed; `reason` is a short code for logs."""
+
+    reason = "sync_failed"
+
+
+class Unreachable(SyncError):
+    reason = "unreachable"
+
+
+class Refused(SyncError):
+    reason = "refused"
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+class Stalled(SyncError):
+    reason = "stalled"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One `keyring` event: the SSE id (the claimed policy_version) and the envelope."""
+
+    id: int | None
+    data: bytes
+
+
+class SyncTransport(Protocol):
+    def pull_latest(self, sandbox: str) -> bytes | None: ...
+
+    def events(self, sandbox: str, last_event_id: int | None,
+               on_open: Callable[[], None] | None = None) -> Iterator[Event]: ...
+
+    def ack(self, sandbox: str, policy_version: int, status: str, reason: str | None) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+def _event_id(text: str) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
+
+
+class SyncClient:
+    """`SyncTransport` over HTTPS + SSE, for one daemon worker (one stream at a time)."""
+
+    def __init__(self, paths: HostPaths, *, keepalive_timeout: float = 45.0):
+        self.paths = paths
+        self.keepalive_timeout = keepalive_timeout
+        self._lock = threading.Lock()
+        self._socket: socket.socket | None = None
+        self._aborted = False
+
+    def _client(self, sandbox: str, read_timeout: float):
+        import httpx
+
+        from tappass_host.identity.tls import mtls_context
+
+        try:
+            context = mtls_context(self.paths, sandbox)
+        except (OSError, ValueError) as exc:
+            raise Unreachable(f"cannot load {sandbox!r}'s TLS identity: {exc}") from None
+        timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S, read=read_timeout)
+        return httpx.Client(verify=context, timeout=timeout, trust_env=False)
+
+    def _url(self, sandbox: str, endpoint: str) -> str:
+        record = sandbox_record.load(self.paths, sandbox)
+        return f"{record.sync_url}/v1/sandboxes/{record.sandbox_id}/{endpoint}"
+
+    def pull_latest(self, sandbox: str) -> bytes | None:
+        """The latest envelope the control plane holds, or None if it has none yet."""
+        url = self._url(sandbox, "keyring")
+        with _translated(url), self._client(sandbox, REQUEST_TIMEOUT_S) as client:
+            response = client.get(url)
+        if response.status_code == 404:
+            return None
+        _expect(response, 200, url)
+        return response.content
+
+    def events(self, sandbox: str, last_event_id: int | None,
+               on_open: Callable[[], None] | None = None) -> Iterator[Event]:
+        """`keyring` events, forever; raises SyncError when the stream breaks or ends.
+
+        `on_open` is called once the control plane has accepted the stream.
+        """
+        from httpx_sse import EventSource
+
+        url = self._url(sandbox, "events")
+        headers = {"Accept": "text/event-stream", "Cache-Control": "no-store"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = str(last_event_id)
+        with _translated(url, self.keepalive_timeout), \
+                self._client(sandbox, self.keepalive_timeout) as client, \
+                client.stream("GET", url, headers=headers) as response:
+            _expect(response, 200, url)
+            self._hold(response)
+            try:
+                if on_open is not None:
+                    on_open()
+                for sse in EventSource(response).iter_sse():
+                    if sse.event == "keyring":
+                        yield Event(_event_id(sse.id), sse.data.encode("utf-8"))
+            finally:
+                self._release()
+        raise Unreachable(f"{url}: the control plane closed the stream")
+
+    def ack(self, sandbox: str, policy_version: int, status: str, reason: str | None) -> None:
+        url = self._url(sandbox, "acks")
+        body = {"policy_version": policy_version, "status": status, "reason": reason,
+                "applied_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+        with _translated(url), self._client(sandbox, REQUEST_TIMEOUT_S) as client:
+            response = client.post(url, json=body)
+        _expect(response, 204, url)
+
+    def abort(self) -> None:
+        """Break the open stream, from another thread: its reader wakes up at once."""
+        with self._lock:
+            self._aborted = True
+            if self._socket is not None:
+                try:
+                    self._socket.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _hold(self, response) -> None:
+        stream = response.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        with self._lock:
+            self._socket = sock
+            aborted = self._aborted
+        if aborted:
+            self.abort()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._socket = None
+
+
+def _expect(response, status: int, url: str) -> None:
+    if response.status_code != status:
+        raise Refused(f"{url}: the control plane answered {response.status_code}",
+                      response.status_code)
+
+
+class _translated:
+    """Turns httpx's and ssl's exceptions into SyncError."""
+
+    def __init__(self, url: str, keepalive_timeout: float | None = None):
+        self.url = url
+        self.keepalive_timeout = keepalive_timeout
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        import httpx
+        from httpx_sse import SSEError
+
+        if exc is None or isinstance(exc, (SyncError, GeneratorExit)):
+            return False
+        if isinstance(exc, httpx.ReadTimeout) and self.keepalive_timeout is not None:
+            raise Stalled(f"{self.url}: nothing received for {self.keepalive_timeout:g} s") \
+                from None
+        if isinstance(exc, (httpx.HTTPError, SSEError, OSError)):
+            raise Unreachable(f"{self.url}: {type(exc).__name__}: {exc}") from None
+        return False
