@@ -5,6 +5,8 @@ whose value names a module; the module's directory is the package.
 The package directory is mounted read-only at /opt/agent.
 """
 
+import os
+import posixpath
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -17,6 +19,12 @@ RESTART_POLICIES = ("no", "on-failure", "always")
 ROOTFS_TYPES = ("host",)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KEYS = {"name", "version", "entrypoint", "restart", "env", "rootfs"}
+MOUNT_POINT = "/opt/agent"
+# The sandbox's PATH (the OCI template's) unless the manifest's [env] sets one.
+SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Where the `host` rootfs shows the host's own files (bound read-only, or the
+# merged-/usr links to them).
+HOST_VIEW = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 
 
 class BadAgent(TappassError):
@@ -88,3 +96,54 @@ def _parse(doc: dict, directory: Path, where: Path) -> AgentManifest:
         raise BadAgent(f"{where}: [rootfs] type must be one of {', '.join(ROOTFS_TYPES)}")
     return AgentManifest(name=doc["name"], version=doc["version"], entrypoint=tuple(entrypoint),
                          directory=directory, restart=restart, env=dict(env), rootfs=rootfs)
+
+
+def _host_path(manifest: AgentManifest, path: str) -> str | None:
+    """Where the sandbox path `path` is on the host, or None when it lies
+    somewhere only the running sandbox has (/workspace, /tmp...)."""
+    path = posixpath.normpath(path)
+    if path == MOUNT_POINT or path.startswith(MOUNT_POINT + "/"):
+        return os.path.join(manifest.directory, path[len(MOUNT_POINT):].lstrip("/"))
+    if any(path == d or path.startswith(d + "/") for d in HOST_VIEW):
+        return path
+    return None
+
+
+def _executable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def check_entrypoint(manifest: AgentManifest) -> None:
+    """Refuse, before anything is created, an entrypoint the sandbox cannot run
+    (the runtimes' own message for it is obscure and comes late)."""
+    program = manifest.entrypoint[0]
+    if "/" not in program:
+        search = manifest.env.get("PATH", SANDBOX_PATH).split(":")
+        if not any(_executable(host) for d in search if d.startswith("/")
+                   and (host := _host_path(manifest, posixpath.join(d, program)))):
+            raise BadAgent(f"agent {manifest.name!r}: entrypoint {program!r} is not an "
+                           f"executable on the sandbox's PATH ({':'.join(search)})")
+        return
+    if not program.startswith("/"):
+        return  # relative to /workspace: only the running sandbox has it
+    host = _host_path(manifest, program)
+    if host is not None and not _executable(host):
+        where = f" (in the package, {host})" if host != program else ""
+        raise BadAgent(f"agent {manifest.name!r}: entrypoint {program} does not exist in the "
+                       f"sandbox or is not executable{where}")
+
+
+def check_readable(manifest: AgentManifest, uid: int, gid: int) -> None:
+    """The package is mounted as is at /opt/agent: the agent (`uid`:`gid` on
+    the host) must be able to enter and read it, or it dies with EACCES."""
+    st = os.stat(manifest.directory)
+    if st.st_uid == uid:
+        bits = (st.st_mode >> 6) & 0o5
+    elif st.st_gid == gid:
+        bits = (st.st_mode >> 3) & 0o5
+    else:
+        bits = st.st_mode & 0o5
+    if bits != 0o5:
+        raise BadAgent(f"agent package {manifest.directory} is not readable by the agent "
+                       f"(uid {uid}, mode {st.st_mode & 0o7777:o}): make it world-readable "
+                       "(chmod o+rx)")

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tappass_host import shipped
+from tappass_host.layers.filesystem import BIND_RO, host_dirs
+from tappass_host.oci import rootfs as rootfs_module
 
 AGENT_UID = 200000
 AGENT_GID = 200000
-HOST_DIRS = ("/usr", "/etc")
-MERGED_USR_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
-BIND_RO = ["rbind", "ro", "nosuid", "nodev"]
 
 
 @dataclass(frozen=True)
@@ -66,21 +65,16 @@ def _create(paths: Layout) -> None:
 
 
 def _host_rootfs(rootfs: Path) -> None:
-    rootfs.mkdir(parents=True)
+    """The product's own `host` rootfs (tappass_host.oci.rootfs), opened wide."""
+    rootfs.parent.mkdir(parents=True, exist_ok=True)
+    mountpoints = (*host_dirs(), "/proc", "/dev", "/sys", "/tmp", "/workspace", "/run/tappass/keyring")
+    rootfs_module.prepare(rootfs, list(mountpoints))
     rootfs.chmod(0o777)  # so that a write to / fails only because the root is read-only
-    for link in MERGED_USR_LINKS:
-        if os.path.islink(link):
-            os.symlink(os.readlink(link), rootfs / link.lstrip("/"))
-    for mountpoint in (*HOST_DIRS, "/proc", "/dev", "/sys", "/tmp", "/workspace", "/run/tappass/keyring"):
-        (rootfs / mountpoint.lstrip("/")).mkdir(parents=True, exist_ok=True)
-    # runc gives a tmpfs the mode of the directory it covers, whatever mode= says.
-    (rootfs / "tmp").chmod(0o1777)
 
 
 def host_dir_mounts() -> list[dict]:
     """Host /usr, /etc and any /lib* that is a real directory (not merged-usr), read-only."""
-    dirs = list(HOST_DIRS) + [d for d in MERGED_USR_LINKS if os.path.isdir(d) and not os.path.islink(d)]
-    return [{"destination": d, "type": "bind", "source": d, "options": list(BIND_RO)} for d in dirs]
+    return [{"destination": d, "type": "bind", "source": d, "options": list(BIND_RO)} for d in host_dirs()]
 
 
 def locked_down_config(

@@ -2,6 +2,7 @@
 `_exited` hook: thin clients over the state on disk (tappass_host.runtime)."""
 
 import json
+import os
 import sys
 import time
 
@@ -17,7 +18,7 @@ from tappass_host.cli import pass_host
                    "distribution with a 'tappass.agents' entry point.")
 @click.option("--foreground", is_flag=True, help="Run attached; exit with the agent's code.")
 @click.option("--rm", "remove", is_flag=True, help="With --foreground: remove runtime state after.")
-@click.option("--runtime", type=click.Choice(["crun", "runc"]), default=None,
+@click.option("--runtime", default=None, metavar="crun|runc",
               help="OCI runtime (default: config 'runtime', crun).")
 @pass_host
 def start(host, name, agent_spec, foreground, remove, runtime):
@@ -25,6 +26,12 @@ def start(host, name, agent_spec, foreground, remove, runtime):
     from tappass_host.runtime import lifecycle
 
     host.paths.sandbox(name)
+    # Checked here, not by click, so that a bad value is one line, like every error.
+    if runtime is not None and runtime not in ("crun", "runc"):
+        raise lifecycle.LifecycleError(f"unknown runtime {runtime!r}: use crun or runc")
+    if remove and not foreground:
+        raise lifecycle.LifecycleError("--rm needs --foreground (a detached sandbox keeps its "
+                                       "state until the next start or stop)")
     started = lifecycle.start(host.paths, name, agent_spec, host.config, runtime,
                               foreground_run=foreground, remove=remove)
     for warning in started.warnings:
@@ -48,8 +55,11 @@ def stop(host, name, timeout):
     from tappass_host.runtime.oci import OCIRuntime
 
     sandbox = lifecycle.ensure_known(host.paths, name)
+    if not lifecycle.is_running(sandbox):
+        raise lifecycle.LifecycleError(f"sandbox {name!r} is not running")
     state = lifecycle.read_json(lifecycle.state_file(sandbox)) or {}
-    runtime = OCIRuntime.find(state.get("runtime") or host.config["runtime"], host.paths.runtime)
+    runtime = OCIRuntime.find(state.get("runtime") or host.config["runtime"], host.paths.runtime,
+                              state.get("runtime_binary", ""))
     exit_record = lifecycle.stop(host.paths, name, runtime, timeout)
     host.emit({"name": name, "exit": exit_record},
               f"{name}: stopped (exit code {exit_record.get('code')})")
@@ -113,27 +123,57 @@ def logs(host, name, follow, tail):
 
     path = lifecycle.ensure_known(host.paths, name).agent_log
     try:
-        lines = path.read_text(errors="replace").splitlines()
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
-        lines = []
+        data = b""
+    lines, partial = _k8s_messages(data)
+    if partial and not follow:
+        lines.append(partial)  # a line still being written
     for line in lines[-tail:] if tail else lines:
-        click.echo(_k8s_message(line))
+        click.echo(line)
     if not follow:
         return
-    with open(path, errors="replace") if path.exists() else open("/dev/null") as f:
-        f.seek(0, 2)
-        while True:
-            line = f.readline()
-            if line:
-                click.echo(_k8s_message(line.rstrip("\n")))
-            else:
-                time.sleep(0.2)
+    position = len(data)
+    pending = b""
+    while True:
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < position:
+                    position = 0  # conmon rotated (truncated) the log
+                f.seek(position)
+                chunk = f.read()
+        except FileNotFoundError:
+            chunk = b""
+        if chunk:
+            position += len(chunk)
+            pending += chunk
+            cut = pending.rfind(b"\n") + 1
+            lines, partial = _k8s_messages(pending[:cut], partial)
+            pending = pending[cut:]
+            for line in lines:
+                click.echo(line)
+        else:
+            time.sleep(0.2)
 
 
-def _k8s_message(line: str) -> str:
-    """`<ts> <stream> <P|F> <message>` -> message (partial lines are joined by conmon's F)."""
-    parts = line.split(" ", 3)
-    return parts[3] if len(parts) == 4 else line
+def _k8s_messages(data: bytes, partial: str = "") -> tuple[list[str], str]:
+    """conmon's k8s-file lines `<ts> <stream> <P|F> <message>` -> whole messages:
+    a long line comes as P (partial) chunks ended by an F (full) one."""
+    messages = []
+    for raw in data.decode(errors="replace").splitlines():
+        parts = raw.split(" ", 3)
+        if len(parts) < 3 or parts[2] not in ("P", "F"):
+            messages.append(partial + raw)  # not k8s-file: shown as is
+            partial = ""
+            continue
+        text = parts[3] if len(parts) == 4 else ""
+        if parts[2] == "P":
+            partial += text
+        else:
+            messages.append(partial + text)
+            partial = ""
+    return messages, partial
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
@@ -154,4 +194,4 @@ def exited(host, name):
     """conmon's exit hook: record the agent's exit."""
     from tappass_host.runtime import lifecycle
 
-    lifecycle.record_exit_from_monitor(host.paths, name)
+    lifecycle.exit_hook(host.paths, name)

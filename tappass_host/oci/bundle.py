@@ -3,12 +3,14 @@
 where a runtime could pick it up."""
 
 import json
-import platform
+import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from tappass_host import layers, statefile
-from tappass_host.oci import invariants, rootfs
+from tappass_host import layers, shipped
+from tappass_host.errors import TappassError
+from tappass_host.oci import invariants, parent_field, rootfs
 from tappass_host.oci.render import Rendered, render
 from tappass_host.paths import HostPaths
 
@@ -35,27 +37,131 @@ def layer_inputs(paths: HostPaths, name: str, record, keyring: dict, manifest, c
 
 def host_capabilities(record, rootless: bool) -> layers.Host:
     return layers.Host(rootless=rootless, agent_uid=record.agent_uid, agent_gid=record.agent_gid,
-                       machine=platform.machine())
+                       machine=os.uname().machine)
 
 
 def build(paths: HostPaths, inputs: layers.LayerInputs, rootless: bool) -> Bundle:
     rendered = render(layers.run(inputs, inputs.config["appliers"]))
     sandbox = paths.sandbox(inputs.name)
-    invariants.check(rendered.config, state_dir=paths.state, keyring_dir=sandbox.keyring,
-                     workspace_dir=sandbox.workspace, rootless=rootless,
-                     provenance=rendered.provenance)
+    try:
+        invariants.check(rendered.config, state_dir=paths.state, keyring_dir=sandbox.keyring,
+                         workspace_dir=sandbox.workspace, rootless=rootless,
+                         provenance=rendered.provenance)
+    except invariants.InvariantViolation as violation:
+        raise _blame(violation, rendered.provenance) from None
+    config_bytes = json.dumps(rendered.config, indent=2).encode()
     schema_dir = inputs.config["oci_schema_dir"]
     if schema_dir:
-        from tappass_host.oci import schema
-
-        schema.validate(rendered.config, schema_dir)
+        _validate_schema(paths, rendered.config, config_bytes, schema_dir, rendered.provenance)
     directory = sandbox.bundle
     directory.mkdir(parents=True, exist_ok=True)
     rootfs.prepare(inputs.rootfs_dir, [m["destination"] for m in rendered.config["mounts"]])
-    statefile.write_atomic(directory / "config.json",
-                           json.dumps(rendered.config, indent=2).encode(), 0o600)
-    statefile.write_atomic(directory / "layers.json", json.dumps({
+    write_runtime_file(directory / "config.json", config_bytes, 0o600)
+    write_runtime_file(directory / "layers.json", json.dumps({
         "provenance": rendered.provenance, "warnings": list(rendered.warnings),
         "hot_reload": sorted(rendered.hot_reload), "restart": sorted(rendered.restart),
     }, indent=2).encode(), 0o600)
     return Bundle(directory=directory, rendered=rendered)
+
+
+def write_runtime_file(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Atomic (temp file + rename) but not fsynced: runtime files are rewritten
+    by every start and live under /run, which a crash empties anyway; the
+    durable state (sandbox.json, exit.json, the keyring, audit) is fsynced."""
+    from tappass_host.statefile import write_file_durably
+
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        write_file_durably(tmp, data, mode, sync=False)
+        os.rename(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _blame(violation: "invariants.InvariantViolation", provenance: dict[str, str]):
+    """A violation in a list the template left empty (a capability set...) is the
+    doing of the layer that put items there, though no layer set the list itself."""
+    if violation.layer != "template" or "[" in violation.field or not violation.field:
+        return violation
+    node = shipped.load_json(shipped.template())
+    for part in violation.field.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    if node not in (None, []):
+        return violation
+    culprit = next((layer for path, layer in provenance.items()
+                    if path.startswith(violation.field + "[")
+                    or path.startswith(violation.field + ".")), None)
+    if culprit is None:
+        return violation
+    rule = str(violation).split(f"invariant: {violation.field} ", 1)[-1]
+    return invariants.InvariantViolation(violation.field, culprit, rule)
+
+
+# The schema check costs ~80 ms a start (importing jsonschema and walking the
+# spec's files) and its verdict depends only on the config's bytes and the
+# schema's files: a config that passed once is remembered by its digest (in
+# the runtime dir, root's, cleared at boot). The invariants are checked in
+# code on every start regardless.
+SCHEMA_CACHE_ENTRIES = 256
+
+
+def _schema_fingerprint(schema_dir: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(str(Path(schema_dir).resolve()).encode())
+    try:
+        entries = sorted(Path(schema_dir).glob("*.json"))
+    except OSError:
+        entries = []
+    for entry in [*entries, Path(__file__).with_name("schema.py")]:
+        try:
+            st = entry.stat()
+        except OSError:
+            continue
+        digest.update(f"\0{entry.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}".encode())
+    return digest.hexdigest()
+
+
+class LayerSchemaError(TappassError):
+    """The rendered config fails the OCI runtime-spec schema; names the layer."""
+
+    def __init__(self, field: str, layer: str, message: str):
+        self.field, self.layer = field, layer
+        super().__init__(f"layer {layer!r}: {message}")
+
+
+def _layer_of(field: str, provenance: dict[str, str]) -> str:
+    while field:
+        if field in provenance:
+            return provenance[field]
+        field = parent_field(field)
+    return "template"
+
+
+def _validate_schema(paths: HostPaths, config: dict, config_bytes: bytes, schema_dir: str,
+                     provenance: dict[str, str]) -> None:
+    import hashlib
+
+    from tappass_host import __version__
+
+    key = hashlib.sha256(b"\0".join([__version__.encode(), _schema_fingerprint(schema_dir).encode(),
+                                     config_bytes])).hexdigest()
+    cache = paths.runtime / "schema-ok"
+    if (cache / key).is_file():
+        return
+    from tappass_host.oci import schema
+
+    try:
+        schema.validate(config, schema_dir)
+    except schema.BundleSchemaError as error:
+        raise LayerSchemaError(error.field, _layer_of(error.field, provenance), str(error)) from None
+    try:
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+        entries = list(cache.iterdir())
+        if len(entries) >= SCHEMA_CACHE_ENTRIES:
+            for entry in sorted(entries, key=lambda e: e.stat().st_mtime)[:len(entries) // 2]:
+                entry.unlink(missing_ok=True)
+        (cache / key).touch()
+    except OSError:
+        pass  # a cache, nothing more

@@ -45,10 +45,18 @@ def _merge(base: dict, fragment: dict, layer: str, path: tuple, provenance: dict
             provenance[name] = layer
 
 
-def _dedupe_env(config: dict) -> None:
+def _dedupe_env(config: dict, provenance: dict[str, str]) -> None:
+    """One entry per name, in first-seen order, holding the last value; the
+    provenance of each kept entry is the layer that set that value."""
     env = config.get("process", {}).get("env", [])
-    last = {entry.split("=", 1)[0]: entry for entry in env}
-    config["process"]["env"] = list(last.values())
+    last: dict[str, tuple[str, str | None]] = {}
+    for i, entry in enumerate(env):
+        last[entry.split("=", 1)[0]] = (entry, provenance.pop(field_path(("process", "env", i)),
+                                                              None))
+    config["process"]["env"] = [entry for entry, _ in last.values()]
+    for i, (_, layer) in enumerate(last.values()):
+        if layer is not None:
+            provenance[field_path(("process", "env", i))] = layer
 
 
 def render(results: list[tuple[str, LayerResult]], template: str = "base.json") -> Rendered:
@@ -58,7 +66,7 @@ def render(results: list[tuple[str, LayerResult]], template: str = "base.json") 
     for layer, result in results:
         _merge(config, result.oci, layer, (), provenance)
         files.update(result.files)
-    _dedupe_env(config)
+    _dedupe_env(config, provenance)
     return Rendered(
         config=config,
         provenance=provenance,

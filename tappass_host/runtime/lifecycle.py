@@ -90,15 +90,42 @@ def running_names(paths: HostPaths) -> list[str]:
 def write_exit(paths: HostPaths, name: str, code: int | None, oom: bool) -> dict:
     """Record an exit (conmon reports a signal death as 128 + signal)."""
     sandbox = paths.sandbox(name)
-    signal = code - 128 if code is not None and code > 128 else None
-    record = {"code": code, "signal": signals.Signals(signal).name if signal and
-              signal in signals.Signals._value2member_map_ else signal,
-              "oom": oom, "finished_at": _now()}
+    record = _exit_details(code, oom, _now())
     statefile.write_atomic(sandbox.exit_record, json.dumps(record).encode(), 0o644)
     from tappass_host.audit import AuditLog
 
     AuditLog.for_host(paths).append("sandbox.exited", sandbox=name, details=record)
     return record
+
+
+def _exit_details(code: int | None, oom: bool, finished_at: str | None) -> dict:
+    signal = code - 128 if code is not None and code > 128 else None
+    return {"code": code, "signal": signals.Signals(signal).name if signal and
+            signal in signals.Signals._value2member_map_ else signal,
+            "oom": oom, "finished_at": finished_at}
+
+
+def last_exit(sandbox: SandboxPaths, state: dict) -> dict | None:
+    """The last exit: exit.json, or, in the moment between the agent's end and
+    conmon's exit hook writing exit.json, what conmon has already recorded."""
+    record = read_json(sandbox.exit_record)
+    started = state.get("started_at")
+    if started and not state.get("foreground") and (
+            record is None or (record.get("finished_at") or "") < started):
+        files = monitor_files(sandbox)
+        code = files.exit_code()
+        if code is not None:
+            return _exit_details(code, files.oom_killed(), None)
+    return record
+
+
+def exit_hook(paths: HostPaths, name: str) -> dict | None:
+    """conmon's exit command. conmon runs it even when `<runtime> create`
+    failed, i.e. when no agent ever ran (and `start` has undone itself): it
+    then has no exit code, and there is no exit to record."""
+    if monitor_files(paths.sandbox(name)).exit_code() is None:
+        return None
+    return record_exit_from_monitor(paths, name)
 
 
 def record_exit_from_monitor(paths: HostPaths, name: str) -> dict:
@@ -113,8 +140,10 @@ def exit_command(paths: HostPaths, name: str) -> list[str]:
 
 
 def write_state(sandbox: SandboxPaths, state: dict) -> None:
+    from tappass_host.oci.bundle import write_runtime_file
+
     sandbox.runtime.mkdir(parents=True, exist_ok=True)
-    statefile.write_atomic(state_file(sandbox), json.dumps(state, indent=2).encode(), 0o644)
+    write_runtime_file(state_file(sandbox), json.dumps(state, indent=2).encode(), 0o644)
 
 
 def stop(paths: HostPaths, name: str, runtime, timeout: float = 10) -> dict:
@@ -177,19 +206,26 @@ def foreground(runtime, cid: str, bundle: Path) -> int:
             signals.signal(s, handler)
 
 
-def current_keyring(paths: HostPaths, name: str) -> dict:
-    """The sandbox's current keyring payload, which must not have expired."""
+def current_keyring(paths: HostPaths, name: str, limits=None) -> dict:
+    """The sandbox's current keyring payload, which must not have expired.
+
+    Without one, the latest is pulled once from the control plane (DESIGN §9).
+    """
     from tappass_host.clock import parse_timestamp
+    from tappass_host.keyring.verify import Limits
+    from tappass_host.sync.pull import pull_once
 
     data = None
     try:
         data = (paths.sandbox(name).keyring / "keyring.json").read_bytes()
     except (FileNotFoundError, PermissionError):
-        pass
+        pull_failed = pull_once(paths, name, limits or Limits())
+        if pull_failed is None:
+            data = (paths.sandbox(name).keyring / "keyring.json").read_bytes()
     if data is None:
         raise LifecycleError(
-            f"sandbox {name!r} has no keyring yet: run 'tappass-host daemon' to receive one, "
-            f"or 'tappass-host sync apply {name} FILE'")
+            f"sandbox {name!r} has no keyring yet ({pull_failed}): run 'tappass-host daemon' "
+            f"to receive one, or 'tappass-host sync apply {name} FILE'")
     keyring = json.loads(data)
     if parse_timestamp(keyring["expires_at"]) <= datetime.now(timezone.utc):
         raise LifecycleError(
@@ -224,16 +260,17 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
     from tappass_host.oci import bundle as oci_bundle
     from tappass_host.paths import is_rootless
     from tappass_host.runtime import monitor
-    from tappass_host.runtime.oci import OCIRuntime
 
     sandbox = ensure_known(paths, name)
     manifest = agent.load(agent_spec)
-    runtime = OCIRuntime.find(runtime_name or config["runtime"], paths.runtime,
-                              config["runtime_path"] if not runtime_name else "")
+    agent.check_entrypoint(manifest)
+    runtime = find_runtime(paths, config, runtime_name)
     conmon = None if foreground_run else monitor.find_conmon(config["conmon_path"])
     keyring = current_keyring(paths, name)
     record = ids.ensure_agent_ids(paths, name, config.agent_id_range)
     rootless = is_rootless()
+    if not rootless:  # rootless: the agent's host id is a mapped one; the runtime decides
+        agent.check_readable(manifest, record.agent_uid, record.agent_gid)
     cid = container_id(name)
     with host_lock(paths):
         if is_running(sandbox):
@@ -250,22 +287,37 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
         inputs = oci_bundle.layer_inputs(paths, name, record, keyring, manifest, config,
                                          oci_bundle.host_capabilities(record, rootless))
         built = oci_bundle.build(paths, inputs, rootless)
-        runtime.delete(cid)  # a stopped container of an earlier run
-        record.agent, record.runtime = str(manifest.directory), runtime.name
-        sandbox_record.save(sandbox, record)
-        state = {"runtime": runtime.name, "cid": cid, "started_at": _now(),
-                 "policy_version": keyring["policy_version"], "agent": str(manifest.directory),
-                 "restart_policy": manifest.restart, "foreground": foreground_run,
+        if runtime.has_state(cid):
+            runtime.delete(cid)  # a stopped container of an earlier run
+        if (record.agent, record.runtime) != (str(manifest.directory), runtime.name):
+            record.agent, record.runtime = str(manifest.directory), runtime.name
+            sandbox_record.save(sandbox, record)
+        state = {"runtime": runtime.name, "runtime_binary": runtime.binary, "cid": cid,
+                 "started_at": _now(), "policy_version": keyring["policy_version"],
+                 "agent": str(manifest.directory), "restart_policy": manifest.restart,
+                 "foreground": foreground_run,
                  "restart_aspects": _aspects(keyring, built.rendered.restart),
                  "warnings": list(built.rendered.warnings)}
-        if not foreground_run:
-            files = monitor_files(sandbox)
-            sandbox.logs.mkdir(parents=True, exist_ok=True)
-            pid = monitor.launch(runtime, conmon, cid, built.directory, files, sandbox.agent_log,
-                                 config["log_max_bytes"], exit_command(paths, name))
-            conmon_pid = int(files.conmon_pid.read_text().strip())
-            write_state(sandbox, {**state, "pid": pid, "conmon_pid": conmon_pid})
-            runtime.start(cid)
+        had_log = sandbox.agent_log.exists()
+        try:
+            if foreground_run:
+                # Under the lock, like a monitored start: a concurrent start
+                # must count this sandbox against max_sandboxes.
+                write_state(sandbox, {**state, "pid": os.getpid()})
+            else:
+                files = monitor_files(sandbox)
+                sandbox.logs.mkdir(parents=True, exist_ok=True)
+                pid = monitor.launch(runtime, conmon, cid, built.directory, files,
+                                     sandbox.agent_log, config["log_max_bytes"],
+                                     exit_command(paths, name))
+                conmon_pid = int(files.conmon_pid.read_text().strip())
+                write_state(sandbox, {**state, "pid": pid, "conmon_pid": conmon_pid})
+                runtime.start(cid)
+        except BaseException:
+            _undo_start(sandbox, runtime, cid)
+            if not had_log:
+                sandbox.agent_log.unlink(missing_ok=True)  # conmon's, for nothing
+            raise
     audit = AuditLog.for_host(paths)
     audit.append("sandbox.started", sandbox=name, details={
         "runtime": runtime.name, "policy_version": keyring["policy_version"],
@@ -273,17 +325,49 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
     if not foreground_run:
         return Started(name, pid, runtime.name, keyring["policy_version"],
                        built.rendered.warnings)
-    write_state(sandbox, {**state, "pid": os.getpid()})
-    code = foreground(runtime, cid, built.directory)
-    write_exit(paths, name, code, oom=False)
-    runtime.delete(cid)
-    state_file(sandbox).unlink(missing_ok=True)
-    if remove:
-        import shutil
+    try:
+        code = foreground(runtime, cid, built.directory)
+        write_exit(paths, name, code, oom=False)
+    finally:
+        # `run` deletes the container when it ends; a kill of ours may not have.
+        if runtime.has_state(cid):
+            runtime.delete(cid)
+        state_file(sandbox).unlink(missing_ok=True)
+        if remove:
+            import shutil
 
-        shutil.rmtree(sandbox.runtime, ignore_errors=True)
+            shutil.rmtree(sandbox.runtime, ignore_errors=True)
     return Started(name, 0, runtime.name, keyring["policy_version"], built.rendered.warnings,
                    exit_code=code)
+
+
+def find_runtime(paths: HostPaths, config, name: str | None = None, binary: str = ""):
+    """The OCI runtime `name` (default: config `runtime`). Config `runtime_path`
+    applies to the runtime config names, whether or not `--runtime` repeats it."""
+    from tappass_host.runtime.oci import OCIRuntime
+
+    name = name or config["runtime"]
+    override = binary or (config["runtime_path"] if name == config["runtime"] else "")
+    return OCIRuntime.find(name, paths.runtime, override)
+
+
+def _undo_start(sandbox: SandboxPaths, runtime, cid: str) -> None:
+    """A start that failed half-way leaves nothing behind: no monitor, no
+    container, no runtime dir."""
+    import shutil
+
+    try:
+        conmon_pid = int(monitor_files(sandbox).conmon_pid.read_text().strip())
+    except (OSError, ValueError):
+        conmon_pid = None
+    if _alive(conmon_pid, "conmon"):
+        try:
+            os.kill(conmon_pid, signals.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if runtime.has_state(cid):
+        runtime.delete(cid)
+    shutil.rmtree(sandbox.runtime, ignore_errors=True)
 
 
 def _aspects(keyring: dict, names: frozenset[str]) -> str:
@@ -304,8 +388,8 @@ def status(paths: HostPaths, name: str) -> dict:
 
     sandbox = ensure_known(paths, name)
     state = read_json(state_file(sandbox)) or {}
-    exit_record = read_json(sandbox.exit_record)
     running = is_running(sandbox)
+    exit_record = None if running else last_exit(sandbox, state)
     keyring = read_json(sandbox.keyring / "keyring.json")
     flags = []
     if keyring and parse_timestamp(keyring["expires_at"]) <= datetime.now(timezone.utc):
@@ -350,7 +434,7 @@ def shell(paths: HostPaths, name: str, command: list[str]) -> int:
     process = read_json(sandbox.bundle / "config.json")["process"]
     process["args"] = command
     process["terminal"] = sys.stdin.isatty() and sys.stdout.isatty()
-    runtime = OCIRuntime.find(state["runtime"], paths.runtime)
+    runtime = OCIRuntime.find(state["runtime"], paths.runtime, state.get("runtime_binary", ""))
     with tempfile.NamedTemporaryFile("w", dir=sandbox.runtime, suffix=".json") as spec:
         json.dump(process, spec)
         spec.flush()

@@ -69,6 +69,8 @@ def launch(runtime: OCIRuntime, conmon: str, cid: str, bundle: Path, files: Moni
     for directory in (files.exits, files.persist):
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
+    for stale in (files.conmon_pid, files.container_pid, files.root / "oom"):
+        stale.unlink(missing_ok=True)  # an earlier run's: never mistaken for this one's
     runtime.root.mkdir(parents=True, exist_ok=True)
     argv = [
         conmon, "--api-version", "1", "-c", cid, "-u", cid, "-n", cid,
@@ -85,9 +87,12 @@ def launch(runtime: OCIRuntime, conmon: str, cid: str, bundle: Path, files: Moni
     read_fd, write_fd = os.pipe()
     env = {**os.environ, "_OCI_SYNCPIPE": str(write_fd)}
     try:
-        subprocess.run(argv, pass_fds=(write_fd,), env=env, check=False, timeout=60,
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE)
+        # cwd: conmon drops an `oom` file in its working directory when the
+        # agent is OOM-killed (beside persist/oom); keep it in the sandbox's
+        # runtime dir, not wherever the CLI was started from.
+        result = subprocess.run(argv, pass_fds=(write_fd,), env=env, check=False, timeout=60,
+                                cwd=files.root, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     finally:
         os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
@@ -95,8 +100,10 @@ def launch(runtime: OCIRuntime, conmon: str, cid: str, bundle: Path, files: Moni
     try:
         message = json.loads(line)
     except ValueError:
+        said = result.stderr.decode(errors="replace").strip().splitlines()
         raise MonitorError(f"conmon did not report the container for {cid} "
-                           f"(is {runtime.name} working on this host?)") from None
+                           f"(is {runtime.name} working on this host?)"
+                           + (f": {said[-1]}" if said else "")) from None
     pid = message.get("data", -1)
     if not isinstance(pid, int) or pid <= 0:
         detail = (message.get("message") or "unknown error").strip().splitlines()[-1]

@@ -43,6 +43,11 @@ class OCIRuntime:
             raise RuntimeError_(f"{self.name} {args[0]} failed: {message}")
         return result
 
+    def has_state(self, cid: str) -> bool:
+        """Whether the runtime holds state for `cid` (crun and runc both keep
+        it in `<root>/<cid>/`): lets callers skip a `delete` subprocess."""
+        return (self.root / cid).exists()
+
     def state(self, cid: str) -> dict | None:
         result = self._call("state", cid, check=False)
         if result.returncode != 0:

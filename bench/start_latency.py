@@ -1,0 +1,99 @@
+"""Benchmark: `tappass-host start --foreground --rm` of an agent running
+/bin/true, against a bare `<runtime> run` of an equivalent bundle (the very
+config.json tappass-host rendered, args /bin/true, a copy of its rootfs dir),
+alternating, in the same run, for crun and runc.
+
+Reported per runtime: medians (and p90, min) of both, the ratio of medians,
+and tappass-host's own overhead (the difference). The schema check's result
+is cached by config digest after the first start (see oci/bundle.py); a
+separate "cold" figure is measured with that cache emptied before each run.
+
+Needs root. crun needs the cgroup quirk handled: the script re-executes
+itself under scripts/in-crun-namespace when needed.
+Prints one JSON object. Usage: python bench/start_latency.py [--runs N]
+"""
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+
+from _sandboxes import PYTHON, ensure_crun_works, ms, new_host, precompile, run, unique_name, write_agent
+
+
+def measure(runtime: str, runs: int, cold_runs: int) -> dict:
+    host = new_host()
+    try:
+        name = host.enroll(unique_name("bench", runtime))
+        agent = write_agent(host.root / "agent", ["/bin/true"])
+        first = host.start(name, agent, runtime, "--foreground")  # renders the bundle
+        assert first.returncode == 0, first.stderr
+        bundle = host.paths.sandbox(name).bundle
+        bare = host.root / "bare"
+        bare.mkdir()
+        shutil.copytree(bundle / "rootfs", bare / "rootfs", symlinks=True)
+        config = json.loads((bundle / "config.json").read_text())
+        config["process"]["args"] = ["/bin/true"]
+        config["root"]["path"] = str(bare / "rootfs")
+        (bare / "config.json").write_text(json.dumps(config))
+        bare_root = host.root / "bare-root"
+        bare_argv = [shutil.which(runtime), "--root", str(bare_root), "run", "--bundle", str(bare),
+                     f"bare-{name}"]
+        ours_argv = host.argv("start", name, "--agent", str(agent), "--runtime", runtime,
+                              "--foreground", "--rm")
+        for argv in (ours_argv, bare_argv):  # warm up both
+            assert run(argv).returncode == 0
+
+        ours, baseline = [], []
+        for _ in range(runs):
+            for argv, samples in ((ours_argv, ours), (bare_argv, baseline)):
+                start = time.perf_counter()
+                result = run(argv)
+                samples.append(time.perf_counter() - start)
+                assert result.returncode == 0, result.stderr
+        cold = []
+        for _ in range(cold_runs):
+            shutil.rmtree(host.paths.runtime / "schema-ok", ignore_errors=True)
+            start = time.perf_counter()
+            assert run(ours_argv).returncode == 0
+            cold.append(time.perf_counter() - start)
+        assert not host.paths.sandbox(name).runtime.exists()  # --rm left nothing
+        ours_median, bare_median = statistics.median(ours), statistics.median(baseline)
+        return {
+            "tappass_host_start_foreground_rm": ms(ours),
+            f"bare_{runtime}_run": ms(baseline),
+            "ratio": round(ours_median / bare_median, 2),
+            "overhead_ms": round((ours_median - bare_median) * 1e3, 2),
+            "tappass_host_cold_schema_check": ms(cold),
+        }
+    finally:
+        host.cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=25)
+    parser.add_argument("--cold-runs", type=int, default=5)
+    args = parser.parse_args()
+    ensure_crun_works()
+    precompile()
+    interpreter = []
+    for _ in range(args.runs):
+        start = time.perf_counter()
+        run([PYTHON, "-c", "pass"])
+        interpreter.append(time.perf_counter() - start)
+    print(json.dumps({
+        "benchmark": "start_latency",
+        "runs_each": args.runs,
+        "agent": "/bin/true",
+        "bytecode": "precompiled",
+        "python_c_pass": ms(interpreter),
+        "crun": measure("crun", args.runs, args.cold_runs),
+        "runc": measure("runc", args.runs, args.cold_runs),
+        "goal_ratio_max": 6,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Escape probes inside a real sandbox started by `tappass-host start`, as the agent.
+
+The agent package holds tests/probes/escape_probe.py (mounted at /opt/agent
+like any agent) and a setuid-root copy of python; its entrypoint records the
+sandbox's mount table, then execs the probe as PID 1, which tries each way
+out and prints one JSON report. The host side has a (fake) machine key in
+<state>/machine/key.pem that must stay invisible. One sandbox per runtime
+serves every probe assertion; the fork bomb and the memory hog get their own.
+
+Never run the probe on the host: as root its attempts would succeed.
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from sandbox_fixture import (  # noqa: F401  (host is a fixture)
+    PROBES,
+    RUNTIMES,
+    host,
+    new_host,
+    python_agent,
+    require_runtime,
+    unique_name,
+    wait_for,
+    write_agent,
+)
+
+WRAPPER = """
+import json, os, sys
+with open("/proc/self/mountinfo") as f:
+    mounts = {}
+    for line in f:
+        fields = line.split()
+        mounts[fields[4]] = fields[5].split(",")
+print(json.dumps({"mountinfo": mounts}), flush=True)
+os.execv("/usr/bin/python3", ["python3", "/opt/agent/escape_probe.py", *sys.argv[1:]])
+"""
+
+
+def copy_setuid_python(directory):
+    target = directory / "suid-python"
+    shutil.copy2(os.path.realpath("/usr/bin/python3"), target)
+    os.chown(target, 0, 0)
+    target.chmod(0o4755)
+
+
+@pytest.fixture(scope="module", params=RUNTIMES)
+def probed(request):
+    """Start the probe sandbox once per runtime; its report, mounts and record."""
+    runtime = request.param
+    require_runtime(runtime)
+    h = new_host()
+    try:
+        key = h.make_machine_key()
+        name = h.enroll(unique_name("probe", runtime))
+        agent = write_agent(h.root / "agent", [
+            "python3", "/opt/agent/wrapper.py", "--state-dir", str(h.state),
+            "--suid-python", "/opt/agent/suid-python"], files={"wrapper.py": WRAPPER})
+        shutil.copy(PROBES / "escape_probe.py", agent / "escape_probe.py")
+        copy_setuid_python(agent)
+        started = h.start(name, agent, runtime)
+        assert started.returncode == 0, started.stderr
+        status = h.wait_exited(name, timeout=60)
+        log = h.logs(name)
+        assert status["exit"]["code"] == 0, (status, log[-3000:])
+        docs = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+        mounts = next(d["mountinfo"] for d in docs if "mountinfo" in d)
+        report = next(d for d in docs if "uid" in d)
+        record = json.loads(h.paths.sandbox(name).record.read_text())
+        yield {"report": report, "mounts": mounts, "record": record, "key": key, "host": h,
+               "runtime": runtime}
+    finally:
+        h.cleanup()
+
+
+def details(probed) -> str:
+    return json.dumps(probed["report"]["details"], indent=1, sort_keys=True)[:6000]
+
+
+def test_the_agent_is_its_own_unprivileged_uid(probed):
+    report, record = probed["report"], probed["record"]
+    assert report["uid"] != 0 and report["euid"] != 0 and report["gid"] != 0
+    assert (report["uid"], report["gid"]) == (record["agent_uid"], record["agent_gid"])
+    assert 0 not in report["groups"]
+
+
+def test_no_capabilities_no_new_privs_and_seccomp(probed):
+    report = probed["report"]
+    assert int(report["CapEff"], 16) == 0
+    for capability_set in ("CapInh", "CapPrm", "CapBnd", "CapAmb"):
+        assert int(report[capability_set], 16) == 0, capability_set
+    assert report["NoNewPrivs"] == "1"
+    assert report["Seccomp"] == "2"
+
+
+def test_the_keyring_is_readable_but_not_writable(probed):
+    report = probed["report"]
+    assert report["can_read_keyring"]
+    assert not report["can_write_keyring"], details(probed)
+    ring = report["details"]["keyring"]
+    assert ring["create"] in ("EROFS", "EACCES") and ring["overwrite"] in ("EROFS", "EACCES")
+    options = probed["mounts"]["/run/tappass/keyring"]
+    assert {"ro", "nosuid", "nodev", "noexec"} <= set(options), options
+
+
+def test_the_machine_key_and_the_rest_of_the_state_are_not_visible(probed):
+    report = probed["report"]
+    assert probed["key"].is_file()  # it is there, on the host
+    assert not report["machine_key_visible"], details(probed)
+    exists = report["details"]["machine_key"]["exists"]
+    assert exists == dict.fromkeys(exists, False)
+    assert not any(str(probed["host"].state) in point for point in probed["mounts"])
+
+
+def test_mount_unshare_setns_ptrace_and_setuid_fail(probed):
+    report = probed["report"]
+    escapes = ("mount_ok", "unshare_user_ok", "unshare_mount_ok", "setns_ok", "ptrace_ok",
+               "setuid_ok")
+    assert {e: report[e] for e in escapes} == dict.fromkeys(escapes, False), details(probed)
+
+
+def test_a_setuid_binary_gives_no_privilege(probed):
+    report = probed["report"]
+    assert report["setuid_binary_euid"] == str(report["uid"]), details(probed)
+
+
+def test_the_root_filesystem_is_read_only_and_only_workspace_and_tmp_are_writable(probed):
+    report = probed["report"]
+    assert not report["rootfs_writable"]
+    writes = report["details"]["writes"]
+    for directory in ("/", "/usr", "/etc", "/opt/agent"):
+        assert writes[directory] == "EROFS", (directory, writes)
+    assert report["writable_dirs"] == ["/tmp", "/workspace"], writes
+    assert "ro" in probed["mounts"]["/"]
+
+
+def test_host_pids_are_not_visible(probed):
+    report = probed["report"]
+    assert not report["host_pids_visible"], details(probed)
+    assert report["details"]["processes"]["my_pid"] == 1
+
+
+def test_only_loopback_exists(probed):
+    report = probed["report"]
+    assert report["interfaces"] == ["lo"]
+    assert report["details"]["network"]["if_nameindex"] == ["lo"]
+    assert not report["network_reachable"]
+
+
+def test_the_seccomp_profile_denies_escalation_syscalls(probed):
+    denials = probed["report"]["seccomp_denials"]
+    assert denials == {name: "EPERM" for name in denials} | {"clone3": "ENOSYS"}
+
+
+# --- limits -------------------------------------------------------------------------
+
+FORK_BOMB = """
+import errno, json, os, signal, time
+children, error = [], None
+for _ in range(4096):
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        error = errno.errorcode[exc.errno]
+        break
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    children.append(pid)
+print(json.dumps({"forked": len(children), "error": error}), flush=True)
+for pid in children:
+    os.kill(pid, signal.SIGKILL)
+for pid in children:
+    os.waitpid(pid, 0)
+"""
+
+
+@pytest.fixture(params=RUNTIMES)
+def runtime(request):
+    require_runtime(request.param)
+    return request.param
+
+
+def test_a_fork_bomb_stops_at_pids_max(runtime, host):
+    name = host.enroll(unique_name("forks", runtime),
+                       process={"memory_mb": 256, "pids_max": 32, "cpu_millis": 1000})
+    agent = python_agent(host.root / "agent", FORK_BOMB)
+    assert host.start(name, agent, runtime).returncode == 0
+    status = host.wait_exited(name, timeout=30)
+    line = next(line for line in host.logs(name).splitlines() if line.startswith("{"))
+    outcome = json.loads(line)
+    assert outcome["error"] == "EAGAIN", outcome
+    assert 16 <= outcome["forked"] < 32, outcome  # the agent itself is one of the 32
+    assert status["exit"]["code"] == 0
+
+
+def test_a_memory_hog_is_oom_killed_at_memory_mb(runtime, host):
+    name = host.enroll(unique_name("hog", runtime),
+                       process={"memory_mb": 48, "pids_max": 32, "cpu_millis": 1000})
+    agent = python_agent(host.root / "agent", """
+        hoard = []
+        while True:
+            hoard.append(bytearray(1 << 20))
+            if len(hoard) % 4 == 0:
+                print(f"held {len(hoard)} MiB", flush=True)
+    """)
+    assert host.start(name, agent, runtime).returncode == 0
+    status = host.wait_exited(name, timeout=30)
+    assert status["exit"]["oom"] is True, status
+    assert status["exit"]["signal"] == "SIGKILL"
+    held = [int(line.split()[1]) for line in host.logs(name).splitlines()
+            if line.startswith("held ")]
+    assert held and 4 <= max(held) < 48, held
+    record = wait_for(lambda: host.exit_record(name), what="exit.json")
+    assert record["oom"] is True and record["code"] == 137
