@@ -266,7 +266,9 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
     agent.check_entrypoint(manifest)
     runtime = find_runtime(paths, config, runtime_name)
     conmon = None if foreground_run else monitor.find_conmon(config["conmon_path"])
-    keyring = current_keyring(paths, name)
+    from tappass_host.keyring.verify import Limits
+
+    keyring = current_keyring(paths, name, Limits(**config["limits"]))
     record = ids.ensure_agent_ids(paths, name, config.agent_id_range)
     rootless = is_rootless()
     if not rootless:  # rootless: the agent's host id is a mapped one; the runtime decides
