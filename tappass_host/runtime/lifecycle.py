@@ -157,12 +157,10 @@ def stop(paths: HostPaths, name: str, runtime, timeout: float = 10) -> dict:
         runtime.kill(cid, "SIGKILL")
         _wait(lambda: not _alive(state["pid"]), 10)
     _wait(lambda: not _alive(state.get("conmon_pid"), "conmon"), 10)
-    exit_record = read_json(sandbox.exit_record)
-    if not _wait(lambda: (read_json(sandbox.exit_record) or {}).get("finished_at", "")
-                 >= state["started_at"], 10):
-        exit_record = record_exit_from_monitor(paths, name)
-    else:
-        exit_record = read_json(sandbox.exit_record)
+    hook_ran = _wait(lambda: (read_json(sandbox.exit_record) or {}).get("finished_at", "")
+                     >= state["started_at"], 10)
+    exit_record = (read_json(sandbox.exit_record) if hook_ran
+                   else record_exit_from_monitor(paths, name))
     runtime.delete(cid)
     from tappass_host.audit import AuditLog
 
