@@ -502,3 +502,60 @@ def test_renewal_delay_is_half_the_lifetime_with_ten_percent_jitter(devplane, ho
     assert max(delays) - min(delays) > 0.05 * lifetime  # jitter is real
     late = start + timedelta(seconds=lifetime)
     assert certs.renewal_delay(cert, now=late) == 0.0
+
+
+# -- crash during the commit -------------------------------------------------------------
+
+_STALLED_COMMIT = """
+import sys, time
+from tappass_host import sandbox as sandboxes
+from tappass_host.identity import enrollment
+from tappass_host.paths import HostPaths
+
+
+class Cert:
+    def public_bytes(self, encoding):
+        return b"cert"
+
+
+def stall(directory, record):
+    print("staged", flush=True)
+    time.sleep(600)
+
+
+sandboxes.save = stall  # the commit stops with its files staged, not yet published
+record = sandboxes.SandboxRecord(
+    name=sys.argv[2], sandbox_id="sbx_x", org_id="org", spiffe_id="spiffe://x/y",
+    sync_url="https://127.0.0.1:1", signing_keys=[], threshold=1,
+    created_at="2026-01-01T00:00:00Z")
+enrollment._commit(HostPaths.resolve(sys.argv[1]), record, Cert(), b"ca")
+"""
+
+
+def _stalled_commit(host, name):
+    proc = subprocess.Popen([PYTHON, "-c", _STALLED_COMMIT, str(host.root), name],
+                            stdout=subprocess.PIPE, text=True, env=ENV)
+    assert proc.stdout.readline().strip() == "staged"
+    return proc
+
+
+def test_staging_left_by_a_killed_enrollment_is_removed_by_the_next(devplane, host_state):
+    host_state.root.mkdir(parents=True)
+    killed = _stalled_commit(host_state, "killed")
+    live = _stalled_commit(host_state, "live")
+    try:
+        killed.kill()
+        killed.wait()
+        staged = sorted(p.name for p in host_state.paths.sandboxes.glob(".enroll-*"))
+        assert len(staged) == 2
+
+        enroll(host_state, devplane, "demo")
+
+        left = [p.name for p in host_state.paths.sandboxes.glob(".enroll-*")]
+        assert len(left) == 1 and left[0].startswith(".enroll-live."), left
+        assert sandbox_entries(host_state) == [*left, "demo"]
+    finally:
+        live.kill()
+        live.wait()
+        killed.stdout.close()
+        live.stdout.close()

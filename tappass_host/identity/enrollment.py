@@ -315,7 +315,12 @@ def _commit(paths: HostPaths, record: sandboxes.SandboxRecord, cert: x509.Certif
     final = paths.sandbox(record.name)
     try:
         paths.sandboxes.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".enroll-{record.name}.", dir=paths.sandboxes))
+        with _locked(paths.sandboxes / ".enroll.lock"):
+            _remove_orphaned_staging(paths.sandboxes)
+            staging = Path(tempfile.mkdtemp(prefix=f".enroll-{record.name}.",
+                                            dir=paths.sandboxes))
+            staging_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fcntl.flock(staging_fd, fcntl.LOCK_EX)
     except OSError as exc:
         raise IdentityError("io", f"cannot create {paths.sandboxes}: {exc.strerror}") from None
     try:
@@ -339,3 +344,22 @@ def _commit(paths: HostPaths, record: sandboxes.SandboxRecord, cert: x509.Certif
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        os.close(staging_fd)
+
+
+def _remove_orphaned_staging(sandboxes_dir: Path) -> None:
+    """An enrollment holds a lock on its staging directory while it lives; one
+    that can be locked here was left by an enrollment killed mid-way."""
+    for leftover in sandboxes_dir.glob(".enroll-*"):
+        try:
+            fd = os.open(leftover, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live enrollment's
+        finally:
+            os.close(fd)
+        shutil.rmtree(leftover, ignore_errors=True)
