@@ -41,9 +41,16 @@ DEFAULTS: dict[str, Any] = {
         "backoff_initial_s": 0.5,
         "backoff_max_s": 30.0,
     },
+    "supervision": {  # the daemon's restarts per the agent's restart policy
+        "backoff_initial_s": 1.0,
+        "backoff_max_s": 60.0,
+        "stable_after_s": 60.0,  # a run this long starts the backoff over
+    },
     "network": {
         "address_pool": "169.254.64.0/18",
         "proxy_port": 3128,
+        "hosts_file": "",  # "": the system resolver; a path: a hosts-format file, consulted first
+        "header_timeout_s": 10.0,  # the egress proxy drops a request head slower than this
     },
 }
 

@@ -1,5 +1,21 @@
-"""Agent ids: each sandbox's agent gets its own host UID/GID, allocated once
-from config `agent_id_range` and recorded in sandbox.json (DESIGN §8).
+"""Agent ids: who the agent is, inside the sandbox and as this host sees it
+(DESIGN §8).
+
+Root mode: each sandbox's agent gets its own host UID/GID, allocated once
+from config `agent_id_range` and recorded in sandbox.json; no user namespace.
+
+Rootless mode: the sandbox gets a user namespace laid out as rootless podman
+lays out its own: container id 0 is the user, container ids 1..N are the
+user's subordinate ids in order (/etc/subuid, /etc/subgid). The agent runs
+as a container id of its own among 1..N, allocated once per sandbox and
+recorded like a root-mode id, so it is a distinct subordinate id on the host.
+When tappass-host already runs inside such a namespace (uid 0 there, as under
+`unshare --map-root-user --map-auto` or `podman unshare`), its layout is read
+from /proc/self/uid_map and the container's ids are exactly the ids here.
+A plain user with subordinate ids is told to enter that namespace first: only
+its root can give the keyring and workspace to the agent's subordinate ids.
+Without subordinate ids, the single-id fallback: the agent runs as container
+id FALLBACK_AGENT_ID, mapped to the user's own id (the identity layer warns).
 
 Allocation runs under a host-wide lock and reads every record, so two
 sandboxes never share an id even when started concurrently.
@@ -7,36 +23,186 @@ sandboxes never share an id even when started concurrently.
 
 import fcntl
 import os
+from dataclasses import dataclass
 
 from tappass_host import sandbox as sandbox_record
 from tappass_host.errors import TappassError
-from tappass_host.paths import HostPaths
+from tappass_host.paths import HostPaths, is_rootless
+
+FALLBACK_AGENT_ID = 1000
+ROOTLESS_FIRST_AGENT_ID = 1000  # below it, container ids look like the host's system users
 
 
 class NoFreeIds(TappassError):
     pass
 
 
-def ensure_agent_ids(paths: HostPaths, name: str, id_range: tuple[int, int]):
-    """Return the record of `name`, with agent_uid/agent_gid allocated if absent."""
+class RootlessUnsupported(TappassError):
+    pass
+
+
+@dataclass(frozen=True)
+class IdSpace:
+    """The ids this process can give a sandbox, in this process's numbering:
+    its own, and its subordinate ranges as (start, count)."""
+
+    own: int
+    subordinate: tuple[tuple[int, int], ...]
+
+    @property
+    def size(self) -> int:
+        return sum(count for _, count in self.subordinate)
+
+    def mappings(self) -> tuple[dict, ...]:
+        """Container 0 -> our own id; container 1..N -> the subordinate ids."""
+        out, container = [{"containerID": 0, "hostID": self.own, "size": 1}], 1
+        for start, count in self.subordinate:
+            out.append({"containerID": container, "hostID": start, "size": count})
+            container += count
+        return tuple(out)
+
+
+def _proc_map(kind: str, own: int) -> IdSpace:
+    """Inside a user namespace where we are uid 0: every mapped id but ours."""
+    with open(f"/proc/self/{kind}_map") as f:
+        return parse_id_map(f.read(), own)
+
+
+def parse_id_map(text: str, own: int) -> IdSpace:
+    """/proc/self/uid_map or gid_map -> the ids mapped here, ours apart."""
+    ranges = []
+    for line in text.splitlines():
+        inside, _, count = (int(x) for x in line.split())
+        if inside <= own < inside + count:
+            ranges += [(inside, own - inside), (own + 1, inside + count - own - 1)]
+        else:
+            ranges.append((inside, count))
+    return IdSpace(own, tuple(sorted(r for r in ranges if r[1] > 0)))
+
+
+def _subid_file(kind: str, own: int) -> IdSpace:
+    """A plain user: our own id and our lines of /etc/sub{u,g}id."""
+    import pwd
+
+    try:
+        names = {str(os.geteuid()), pwd.getpwuid(os.geteuid()).pw_name}
+    except KeyError:
+        names = {str(os.geteuid())}
+    ranges = []
+    try:
+        with open(f"/etc/sub{kind}") as f:
+            for line in f:
+                fields = line.strip().split(":")
+                if len(fields) == 3 and fields[0] in names:
+                    ranges.append((int(fields[1]), int(fields[2])))
+    except (FileNotFoundError, ValueError):
+        pass
+    return IdSpace(own, tuple(ranges))
+
+
+def id_spaces() -> tuple[IdSpace, IdSpace]:
+    """(uids, gids) this rootless process can map into a sandbox."""
+    if os.geteuid() == 0:
+        return _proc_map("uid", 0), _proc_map("gid", os.getegid())
+    uids, gids = _subid_file("uid", os.geteuid()), _subid_file("gid", os.getegid())
+    if min(uids.size, gids.size) > 0:
+        # The keyring and workspace must belong to the agent's subordinate ids,
+        # which only root of the user's namespace can chown to.
+        raise RootlessUnsupported(
+            "with subordinate ids, rootless tappass-host runs inside your user namespace, as "
+            "`podman unshare` does: run it under `unshare --map-root-user --map-auto`")
+    return uids, gids
+
+
+@dataclass(frozen=True)
+class AgentIds:
+    uid: int                # process.user inside the sandbox
+    gid: int
+    owner_uid: int          # the same ids as this process numbers them (for chown)
+    owner_gid: int
+    uid_mappings: tuple[dict, ...] = ()   # rootless only
+    gid_mappings: tuple[dict, ...] = ()
+
+
+def _to_host(container_id: int, mappings: tuple[dict, ...]) -> int | None:
+    for m in mappings:
+        if m["containerID"] <= container_id < m["containerID"] + m["size"]:
+            return m["hostID"] + container_id - m["containerID"]
+    return None
+
+
+def agent_ids(paths: HostPaths, name: str, id_range: tuple[int, int]) -> AgentIds:
+    """The agent ids of sandbox `name`, allocating (and recording) them if needed."""
+    if not is_rootless():
+        record = _allocate(paths, name, id_range, rootless=False)
+        return AgentIds(record.agent_uid, record.agent_gid, record.agent_uid, record.agent_gid)
+    uids, gids = id_spaces()
+    size = min(uids.size, gids.size)
+    if size == 0:
+        return _single_id(uids, gids)
+    low = ROOTLESS_FIRST_AGENT_ID if size >= ROOTLESS_FIRST_AGENT_ID else 1
+    record = _allocate(paths, name, (low, size), rootless=True)
+    uid_maps, gid_maps = uids.mappings(), gids.mappings()
+    return AgentIds(record.agent_uid, record.agent_gid,
+                    _to_host(record.agent_uid, uid_maps), _to_host(record.agent_gid, gid_maps),
+                    uid_maps, gid_maps)
+
+
+def _single_id(uids: IdSpace, gids: IdSpace) -> AgentIds:
+    """No subordinate ids: the agent is the user, seen as a non-zero id inside
+    (the identity layer warns about it)."""
+    return AgentIds(
+        FALLBACK_AGENT_ID, FALLBACK_AGENT_ID, uids.own, gids.own,
+        ({"containerID": FALLBACK_AGENT_ID, "hostID": uids.own, "size": 1},),
+        ({"containerID": FALLBACK_AGENT_ID, "hostID": gids.own, "size": 1},))
+
+
+def keyring_group(record) -> int | None:
+    """The group the sandbox's keyring files belong to: the agent's, as this
+    process numbers it (None: leave the group as is)."""
+    if record.agent_gid is None or not is_rootless():
+        return record.agent_gid
+    uids, gids = id_spaces()
+    if min(uids.size, gids.size) == 0:
+        return gids.own  # the single-id fallback: the agent is us
+    return _to_host(record.agent_gid, gids.mappings())
+
+
+def _allocate(paths: HostPaths, name: str, id_range: tuple[int, int], rootless: bool):
+    """Return the record of `name`, with agent_uid/agent_gid allocated if absent
+    (or, rootless, if the recorded ids lie outside the ids we can map)."""
+    low, high = id_range
     paths.state.mkdir(parents=True, exist_ok=True)
     fd = os.open(paths.state / "agent-ids.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         record = sandbox_record.load(paths, name)
-        if record.agent_uid is not None and record.agent_gid is not None:
+        if record.agent_uid is not None and record.agent_gid is not None and (
+                not rootless or 1 <= min(record.agent_uid, record.agent_gid)
+                and max(record.agent_uid, record.agent_gid) <= high):
             return record
         used = set()
         for other in paths.sandbox_names():
             if other != name:
                 rec = sandbox_record.load(paths, other)
                 used.update(x for x in (rec.agent_uid, rec.agent_gid) if x is not None)
-        low, high = id_range
         free = next((i for i in range(low, high + 1) if i not in used), None)
         if free is None:
-            raise NoFreeIds(f"no free agent id left in agent_id_range {low}-{high}")
+            kind = "subordinate ids" if rootless else "agent_id_range"
+            raise NoFreeIds(f"no free agent id left in {kind} {low}-{high}")
         record.agent_uid = record.agent_gid = free
         sandbox_record.save(paths.sandbox(name), record)
         return record
     finally:
         os.close(fd)
+
+
+def check_runtime(agent: AgentIds, runtime: str) -> None:
+    """runc refuses a user namespace whose root is unmapped, which the
+    single-id fallback must leave so (its one id is the agent's)."""
+    if runtime == "runc" and agent.uid_mappings and not any(
+            m["containerID"] == 0 for m in agent.uid_mappings):
+        raise RootlessUnsupported("runc cannot run a rootless sandbox without a subordinate id range (it "
+                        "needs the container's root mapped, and this user's one id must be the "
+                        "agent's): use --runtime crun, or add a range to /etc/subuid and "
+                        "/etc/subgid")

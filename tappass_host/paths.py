@@ -1,8 +1,10 @@
 """Where tappass-host keeps its files (DESIGN §4).
 
-Root mode uses /etc, /var/lib and /run; rootless mode uses the XDG
-directories of the invoking user. `--state-dir` / TAPPASS_HOST_STATE_DIR
-override the state root. Nothing here touches the disk.
+Root mode uses /etc, /var/lib and /run; rootless mode (anyone but root of
+the initial user namespace: root inside `unshare --map-root-user` or `podman
+unshare` is the user) uses the XDG directories of the invoking user.
+`--state-dir` / TAPPASS_HOST_STATE_DIR override the state root. Nothing here
+touches the disk.
 """
 
 import os
@@ -42,13 +44,13 @@ def _xdg(var: str, fallback: str) -> Path:
 
 
 def default_config_file() -> Path:
-    if os.geteuid() == 0:
+    if not is_rootless():
         return Path("/etc/tappass-host/config.toml")
     return _xdg("XDG_CONFIG_HOME", ".config") / "tappass-host" / "config.toml"
 
 
 def _default_state_dir() -> Path:
-    if os.geteuid() == 0:
+    if not is_rootless():
         return Path("/var/lib/tappass-host")
     return _xdg("XDG_STATE_HOME", ".local/state") / "tappass-host"
 
@@ -58,7 +60,7 @@ def _default_runtime_dir(state: Path, state_overridden: bool) -> Path:
         # Tests and CI give a private state dir; keep runtime state beside it
         # so that parallel runs never share a runtime root.
         return state / "run"
-    if os.geteuid() == 0:
+    if not is_rootless():
         return Path("/run/tappass-host")
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     return Path(xdg) / "tappass-host" if xdg else state / "run"

@@ -9,7 +9,6 @@ import hashlib
 import os
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -18,6 +17,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from tappass_host.errors import TappassError
 
 PREFIX = "ed25519:"
+# RFC 8410: the DER of an unencrypted PKCS#8 Ed25519 private key is this
+# fixed prefix and the 32-byte seed. Reading it directly spares every CLI run
+# that loads a key (each audited command) importing cryptography's
+# serialization package, which pulls in RSA, SSH and the ciphers.
+PKCS8_ED25519_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
 
 
 class BadKey(TappassError):
@@ -37,7 +41,7 @@ def public_key_from_text(text: str) -> Ed25519PublicKey:
 
 
 def raw_public(key: Ed25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return key.public_bytes_raw()
 
 
 def public_key_to_text(key: Ed25519PublicKey) -> str:
@@ -58,6 +62,8 @@ def load_or_create_private_key(path: Path) -> Ed25519PrivateKey:
     try:
         pem = path.read_bytes()
     except FileNotFoundError:
+        from cryptography.hazmat.primitives import serialization
+
         key = generate()
         pem = key.private_bytes(
             serialization.Encoding.PEM,
@@ -72,7 +78,26 @@ def load_or_create_private_key(path: Path) -> Ed25519PrivateKey:
             return key
         except FileExistsError:  # another process won the race: use its key
             pem = path.read_bytes()
-    key = serialization.load_pem_private_key(pem, password=None)
+    key = _pkcs8_ed25519(pem)
+    if key is None:
+        from cryptography.hazmat.primitives import serialization
+
+        key = serialization.load_pem_private_key(pem, password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise BadKey(f"{path} is not an Ed25519 private key")
     return key
+
+
+def _pkcs8_ed25519(pem: bytes) -> Ed25519PrivateKey | None:
+    """The key of an unencrypted PKCS#8 Ed25519 PEM; None for any other PEM."""
+    lines = pem.strip().splitlines()
+    if len(lines) < 3 or lines[0] != b"-----BEGIN PRIVATE KEY-----" \
+            or lines[-1] != b"-----END PRIVATE KEY-----":
+        return None
+    try:
+        der = base64.b64decode(b"".join(lines[1:-1]), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if len(der) != len(PKCS8_ED25519_PREFIX) + 32 or not der.startswith(PKCS8_ED25519_PREFIX):
+        return None
+    return Ed25519PrivateKey.from_private_bytes(der[len(PKCS8_ED25519_PREFIX):])

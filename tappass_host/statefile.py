@@ -9,7 +9,6 @@ file or the complete new one, never a prefix. Sequence:
 """
 
 import os
-import secrets
 from pathlib import Path
 
 
@@ -42,7 +41,7 @@ def write_file_durably(path: Path, data: bytes, mode: int = 0o644, sync: bool = 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.urandom(4).hex()}")
     try:
         write_file_durably(tmp, data, mode)
         os.rename(tmp, path)

@@ -204,9 +204,10 @@ def test_inspect_shows_the_config_and_which_layer_set_what(runtime, host):
     assert inspected["name"] == name and inspected["keyring_version"] == 1
     assert config["process"]["user"] == {"uid": record["agent_uid"], "gid": record["agent_gid"]}
     assert 200000 <= record["agent_uid"] <= 299999
-    assert config["process"]["args"] == ["/bin/true"]
+    args = config["process"]["args"]  # the entrypoint, through the Landlock launcher
+    assert args[args.index("--") + 1:] == ["/bin/true"]
     assert provenance["process.user.uid"] == "identity"
-    assert provenance["process.args"] == "identity"
+    assert provenance["process.args"] == "kernel"
     assert provenance["linux.seccomp"] == "kernel"
     assert provenance["linux.resources.pids"] == "resources"
     assert provenance["linux.resources.memory"] == "resources"

@@ -12,6 +12,7 @@ sandbox fails the test; nothing here is skipped.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 from datetime import datetime, timedelta, timezone
@@ -145,6 +146,38 @@ def test_an_oom_killed_agent_is_reported(runtime, host, tmp_path):
     assert "OOM-killed" in host.run("status", name).stdout
     # conmon's own `oom` marker stays in the sandbox's runtime dir
     assert os.listdir(elsewhere) == []
+
+
+def test_an_oom_killed_foreground_agent_is_reported(runtime, host):
+    name = host.enroll(unique_name("fgoom", runtime),
+                       process={"memory_mb": 32, "pids_max": 32, "cpu_millis": 1000})
+    agent = python_agent(host.root / "agent", """
+        print("hogging", flush=True)
+        hoard = []
+        while True:
+            hoard.append(bytearray(4 << 20))
+    """)
+    result = host.start(name, agent, runtime, "--foreground", "--rm")
+    assert result.returncode == 137, result.stderr
+    assert "hogging" in result.stdout
+    record = host.exit_record(name)
+    assert (record["code"], record["signal"], record["oom"]) == (137, "SIGKILL", True)
+    assert "OOM-killed" in host.run("status", name).stdout
+    assert host.containers(runtime) == [] and not host.paths.sandbox(name).runtime.exists()
+    # killed by SIGKILL, not by the OOM killer: not an OOM
+    name = host.enroll(unique_name("fgkill", runtime))
+    host.started.append(name)
+    proc = host.popen("start", name, "--agent", str(HELLO_AGENT), "--runtime", runtime,
+                      "--foreground", "--rm")
+    try:
+        assert "policy_version=1" in proc.stdout.readline()
+        subprocess.run([shutil.which(runtime), "--root", str(host.runtime_root(runtime)), "kill",
+                        f"tappass-{name}", "KILL"], check=True, timeout=10)
+        assert proc.wait(timeout=10) == 137
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (host.exit_record(name)["signal"], host.exit_record(name)["oom"]) == ("SIGKILL", False)
 
 
 def test_stop_escalates_to_sigkill(runtime, host):

@@ -72,6 +72,11 @@ def test_rootless_config_needs_and_passes_with_a_user_namespace(tmp_path):
         check(config, tmp_path, rootless=True)
     assert refused.value.field == "linux.namespaces"
     config["linux"]["namespaces"].append({"type": "user"})
+    uid, gid = config["process"]["user"]["uid"], config["process"]["user"]["gid"]
+    config["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 0, "size": 1},
+                                      {"containerID": 1, "hostID": 1, "size": uid + 10}]
+    config["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 0, "size": 1},
+                                      {"containerID": 1, "hostID": 1, "size": gid + 10}]
     check(config, tmp_path, rootless=True)
 
 

@@ -43,10 +43,13 @@ class FakeTransport:
         yield from self.batches.pop(0)
         raise Unreachable("stream closed")
 
-    def ack(self, sandbox, policy_version, status, reason):
+    def ack(self, sandbox, policy_version, status, reason, applied_at=None):
         self.acks.append((policy_version, status, reason))
 
     def abort(self):
+        pass
+
+    def close(self):
         pass
 
 
@@ -73,3 +76,110 @@ def test_worker_applies_acks_and_does_not_reprocess_a_resent_rejection(paths, si
     assert transport.since[-1] == 3
     assert "demo: applied policy_version 1" in lines
     assert "demo: rejected policy_version 2: bad_signature" in lines
+
+
+# --- the capped SSE reader -----------------------------------------------------------
+
+from tappass_host.sync.sse import HEARTBEAT, EventReader, Message, Oversized  # noqa: E402
+
+
+def _read(chunks, limit=100):
+    return list(EventReader(limit).feed(chunks))
+
+
+def test_sse_reader_frames_events_across_any_chunking():
+    stream = b": keepalive\r\n\r\nevent: keyring\r\nid: 7\r\ndata: {\"a\":\ndata: 1}\r\n\r\n" \
+             b"event: keyring\rid: 8\rdata: x\r\r\n"
+    whole = _read([stream])
+    assert whole == [HEARTBEAT, Message("keyring", "7", b'{"a":\n1}'),
+                     Message("keyring", "8", b"x")]
+    assert _read([bytes([b]) for b in stream]) == whole
+
+
+def test_sse_reader_drops_an_oversized_event_without_buffering_it():
+    reader = EventReader(100)
+    huge = [b"event: keyring\nid: 9\ndata: "] + [b"A" * 50] * 1000 + [b"\n\n"]
+    out = []
+    for chunk in huge:
+        out += reader.feed([chunk])
+        assert len(reader._buffer) <= 101 and sum(map(len, reader._data)) <= 100
+    assert out == [Oversized("9", out[0].size)] and out[0].size > 50_000
+    # the stream goes on: the next event is read normally
+    assert list(reader.feed([b"event: keyring\nid: 10\ndata: ok\n\n"])) == \
+        [Message("keyring", "10", b"ok")]
+
+
+def test_sse_reader_counts_many_small_lines_against_the_limit():
+    lines = b"event: keyring\nid: 3\n" + b"data: 0123456789\n" * 20 + b"\n"
+    (out,) = _read([lines])
+    assert isinstance(out, Oversized) and out.id == "3"
+
+
+# --- acks that fail are kept (the latest) and retried ------------------------------------
+
+
+class FlakyAcks(FakeTransport):
+    def __init__(self, batches, failing):
+        super().__init__(batches)
+        self.failing = failing
+
+    def ack(self, sandbox, policy_version, status, reason, applied_at=None):
+        if self.failing.is_set():
+            raise Unreachable("control plane down")
+        self.acks.append((policy_version, status, reason, applied_at))
+
+
+def test_a_failed_ack_is_retried_after_reconnecting_latest_only(paths, signer):
+    keyrings.enroll(paths, "demo", [signer])
+    failing = threading.Event()
+    failing.set()
+    batches = [[Event(1, keyrings.sign(keyrings.policy(1), signer)),
+                Event(2, keyrings.sign(keyrings.policy(2), signer))], []]
+    transport = FlakyAcks(batches, failing)
+    original = transport.events
+
+    def events(sandbox, last_event_id, on_open=None):
+        if len(transport.since) == 1:
+            failing.clear()  # the control plane is back for the second session
+        return original(sandbox, last_event_id, on_open)
+
+    transport.events = events
+    lines = []
+    worker = SandboxWorker(paths, "demo", SyncSettings(backoff_initial=0.01, backoff_max=0.02),
+                           transport, lines.append)
+    worker.start()
+    assert transport.done.wait(10)
+    worker.stop()
+    worker.join(5)
+    assert [a[:3] for a in transport.acks] == [(2, "applied", None)]
+    assert transport.acks[0][3]  # the time it was applied, not the time of the retry
+    assert any("ack of policy_version 2 failed" in line for line in lines)
+
+
+# --- supervision's parts ------------------------------------------------------------------
+
+from tappass_host.paths import HostPaths  # noqa: E402
+from tappass_host.runtime.supervision import Doorbell, ring, wants_restart  # noqa: E402
+
+
+def test_restart_policies():
+    crash, clean, oom = {"code": 3}, {"code": 0}, {"code": 0, "oom": True}
+    assert [wants_restart("no", e) for e in (crash, clean, oom)] == [False, False, False]
+    assert [wants_restart("on-failure", e) for e in (crash, clean, oom)] == [True, False, True]
+    assert [wants_restart("always", e) for e in (crash, clean, oom)] == [True, True, True]
+
+
+def test_the_doorbell_wakes_the_daemon_even_under_a_deep_state_dir(tmp_path):
+    paths = HostPaths.resolve(tmp_path / ("deep" * 30) / "state")  # over AF_UNIX's 108 bytes
+    assert len(str(paths.runtime / "daemon.sock")) > 108
+    bell = Doorbell(paths)
+    try:
+        ring(paths, "a")
+        ring(paths, "b")
+        assert bell.wait(5) == {"a", "b"}
+        assert bell.wait(0.01) == set()
+        assert oct((paths.runtime / "daemon.sock").stat().st_mode & 0o777) == "0o600"
+    finally:
+        bell.close()
+    ring(paths, "a")  # nobody listens: nothing happens, nothing raised
+    assert not (paths.runtime / "daemon.sock").exists()

@@ -27,6 +27,7 @@ _COMMANDS = {
     "inspect": ("tappass_host.cli.sandbox", "inspect", "Show a sandbox's OCI config and layers."),
     "logs": ("tappass_host.cli.sandbox", "logs", "Print a sandbox agent's output."),
     "shell": ("tappass_host.cli.sandbox", "shell", "Run a command inside a sandbox, as the agent."),
+    "systemd": ("tappass_host.cli.units", "systemd", "Print or install the shipped systemd units."),
     "_exited": ("tappass_host.cli.sandbox", "exited", ""),
 }
 

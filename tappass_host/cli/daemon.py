@@ -30,11 +30,22 @@ def daemon(host):
 
     Every update goes through the same acceptance rules as `sync apply`; each
     is logged on stderr as applied or rejected (with the reason), and
-    acknowledged to the control plane. Runs until SIGTERM or SIGINT.
+    acknowledged to the control plane. The daemon also supervises the
+    sandboxes: it restarts an agent that exits per its manifest's `restart`
+    policy (never one stopped with `tappass-host stop`), follows config
+    `on_expiry` when a keyring expires, and restarts on a policy change when
+    `restart_on_policy_change = true`. Runs until SIGTERM or SIGINT; under
+    systemd it reports READY=1 once every stream is open and pings the
+    watchdog.
     """
+    from tappass_host.runtime.supervision import SupervisionSettings, Supervisor
     from tappass_host.sync.daemon import Daemon, SyncSettings
 
-    runner = Daemon(host.paths, SyncSettings.from_config(host.config), _stderr_logger())
+    log = _stderr_logger()
+    supervisor = Supervisor(host.paths, host.config, SupervisionSettings.from_config(host.config),
+                            log)
+    runner = Daemon(host.paths, SyncSettings.from_config(host.config), log,
+                    supervisor=supervisor)
 
     def stop(signum, frame):
         runner.stop()

@@ -13,9 +13,10 @@ from tappass_host.cli import pass_host
 
 @click.command()
 @click.argument("name")
-@click.option("--agent", "agent_spec", required=True, metavar="PKG",
+@click.option("--agent", "agent_spec", metavar="PKG",
               help="Agent package: a directory with tappass-agent.toml, or an installed "
-                   "distribution with a 'tappass.agents' entry point.")
+                   "distribution with a 'tappass.agents' entry point. Default: the agent "
+                   "(and runtime) of NAME's last start.")
 @click.option("--foreground", is_flag=True, help="Run attached; exit with the agent's code.")
 @click.option("--rm", "remove", is_flag=True, help="With --foreground: remove runtime state after.")
 @click.option("--runtime", default=None, metavar="crun|runc",
@@ -32,6 +33,14 @@ def start(host, name, agent_spec, foreground, remove, runtime):
     if remove and not foreground:
         raise lifecycle.LifecycleError("--rm needs --foreground (a detached sandbox keeps its "
                                        "state until the next start or stop)")
+    if agent_spec is None:  # e.g. tappass-host@.service: the last start's agent and runtime
+        from tappass_host import sandbox as sandbox_record
+
+        record = sandbox_record.load(host.paths, name)
+        if not record.agent:
+            raise lifecycle.LifecycleError(f"sandbox {name!r} has never been started: "
+                                           "give its agent with --agent PKG")
+        agent_spec, runtime = record.agent, runtime or record.runtime
     started = lifecycle.start(host.paths, name, agent_spec, host.config, runtime,
                               foreground_run=foreground, remove=remove)
     for warning in started.warnings:
@@ -56,7 +65,7 @@ def stop(host, name, timeout):
 
     sandbox = lifecycle.ensure_known(host.paths, name)
     if not lifecycle.is_running(sandbox):
-        raise lifecycle.LifecycleError(f"sandbox {name!r} is not running")
+        raise lifecycle.not_running(host.paths, name)
     state = lifecycle.read_json(lifecycle.state_file(sandbox)) or {}
     runtime = OCIRuntime.find(state.get("runtime") or host.config["runtime"], host.paths.runtime,
                               state.get("runtime_binary", ""))

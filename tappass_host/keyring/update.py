@@ -41,7 +41,9 @@ def _harness_files(keyring: VerifiedKeyring) -> dict[str, bytes]:
 
 def store_for(paths: HostPaths, record) -> KeyringStore:
     sandbox = paths.sandbox(record.name)
-    return KeyringStore(sandbox.keyring, sandbox.keyring_lock, group=record.agent_gid)
+    from tappass_host.ids import keyring_group
+
+    return KeyringStore(sandbox.keyring, sandbox.keyring_lock, group=keyring_group(record))
 
 
 def apply_update(paths: HostPaths, name: str, data: bytes, *, limits: Limits = Limits(),

@@ -40,6 +40,9 @@ class Host:
     gid_mappings: tuple[dict, ...] = ()
     machine: str = "x86_64"
     landlock_abi: int = 0
+    cgroups: bool = True    # the runtime can apply linux.resources (rootless: often not)
+    runtime: str = "crun"   # the OCI runtime that will run the config
+    egress_proxy: str = ""  # network mode proxy: the URL of this sandbox's proxy (set by start)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class LayerResult:
     hot_reload: frozenset[str] = frozenset()   # keyring aspects applied live
     restart: frozenset[str] = frozenset()      # aspects whose change needs a restart
     warnings: tuple[str, ...] = ()
+    unavailable: tuple[str, ...] = ()         # kernel features missing (best-effort)
 
 
 Applier = Callable[[LayerInputs], LayerResult]

@@ -1,12 +1,85 @@
 """Kernel confinement: the deny-by-default seccomp profile for this machine,
-no new privileges, no capabilities. (Namespaces and masked paths come from
-the template; the invariants hold whatever any layer says.)"""
+no new privileges, no capabilities, and — where the kernel has it — a
+Landlock ruleset applied inside the sandbox before the agent is exec'd.
+(Namespaces and masked paths come from the template; the invariants hold
+whatever any layer says.)
 
-from tappass_host import shipped
-from tappass_host.layers import LayerInputs, LayerResult
+Landlock has no OCI field, so this layer makes the agent's argv run through
+a small launcher (tappass_host/sandbox_launcher/landlock_exec.py, mounted
+read-only at /run/tappass/launcher) that restricts itself, then execs the
+entrypoint. What the agent may reach, beyond its open file descriptors:
+
+- read and execute: the rootfs's /usr, /bin, /sbin, /lib*; /opt/agent
+- read: /etc, /proc (its own pid namespace; the sensitive parts are masked
+  by the invariants; runtimes read /proc/self), the keyring, and each
+  `filesystem.read_only` path
+- everything (read, write, create, execute where the mount allows it): the
+  workspace, /tmp and /dev/shm (POSIX shared memory and semaphores: Python's
+  multiprocessing needs it; its mount is noexec). Execute is not withheld
+  there: an agent that runs code can run an interpreter on any file anyway.
+- the devices every runtime opens: /dev/null, /dev/zero, /dev/full,
+  /dev/tty, /dev/ptmx and /dev/pts (read, write), /dev/random, /dev/urandom
+  (read)
+
+Everything else visible in the sandbox (/sys, /dev/mqueue, the rest of /dev,
+/run/tappass/launcher itself) is refused with EACCES. The launcher fails
+closed: if it cannot apply the ruleset the agent does not start. Without
+Landlock (ABI 0), `kernel_layer = "required"` fails the start and
+`"best-effort"` starts unconfined by Landlock, with a warning, the audit
+event `layer.unavailable` and `degraded` in status.
+"""
+
+from tappass_host import landlock, shipped
+from tappass_host.agent import BadAgent
+from tappass_host.layers import LayerInputs, LayerResult, LayerUnavailable
+from tappass_host.layers.keyring import DESTINATION as KEYRING_DESTINATION
+
+READ_EXEC = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt/agent")
+READ = ("/etc", "/proc", KEYRING_DESTINATION)
+READ_WRITE = ("/tmp", "/dev/shm")
+DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/tty", "/dev/ptmx", "/dev/pts")
+READ_DEVICES = ("/dev/random", "/dev/urandom")
+# Read by the dynamic loader of the launcher's python3 before the ruleset applies.
+LOADER_ENV_PREFIX = "LD_"
+
+
+def rules(keyring: dict) -> list[str]:
+    fs = keyring.get("filesystem", {})
+    return ([f"rx={p}" for p in READ_EXEC]
+            + [f"r={p}" for p in (*READ, *fs.get("read_only", []))]
+            + [f"rw={p}" for p in (fs.get("workspace", "/workspace"), *READ_WRITE)]
+            + [f"dev={p}" for p in DEVICES]
+            + [f"rdev={p}" for p in READ_DEVICES])
+
+
+def launcher_mount() -> dict:
+    return {"destination": landlock.LAUNCHER_DIR, "type": "bind",
+            "source": str(landlock.launcher_source()),
+            "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}
+
+
+def _check_loader_env(manifest) -> None:
+    loader = sorted(k for k in manifest.env if k.startswith(LOADER_ENV_PREFIX))
+    if loader:
+        raise BadAgent(f"agent [env] sets {loader[0]}: the dynamic loader would act on it "
+                       "before the Landlock ruleset applies; not allowed")
 
 
 def apply(inputs: LayerInputs) -> LayerResult:
     seccomp = shipped.load_json(shipped.seccomp_profile(inputs.host.machine))
-    return LayerResult(oci={"process": {"noNewPrivileges": True},
-                            "linux": {"seccomp": seccomp}})
+    oci: dict = {"process": {"noNewPrivileges": True}, "linux": {"seccomp": seccomp}}
+    missing = landlock.missing(inputs.host.landlock_abi)
+    if missing is None:
+        _check_loader_env(inputs.manifest)
+        # A later layer replacing process.args would drop the launcher: the
+        # invariants refuse such a config (the launcher mount says it's expected).
+        oci["process"]["args"] = landlock.command(rules(inputs.keyring),
+                                                  list(inputs.manifest.entrypoint))
+        oci["mounts"] = [launcher_mount()]
+        return LayerResult(oci=oci)
+    if inputs.config["kernel_layer"] == "required":
+        raise LayerUnavailable(f"kernel layer: {missing}; the agent would run without Landlock "
+                               "(set kernel_layer = \"best-effort\" in config to allow that)")
+    return LayerResult(oci=oci, unavailable=("landlock",),
+                       warnings=(f"kernel layer degraded: {missing}; the agent runs without "
+                                 "Landlock",))

@@ -4,11 +4,10 @@ where a runtime could pick it up."""
 
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from tappass_host import layers, shipped
+from tappass_host import landlock, layers, shipped
 from tappass_host.errors import TappassError
 from tappass_host.oci import invariants, parent_field, rootfs
 from tappass_host.oci.render import Rendered, render
@@ -35,9 +34,27 @@ def layer_inputs(paths: HostPaths, name: str, record, keyring: dict, manifest, c
     )
 
 
-def host_capabilities(record, rootless: bool) -> layers.Host:
-    return layers.Host(rootless=rootless, agent_uid=record.agent_uid, agent_gid=record.agent_gid,
-                       machine=os.uname().machine)
+def host_capabilities(agent, rootless: bool, runtime: str = "crun") -> layers.Host:
+    """`agent`: the sandbox's tappass_host.ids.AgentIds."""
+    return layers.Host(rootless=rootless, agent_uid=agent.uid, agent_gid=agent.gid,
+                       uid_mappings=agent.uid_mappings, gid_mappings=agent.gid_mappings,
+                       runtime=runtime,
+                       machine=os.uname().machine, landlock_abi=landlock.host_abi(),
+                       cgroups=not rootless or _delegated_cgroup())
+
+
+def _delegated_cgroup() -> bool:
+    """Rootless: whether the runtime can make a cgroup for the sandbox, i.e.
+    cgroup v2 with our own cgroup writable by us (systemd's delegation).
+    cgroup v1 hierarchies are never delegated to a user."""
+    try:
+        if not os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+            return False
+        with open("/proc/self/cgroup") as f:
+            own = next(line[3:].strip() for line in f if line.startswith("0::"))
+    except (OSError, StopIteration):
+        return False
+    return os.access(f"/sys/fs/cgroup{own}", os.W_OK)
 
 
 def build(paths: HostPaths, inputs: layers.LayerInputs, rootless: bool) -> Bundle:
@@ -46,7 +63,8 @@ def build(paths: HostPaths, inputs: layers.LayerInputs, rootless: bool) -> Bundl
     try:
         invariants.check(rendered.config, state_dir=paths.state, keyring_dir=sandbox.keyring,
                          workspace_dir=sandbox.workspace, rootless=rootless,
-                         provenance=rendered.provenance)
+                         provenance=rendered.provenance,
+                         landlock=landlock.missing(inputs.host.landlock_abi) is None)
     except invariants.InvariantViolation as violation:
         raise _blame(violation, rendered.provenance) from None
     config_bytes = json.dumps(rendered.config, indent=2).encode()
@@ -70,7 +88,7 @@ def write_runtime_file(path: Path, data: bytes, mode: int = 0o644) -> None:
     durable state (sandbox.json, exit.json, the keyring, audit) is fsynced."""
     from tappass_host.statefile import write_file_durably
 
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.urandom(4).hex()}")
     try:
         write_file_durably(tmp, data, mode, sync=False)
         os.rename(tmp, path)

@@ -102,6 +102,7 @@ class _Sandbox:
     workspace_dir: str
     rootless: bool
     provenance: dict[str, str]
+    landlock: bool
 
     def layer_of(self, field: str) -> str:
         while field:
@@ -122,13 +123,17 @@ def check(
     workspace_dir: Path,
     rootless: bool,
     provenance: dict[str, str],
+    landlock: bool = False,
 ) -> None:
+    """`landlock`: the host can confine the agent with Landlock, so the kernel
+    layer's launcher must be in the config."""
     sandbox = _Sandbox(
         state_dir=_host_path(state_dir),
         keyring_dir=_host_path(keyring_dir),
         workspace_dir=_host_path(workspace_dir),
         rootless=rootless,
         provenance=dict(provenance),
+        landlock=landlock,
     )
     if not isinstance(config, dict):
         raise sandbox.violation("", "the config must be a JSON object")
@@ -178,6 +183,35 @@ def _check_user(config: dict, sandbox: _Sandbox) -> None:
             raise sandbox.violation(f"process.user.additionalGids[{i}]", "must not be 0")
     if not sandbox.rootless:
         _check_not_mapped_to_host_root(config, sandbox, user)
+
+
+def _check_rootless_mappings(config: dict, sandbox: _Sandbox) -> None:
+    """Rootless, the agent runs in its own user namespace: its uid and gid
+    must be mapped, and not onto the id the container's root maps to (the
+    user: that is the single-id fallback, where container root is unmapped)."""
+    if not sandbox.rootless:
+        return
+    user = _obj(_obj(config.get("process")).get("user"))
+    linux = _obj(config.get("linux"))
+    for key, name in (("uid", "uidMappings"), ("gid", "gidMappings")):
+        mappings = [_obj(m) for m in _list(linux.get(name))]
+        if not mappings:
+            raise sandbox.violation(f"linux.{name}", "must map the agent's ids (rootless)")
+        for i, m in enumerate(mappings):
+            if not all(_is_int(m.get(k)) and m.get(k) >= 0 for k in ("containerID", "hostID", "size")):
+                raise sandbox.violation(f"linux.{name}[{i}]", "must have integer containerID, hostID and size")
+        agent = _map_id(user[key], mappings)
+        if agent is None:
+            raise sandbox.violation(f"linux.{name}", f"must map the agent {key} {user[key]}")
+        if agent == _map_id(0, mappings):
+            raise sandbox.violation(f"linux.{name}", f"must not map the agent {key} onto the id of the container's root (the user)")
+
+
+def _map_id(inner: int, mappings: list[dict]) -> int | None:
+    for m in mappings:
+        if m["containerID"] <= inner < m["containerID"] + m["size"]:
+            return m["hostID"] + inner - m["containerID"]
+    return None
 
 
 def _check_not_mapped_to_host_root(config: dict, sandbox: _Sandbox, user: dict) -> None:
@@ -355,13 +389,20 @@ def _check_namespaces(config: dict, sandbox: _Sandbox) -> None:
         field = f"linux.namespaces[{i}].path"
         if ns.get("type") != "network":
             raise sandbox.violation(field, f"must be unset: the {ns.get('type')} namespace must be new")
-        if not _is_sandbox_netns(str(path)):
-            raise sandbox.violation(field, "must not join the host network namespace")
+        if not _is_sandbox_netns(str(path), _own_netns(sandbox)):
+            raise sandbox.violation(field, "must not join the host network namespace, nor "
+                                           f"any but the sandbox's own ({_own_netns(sandbox)})")
 
 
-def _is_sandbox_netns(path: str) -> bool:
+def _own_netns(sandbox: _Sandbox) -> str:
+    """`tappass-<name>`: the namespace network mode proxy creates for this
+    sandbox (its name is that of the directory holding its keyring)."""
+    return "tappass-" + posixpath.basename(posixpath.dirname(sandbox.keyring_dir))
+
+
+def _is_sandbox_netns(path: str, own: str) -> bool:
     literal = posixpath.normpath(path)
-    if not any(_within(literal, d) and literal != d for d in NETNS_DIRS):
+    if not any(literal == posixpath.join(d, own) for d in NETNS_DIRS):
         return False
     try:
         target = os.stat(path)
@@ -455,6 +496,24 @@ def _check_sysctl(config: dict, sandbox: _Sandbox) -> None:
         raise sandbox.violation("linux.sysctl", f"must be empty (sets {name})")
 
 
+def _check_landlock_launcher(config: dict, sandbox: _Sandbox) -> None:
+    """The kernel layer mounted the Landlock launcher: the agent's argv must
+    still go through it, with the kernel layer's rules (a later layer
+    replacing process.args would drop or widen them)."""
+    from tappass_host.landlock import LAUNCH, LAUNCHER_DIR
+
+    if not any(m.destination == LAUNCHER_DIR for m in _mounts(config, sandbox)):
+        if sandbox.landlock:
+            raise sandbox.violation("mounts", "must mount the Landlock launcher (this host "
+                                    "has Landlock; the kernel layer applies it)")
+        return
+    args = _list(_obj(config.get("process")).get("args"))
+    if (args[:len(LAUNCH)] != LAUNCH or "--" not in args[len(LAUNCH):-1]
+            or sandbox.layer_of("process.args") != "kernel"):
+        raise sandbox.violation("process.args", "must run the agent through the Landlock launcher "
+                                "as the kernel layer set it")
+
+
 _RULES: tuple[Callable[[dict, _Sandbox], None], ...] = (
     _check_user,
     _check_no_new_privileges,
@@ -465,8 +524,10 @@ _RULES: tuple[Callable[[dict, _Sandbox], None], ...] = (
     _check_mount_kinds,
     _check_devices,
     _check_namespaces,
+    _check_rootless_mappings,
     _check_seccomp,
     _check_masked_paths,
     _check_hooks,
     _check_sysctl,
+    _check_landlock_launcher,
 )

@@ -5,7 +5,7 @@ other list is appended to (mounts, env, namespaces, masked paths…); any
 other value is replaced. Each field a layer sets is recorded in the
 provenance map (field path -> layer), which `inspect` shows and the
 invariants use to name the layer that broke one. Environment entries are
-deduplicated by name, the last layer winning.
+deduplicated by name and namespaces by type, the last layer winning.
 """
 
 import copy
@@ -26,6 +26,7 @@ class Rendered:
     warnings: tuple[str, ...]
     hot_reload: frozenset[str]
     restart: frozenset[str]
+    unavailable: tuple[tuple[str, str], ...] = ()   # (layer, feature) missing on this host
 
 
 def _merge(base: dict, fragment: dict, layer: str, path: tuple, provenance: dict) -> None:
@@ -59,6 +60,23 @@ def _dedupe_env(config: dict, provenance: dict[str, str]) -> None:
             provenance[field_path(("process", "env", i))] = layer
 
 
+def _dedupe_namespaces(config: dict, provenance: dict[str, str]) -> None:
+    """One namespace entry per type, the last layer's winning: a layer that joins
+    a namespace by path (network mode proxy) replaces the template's new one."""
+    namespaces = config.get("linux", {}).get("namespaces")
+    if not isinstance(namespaces, list):
+        return
+    last: dict[object, tuple[object, str | None]] = {}
+    for i, entry in enumerate(namespaces):
+        kind = entry.get("type") if isinstance(entry, dict) else id(entry)
+        last.pop(kind, None)
+        last[kind] = (entry, provenance.pop(field_path(("linux", "namespaces", i)), None))
+    config["linux"]["namespaces"] = [entry for entry, _ in last.values()]
+    for i, (_, layer) in enumerate(last.values()):
+        if layer is not None:
+            provenance[field_path(("linux", "namespaces", i))] = layer
+
+
 def render(results: list[tuple[str, LayerResult]], template: str = "base.json") -> Rendered:
     config = shipped.load_json(shipped.template(template))
     provenance: dict[str, str] = {}
@@ -67,6 +85,7 @@ def render(results: list[tuple[str, LayerResult]], template: str = "base.json") 
         _merge(config, result.oci, layer, (), provenance)
         files.update(result.files)
     _dedupe_env(config, provenance)
+    _dedupe_namespaces(config, provenance)
     return Rendered(
         config=config,
         provenance=provenance,
@@ -74,4 +93,5 @@ def render(results: list[tuple[str, LayerResult]], template: str = "base.json") 
         warnings=tuple(w for _, r in results for w in r.warnings),
         hot_reload=frozenset().union(*(r.hot_reload for _, r in results)),
         restart=frozenset().union(*(r.restart for _, r in results)),
+        unavailable=tuple((layer, f) for layer, r in results for f in r.unavailable),
     )

@@ -87,14 +87,32 @@ def running_names(paths: HostPaths) -> list[str]:
     return [n for n in paths.sandbox_names() if is_running(paths.sandbox(n))]
 
 
-def write_exit(paths: HostPaths, name: str, code: int | None, oom: bool) -> dict:
-    """Record an exit (conmon reports a signal death as 128 + signal)."""
-    sandbox = paths.sandbox(name)
-    record = _exit_details(code, oom, _now())
-    statefile.write_atomic(sandbox.exit_record, json.dumps(record).encode(), 0o644)
-    from tappass_host.audit import AuditLog
+def write_exit(paths: HostPaths, name: str, code: int | None, oom: bool,
+               started_at: str | None = None) -> dict:
+    """Record an exit (conmon reports a signal death as 128 + signal).
 
-    AuditLog.for_host(paths).append("sandbox.exited", sandbox=name, details=record)
+    Exactly once per run: the exit hook and `stop`'s fallback may both get
+    here for the run that started at `started_at`; the second one returns the
+    first one's record without a second audit event. The daemon's supervision
+    is told at once (a datagram to its doorbell, if it listens)."""
+    from tappass_host.runtime import supervision
+
+    sandbox = paths.sandbox(name)
+    sandbox.runtime.mkdir(parents=True, exist_ok=True)
+    fd = os.open(sandbox.runtime / "exit.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        previous = read_json(sandbox.exit_record)
+        if started_at and previous and previous.get("started_at") == started_at:
+            return previous
+        record = {**_exit_details(code, oom, _now()), "started_at": started_at}
+        statefile.write_atomic(sandbox.exit_record, json.dumps(record).encode(), 0o644)
+        from tappass_host.audit import AuditLog
+
+        AuditLog.for_host(paths).append("sandbox.exited", sandbox=name, details=record)
+    finally:
+        os.close(fd)
+    supervision.ring(paths, name)
     return record
 
 
@@ -123,6 +141,7 @@ def exit_hook(paths: HostPaths, name: str) -> dict | None:
     """conmon's exit command. conmon runs it even when `<runtime> create`
     failed, i.e. when no agent ever ran (and `start` has undone itself): it
     then has no exit code, and there is no exit to record."""
+    _detach_network(paths, name)
     if monitor_files(paths.sandbox(name)).exit_code() is None:
         return None
     return record_exit_from_monitor(paths, name)
@@ -131,7 +150,8 @@ def exit_hook(paths: HostPaths, name: str) -> dict | None:
 def record_exit_from_monitor(paths: HostPaths, name: str) -> dict:
     """The exit hook conmon runs: its files -> exit.json + audit."""
     files = monitor_files(paths.sandbox(name))
-    return write_exit(paths, name, files.exit_code(), files.oom_killed())
+    started_at = (read_json(state_file(paths.sandbox(name))) or {}).get("started_at")
+    return write_exit(paths, name, files.exit_code(), files.oom_killed(), started_at)
 
 
 def exit_command(paths: HostPaths, name: str) -> list[str]:
@@ -146,11 +166,16 @@ def write_state(sandbox: SandboxPaths, state: dict) -> None:
     write_runtime_file(state_file(sandbox), json.dumps(state, indent=2).encode(), 0o644)
 
 
-def stop(paths: HostPaths, name: str, runtime, timeout: float = 10) -> dict:
+def stop(paths: HostPaths, name: str, runtime, timeout: float = 10,
+         intent: str = "operator") -> dict:
+    """Stop a running sandbox. `intent` (operator | expiry | policy_change) is
+    recorded in state.json before the signal: the daemon's supervision never
+    restarts a sandbox stopped on purpose (supervision.py)."""
     sandbox = paths.sandbox(name)
     state = read_json(state_file(sandbox))
     if not state or not is_running(sandbox):
-        raise LifecycleError(f"sandbox {name!r} is not running")
+        raise not_running(paths, name)
+    write_state(sandbox, {**state, "stopped_by": intent})
     cid = container_id(name)
     runtime.kill(cid, "SIGTERM")
     if not _wait(lambda: not _alive(state["pid"]), timeout):
@@ -162,11 +187,25 @@ def stop(paths: HostPaths, name: str, runtime, timeout: float = 10) -> dict:
     exit_record = (read_json(sandbox.exit_record) if hook_ran
                    else record_exit_from_monitor(paths, name))
     runtime.delete(cid)
+    _detach_network(paths, name)
     from tappass_host.audit import AuditLog
 
     AuditLog.for_host(paths).append("sandbox.stopped", sandbox=name,
-                                    details={"code": exit_record.get("code")})
+                                    details={"code": exit_record.get("code"), "by": intent})
     return exit_record
+
+
+def not_running(paths: HostPaths, name: str) -> LifecycleError:
+    """The error for stopping a sandbox that is not running. One that exited
+    on its own is marked as stopped by the operator all the same: a restart
+    the daemon has pending for it is called off."""
+    sandbox = paths.sandbox(name)
+    state = read_json(state_file(sandbox))
+    if state and not state.get("foreground") and not state.get("stopped_by"):
+        write_state(sandbox, {**state, "stopped_by": "operator"})
+        return LifecycleError(f"sandbox {name!r} is not running (it exited; the daemon will "
+                              "not restart it)")
+    return LifecycleError(f"sandbox {name!r} is not running")
 
 
 def _wait(predicate, timeout: float) -> bool:
@@ -187,21 +226,12 @@ def ensure_known(paths: HostPaths, name: str) -> SandboxPaths:
     return sandbox
 
 
-def foreground(runtime, cid: str, bundle: Path) -> int:
-    """Run attached; signals to us go to the agent; returns its exit code."""
-    runtime.root.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(runtime.argv("run", "--bundle", str(bundle), cid),
-                            stdin=subprocess.DEVNULL)
+def foreground(runtime, cid: str, bundle: Path):
+    """Run attached; signals to us go to the agent; returns its
+    tappass_host.runtime.attached.Exit (code, OOM kill)."""
+    from tappass_host.runtime import attached
 
-    def forward(signum, _frame):
-        runtime.kill(cid, signals.Signals(signum).name)
-
-    previous = {s: signals.signal(s, forward) for s in (signals.SIGTERM, signals.SIGINT)}
-    try:
-        return proc.wait()
-    finally:
-        for s, handler in previous.items():
-            signals.signal(s, handler)
+    return attached.run(runtime, cid, bundle)
 
 
 def current_keyring(paths: HostPaths, name: str, limits=None) -> dict:
@@ -267,10 +297,12 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
     from tappass_host.keyring.verify import Limits
 
     keyring = current_keyring(paths, name, Limits(**config["limits"]))
-    record = ids.ensure_agent_ids(paths, name, config.agent_id_range)
+    agent_ids = ids.agent_ids(paths, name, config.agent_id_range)
+    ids.check_runtime(agent_ids, runtime.name)
+    record = sandbox_record.load(paths, name)
     rootless = is_rootless()
     if not rootless:  # rootless: the agent's host id is a mapped one; the runtime decides
-        agent.check_readable(manifest, record.agent_uid, record.agent_gid)
+        agent.check_readable(manifest, agent_ids.uid, agent_ids.gid)
     cid = container_id(name)
     with host_lock(paths):
         if is_running(sandbox):
@@ -283,10 +315,15 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
         store = store_for(paths, record)
         with store.transaction():
             store.adopt_group()
-        prepare_workspace(sandbox, record.agent_uid, record.agent_gid)
-        inputs = oci_bundle.layer_inputs(paths, name, record, keyring, manifest, config,
-                                         oci_bundle.host_capabilities(record, rootless))
-        built = oci_bundle.build(paths, inputs, rootless)
+        prepare_workspace(sandbox, agent_ids.owner_uid, agent_ids.owner_gid)
+        host = _with_egress(paths, name, keyring, config,
+                            oci_bundle.host_capabilities(agent_ids, rootless, runtime.name))
+        inputs = oci_bundle.layer_inputs(paths, name, record, keyring, manifest, config, host)
+        try:
+            built = oci_bundle.build(paths, inputs, rootless)
+        except BaseException:
+            _detach_network(paths, name)
+            raise
         if runtime.has_state(cid):
             runtime.delete(cid)  # a stopped container of an earlier run
         if (record.agent, record.runtime) != (str(manifest.directory), runtime.name):
@@ -297,7 +334,8 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
                  "agent": str(manifest.directory), "restart_policy": manifest.restart,
                  "foreground": foreground_run,
                  "restart_aspects": _aspects(keyring, built.rendered.restart),
-                 "warnings": list(built.rendered.warnings)}
+                 "warnings": list(built.rendered.warnings),
+                 "degraded": bool(built.rendered.unavailable)}
         had_log = sandbox.agent_log.exists()
         try:
             if foreground_run:
@@ -315,6 +353,7 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
                 runtime.start(cid)
         except BaseException:
             _undo_start(sandbox, runtime, cid)
+            _detach_network(paths, name)
             if not had_log:
                 sandbox.agent_log.unlink(missing_ok=True)  # conmon's, for nothing
             raise
@@ -322,16 +361,20 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
     audit.append("sandbox.started", sandbox=name, details={
         "runtime": runtime.name, "policy_version": keyring["policy_version"],
         "agent": manifest.name, "foreground": foreground_run})
+    for layer, feature in built.rendered.unavailable:
+        audit.append("layer.unavailable", sandbox=name, details={"layer": layer, "feature": feature})
     if not foreground_run:
         return Started(name, pid, runtime.name, keyring["policy_version"],
                        built.rendered.warnings)
     try:
-        code = foreground(runtime, cid, built.directory)
-        write_exit(paths, name, code, oom=False)
+        ended = foreground(runtime, cid, built.directory)
+        code = ended.code
+        write_exit(paths, name, code, oom=ended.oom, started_at=state["started_at"])
     finally:
-        # `run` deletes the container when it ends; a kill of ours may not have.
+        # The attached run keeps the container (its cgroup counted OOM kills).
         if runtime.has_state(cid):
             runtime.delete(cid)
+        _detach_network(paths, name)
         state_file(sandbox).unlink(missing_ok=True)
         if remove:
             import shutil
@@ -349,6 +392,26 @@ def find_runtime(paths: HostPaths, config, name: str | None = None, binary: str 
     name = name or config["runtime"]
     override = binary or (config["runtime_path"] if name == config["runtime"] else "")
     return OCIRuntime.find(name, paths.runtime, override)
+
+
+def _with_egress(paths: HostPaths, name: str, keyring: dict, config, host):
+    """Network mode proxy: the sandbox's namespace and proxy listener
+    (tappass_host.network), whose URL the network layer gives the agent. In
+    any mode, what crashed sandboxes left of theirs is removed first."""
+    from dataclasses import replace
+
+    from tappass_host.network import control
+
+    if (keyring.get("network") or {}).get("mode") != "proxy" or host.rootless:
+        control.reap(paths)
+        return host
+    return replace(host, egress_proxy=control.attach(paths, name, config)["proxy_url"])
+
+
+def _detach_network(paths: HostPaths, name: str) -> None:
+    from tappass_host.network import control
+
+    control.detach(paths, name)
 
 
 def _undo_start(sandbox: SandboxPaths, runtime, cid: str) -> None:
@@ -432,7 +495,9 @@ def shell(paths: HostPaths, name: str, command: list[str]) -> int:
         raise LifecycleError(f"sandbox {name!r} is not running")
     state = read_json(state_file(sandbox))
     process = read_json(sandbox.bundle / "config.json")["process"]
-    process["args"] = command
+    from tappass_host.landlock import launch_prefix
+
+    process["args"] = launch_prefix(process["args"]) + command  # same Landlock ruleset
     process["terminal"] = sys.stdin.isatty() and sys.stdout.isatty()
     runtime = OCIRuntime.find(state["runtime"], paths.runtime, state.get("runtime_binary", ""))
     with tempfile.NamedTemporaryFile("w", dir=sandbox.runtime, suffix=".json") as spec:

@@ -6,10 +6,14 @@ event stream from the current policy_version; every event goes through
 or stalled stream is reopened after a capped, jittered backoff; the last
 good keyring stays in place meanwhile. The main thread rescans the state
 directory for sandboxes enrolled or removed, renews certificates when due,
-and pings systemd. Everything waits on events with timeouts: an idle daemon
-sleeps.
+supervises the sandboxes (runtime/supervision.py: restarts, expiry, restarts
+on a policy change) and pings systemd. The main thread sleeps on the
+supervision doorbell, which an agent's exit hook, a flip and a stop signal
+ring; its timeout is the rescan interval or whatever is due sooner. An idle
+daemon sleeps.
 """
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +26,8 @@ from tappass_host.sync.backoff import Backoff
 from tappass_host.sync.notify import sd_notify, watchdog_interval
 from tappass_host.sync.receive import APPLIED, is_current, receive
 from tappass_host.sync.renewal import RenewalSchedule
-from tappass_host.sync.transport import SyncClient, SyncError, SyncTransport
+from tappass_host.sync.transport import (Keepalive, SyncClient, SyncError, SyncTransport,
+                                         TooLarge)
 
 Log = Callable[[str], None]
 READY_WAIT_S = 10.0
@@ -57,12 +62,18 @@ class SandboxWorker:
     """Keeps one sandbox's keyring in step with the control plane."""
 
     def __init__(self, paths: HostPaths, name: str, settings: SyncSettings,
-                 transport: SyncTransport, log: Log):
+                 transport: SyncTransport, log: Log,
+                 on_applied: Callable[[str], None] | None = None):
         self.paths = paths
         self.name = name
         self.settings = settings
         self.transport = transport
         self.log = log
+        self.on_applied = on_applied or (lambda name: None)
+        # the latest ack the control plane has not taken; on disk too, so that
+        # a daemon restart does not lose it
+        self._unacked: Ack | None = Ack.load(self._unacked_file)
+        self._unacked_saved = self._unacked is not None
         self.stopping = threading.Event()
         self.settled = threading.Event()  # the first stream is open, or failed once
         self._thread = threading.Thread(target=self._run, name=f"sync-{name}", daemon=True)
@@ -91,10 +102,12 @@ class SandboxWorker:
             self.settled.set()
             if self.stopping.wait(backoff.next_delay()):
                 break
+        self.transport.close()
 
     def _session(self, backoff: Backoff) -> None:
         data = self.transport.pull_latest(self.name)
         backoff.reset()
+        self._retry_ack()
         if data is not None and not is_current(self.paths, self.name, data):
             self._handle(data, None)
         since = current_version(self.paths, self.name)
@@ -102,7 +115,12 @@ class SandboxWorker:
                                            on_open=lambda: self._opened(since)):
             if self.stopping.is_set():
                 return
-            self._handle(event.data, event.id)
+            if isinstance(event, Keepalive):
+                self._retry_ack()
+            elif isinstance(event, TooLarge):
+                self._too_large(event)
+            else:
+                self._handle(event.data, event.id)
 
     def _opened(self, since: int | None) -> None:
         again = " again" if self._trouble else ""
@@ -141,16 +159,100 @@ class SandboxWorker:
             line = f"{self.name}: rejected policy_version {outcome.policy_version}: " \
                    f"{outcome.reason}"
         self.log(line)
+        if outcome.status == APPLIED:
+            self.on_applied(self.name)
+        self._ack(Ack(outcome.policy_version or 0, outcome.status, outcome.reason, _now()))
+
+    def _too_large(self, event: TooLarge) -> None:
+        """An event the stream reader dropped unread: over the envelope size
+        limit (plus slack for SSE framing), never buffered whole."""
+        from tappass_host.audit import AuditLog
+
+        details = {"reason": "too_large", "bytes_over": event.size}
+        if event.id is not None:
+            details["policy_version"] = event.id
+        AuditLog.for_host(self.paths).append("keyring.rejected", sandbox=self.name,
+                                             details=details)
+        self.log(f"{self.name}: rejected policy_version {event.id}: too_large "
+                 f"(event over {event.size} bytes, dropped unread)")
+        self._ack(Ack(event.id or 0, "rejected", "too_large", _now()))
+
+    @property
+    def _unacked_file(self):
+        return self.paths.sandbox(self.name).root / "unacked.json"
+
+    def _ack(self, ack: "Ack") -> None:
+        """Acknowledge; one the control plane cannot take now is kept (the
+        latest only: it supersedes older ones, in memory and in unacked.json)
+        and sent again with the next keepalive, after the next reconnect, or
+        by the next daemon."""
+        self._unacked = ack
+        self._retry_ack()
+
+    def _retry_ack(self) -> None:
+        ack = self._unacked
+        if ack is None:
+            return
         try:
-            self.transport.ack(self.name, outcome.policy_version or 0, outcome.status,
-                               outcome.reason)
+            self.transport.ack(self.name, ack.policy_version, ack.status, ack.reason,
+                               applied_at=ack.at)
         except SyncError as exc:
-            self.log(f"{self.name}: ack of policy_version {outcome.policy_version} failed: {exc}")
+            if not ack.failed:  # one line per ack, not per retry
+                self.log(f"{self.name}: ack of policy_version {ack.policy_version} failed "
+                         f"({exc}); kept for a retry")
+                ack.failed = True
+                self._unacked_saved = ack.save(self._unacked_file) or self._unacked_saved
+            return
+        if ack.failed:
+            self.log(f"{self.name}: ack of policy_version {ack.policy_version} sent on retry")
+        if self._unacked_saved:  # this one, or an older one it supersedes
+            self._unacked_file.unlink(missing_ok=True)
+            self._unacked_saved = False
+        if self._unacked is ack:
+            self._unacked = None
+
+
+@dataclass
+class Ack:
+    policy_version: int
+    status: str
+    reason: str | None
+    at: str
+    failed: bool = False
+
+    def save(self, path) -> bool:
+        from tappass_host import statefile
+
+        doc = {"policy_version": self.policy_version, "status": self.status,
+               "reason": self.reason, "at": self.at}
+        try:
+            statefile.write_atomic(path, json.dumps(doc).encode(), 0o600)
+        except OSError:
+            return False  # kept in memory all the same
+        return True
+
+    @classmethod
+    def load(cls, path) -> "Ack | None":
+        try:
+            doc = json.loads(path.read_bytes())
+            return cls(int(doc["policy_version"]), str(doc["status"]), doc.get("reason"),
+                       str(doc["at"]), failed=True)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class Daemon:
     def __init__(self, paths: HostPaths, settings: SyncSettings, log: Log,
-                 transport_factory: Callable[[], SyncTransport] | None = None):
+                 transport_factory: Callable[[], SyncTransport] | None = None,
+                 supervisor=None):
+        from tappass_host.runtime.supervision import Doorbell
+
         self.paths = paths
         self.settings = settings
         self.log = log
@@ -159,9 +261,15 @@ class Daemon:
         self.stopping = threading.Event()
         self.workers: dict[str, SandboxWorker] = {}
         self.renewals = RenewalSchedule(paths, log)
+        self.supervisor = supervisor
+        self.doorbell = Doorbell(paths)
 
     def stop(self) -> None:
+        """Safe from a signal handler: wakes the main loop at once."""
+        from tappass_host.runtime.supervision import ring
+
         self.stopping.set()
+        ring(self.paths, "")
 
     def run(self) -> None:
         self._rescan()
@@ -172,23 +280,49 @@ class Daemon:
         tick = min(self.settings.rescan_interval, watchdog or self.settings.rescan_interval)
         while not self.stopping.is_set():
             self._rescan()
+            self._reap_network()
             self.renewals.tick(sorted(self.workers))
+            if self.supervisor is not None:
+                self.supervisor.tick(sorted(self.workers))
             if watchdog:
                 sd_notify("WATCHDOG=1")
-            self.stopping.wait(tick)
+            self.doorbell.wait(self._sleep_for(tick))
         self._shutdown()
+
+    def _reap_network(self) -> None:
+        """Remove the namespaces and veths of sandboxes that died with their
+        proxy (tappass_host.network); under the start lock, never mid-start."""
+        from tappass_host.network import control
+        from tappass_host.runtime.lifecycle import host_lock
+
+        if not control.leftovers(self.paths):
+            return
+        try:
+            with host_lock(self.paths):
+                removed = control.reap(self.paths)
+        except (OSError, TappassError) as exc:
+            self.log(f"daemon: cleaning up sandbox networks failed: {exc}")
+            return
+        if removed:
+            self.log(f"daemon: removed the network of stopped sandbox(es) {', '.join(removed)}")
+
+    def _sleep_for(self, tick: float) -> float:
+        due = self.supervisor.next_due_in() if self.supervisor is not None else None
+        return tick if due is None else min(tick, due + 0.01)
 
     def _rescan(self) -> None:
         enrolled = set(self.paths.sandbox_names())
         for name in sorted(enrolled - set(self.workers)):
             worker = SandboxWorker(self.paths, name, self.settings, self.transport_factory(),
-                                   self.log)
+                                   self.log, on_applied=self._flipped)
             self.workers[name] = worker
             worker.start()
             self.log(f"{name}: watching")
         for name in sorted(set(self.workers) - enrolled):
             self.workers.pop(name).stop()
             self.renewals.forget(name)
+            if self.supervisor is not None:
+                self.supervisor.forget(name)
             self.log(f"{name}: no longer enrolled; stream closed")
 
     def _wait_settled(self) -> None:
@@ -205,4 +339,12 @@ class Daemon:
         deadline = time.monotonic() + JOIN_S
         for worker in self.workers.values():
             worker.join(max(0.0, deadline - time.monotonic()))
+        self.doorbell.close()
         self.log("daemon: stopped")
+
+    def _flipped(self, name: str) -> None:
+        """A worker flipped `name`'s keyring: supervision may have to act
+        (restart on a policy change, a fresh keyring after an expiry stop)."""
+        from tappass_host.runtime.supervision import ring
+
+        ring(self.paths, name)

@@ -15,16 +15,19 @@ def pull_once(paths: HostPaths, name: str, limits: Limits = Limits()) -> str | N
 
     client = SyncClient(paths)
     try:
-        data = client.pull_latest(name)
-    except SyncError as exc:
-        return f"pulling from the control plane failed ({exc})"
-    if data is None:
-        return "the control plane has no keyring for it yet"
-    outcome = receive(paths, name, data, limits=limits)
-    try:
-        client.ack(name, outcome.policy_version or 0, outcome.status, outcome.reason)
-    except SyncError:
-        pass  # the daemon acks again when it sees this version; the keyring is what counts
+        try:
+            data = client.pull_latest(name)
+        except SyncError as exc:
+            return f"pulling from the control plane failed ({exc})"
+        if data is None:
+            return "the control plane has no keyring for it yet"
+        outcome = receive(paths, name, data, limits=limits)
+        try:
+            client.ack(name, outcome.policy_version or 0, outcome.status, outcome.reason)
+        except SyncError:
+            pass  # the daemon acks again when it sees this version; the keyring is what counts
+    finally:
+        client.close()
     if outcome.status != APPLIED:
         return f"the control plane's latest keyring was rejected ({outcome.reason})"
     return None

@@ -5,7 +5,9 @@ with the sandbox's mTLS identity. Every call loads the sandbox record and
 builds a fresh TLS context, so a renewed certificate is used from the next
 connection on. Failures are typed: `Unreachable` (network, TLS, timeouts),
 `Refused` (an HTTP status we did not expect), `Stalled` (no byte, not even a
-keepalive, within the keepalive timeout).
+keepalive, within the keepalive timeout). The event stream is read as raw
+bytes through `sse.EventReader`, which never buffers an event over the
+keyring size limit: such an event comes out as `TooLarge`.
 """
 
 import socket
@@ -17,10 +19,14 @@ from typing import Protocol
 
 from tappass_host import sandbox as sandbox_record
 from tappass_host.errors import TappassError
+from tappass_host.keyring import MAX_ENVELOPE_BYTES
 from tappass_host.paths import HostPaths
 
 CONNECT_TIMEOUT_S = 10.0
 REQUEST_TIMEOUT_S = 10.0
+# An envelope travels as one `data:` line; the slack covers the other
+# fields (`event:`, `id:`) and line ends. Anything bigger is dropped unread.
+MAX_EVENT_BYTES = MAX_ENVELOPE_BYTES + 4096
 
 
 class SyncError(TappassError):
@@ -53,15 +59,34 @@ class Event:
     data: bytes
 
 
+@dataclass(frozen=True)
+class Keepalive:
+    """The control plane's keepalive: the stream is alive, nothing to apply."""
+
+
+@dataclass(frozen=True)
+class TooLarge:
+    """A `keyring` event over MAX_EVENT_BYTES, skipped unread: `size` bytes so far."""
+
+    id: int | None
+    size: int
+
+
 class SyncTransport(Protocol):
     def pull_latest(self, sandbox: str) -> bytes | None: ...
 
     def events(self, sandbox: str, last_event_id: int | None,
-               on_open: Callable[[], None] | None = None) -> Iterator[Event]: ...
+               on_open: Callable[[], None] | None = None) -> Iterator[Event | TooLarge | Keepalive]: ...
 
-    def ack(self, sandbox: str, policy_version: int, status: str, reason: str | None) -> None: ...
+    def ack(self, sandbox: str, policy_version: int, status: str, reason: str | None,
+            applied_at: str | None = None) -> None: ...
 
     def abort(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+KEEPALIVE = Keepalive()
 
 
 def _event_id(text: str) -> int | None:
@@ -80,6 +105,7 @@ class SyncClient:
         self._lock = threading.Lock()
         self._socket: socket.socket | None = None
         self._aborted = False
+        self._requests: tuple[tuple, object] | None = None  # (identity files' stat, client)
 
     def _client(self, sandbox: str, read_timeout: float):
         import httpx
@@ -93,6 +119,34 @@ class SyncClient:
         timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S, read=read_timeout)
         return httpx.Client(verify=context, timeout=timeout, trust_env=False)
 
+    def _request_client(self, sandbox: str):
+        """A client for pulls and acks, kept (one TLS handshake, then HTTP
+        keep-alive) until the sandbox's identity files change: a renewed
+        certificate is used from the next request on."""
+        sandbox_paths = self.paths.sandbox(sandbox)
+        try:
+            key = tuple((st.st_ino, st.st_mtime_ns, st.st_size) for st in
+                        (sandbox_paths.cert.stat(), sandbox_paths.ca.stat()))
+        except OSError:
+            key = None
+        if self._requests is None or self._requests[0] != key or key is None:
+            self._drop_request_client()
+            self._requests = (key, self._client(sandbox, REQUEST_TIMEOUT_S))
+        return self._requests[1]
+
+    def _drop_request_client(self) -> None:
+        if self._requests is not None:
+            self._requests[1].close()
+            self._requests = None
+
+    def _request(self, sandbox: str, method: str, url: str, **kwargs):
+        try:
+            with _translated(url):
+                return self._request_client(sandbox).request(method, url, **kwargs)
+        except SyncError:
+            self._drop_request_client()  # never reuse a connection that failed
+            raise
+
     def _url(self, sandbox: str, endpoint: str) -> str:
         record = sandbox_record.load(self.paths, sandbox)
         return f"{record.sync_url}/v1/sandboxes/{record.sandbox_id}/{endpoint}"
@@ -100,47 +154,61 @@ class SyncClient:
     def pull_latest(self, sandbox: str) -> bytes | None:
         """The latest envelope the control plane holds, or None if it has none yet."""
         url = self._url(sandbox, "keyring")
-        with _translated(url), self._client(sandbox, REQUEST_TIMEOUT_S) as client:
-            response = client.get(url)
+        response = self._request(sandbox, "GET", url)
         if response.status_code == 404:
             return None
         _expect(response, 200, url)
         return response.content
 
     def events(self, sandbox: str, last_event_id: int | None,
-               on_open: Callable[[], None] | None = None) -> Iterator[Event]:
+               on_open: Callable[[], None] | None = None) -> Iterator[Event | TooLarge | Keepalive]:
         """`keyring` events, forever; raises SyncError when the stream breaks or ends.
 
         `on_open` is called once the control plane has accepted the stream.
         """
-        from httpx_sse import EventSource
+        from tappass_host.sync.sse import EventReader, Heartbeat, Oversized
 
         url = self._url(sandbox, "events")
-        headers = {"Accept": "text/event-stream", "Cache-Control": "no-store"}
+        # identity: a compressed stream would be inflated before any cap applies
+        headers = {"Accept": "text/event-stream", "Cache-Control": "no-store",
+                   "Accept-Encoding": "identity"}
         if last_event_id is not None:
             headers["Last-Event-ID"] = str(last_event_id)
         with _translated(url, self.keepalive_timeout), \
                 self._client(sandbox, self.keepalive_timeout) as client, \
                 client.stream("GET", url, headers=headers) as response:
             _expect(response, 200, url)
+            kind = response.headers.get("content-type", "").partition(";")[0].strip()
+            if kind != "text/event-stream":
+                raise Refused(f"{url}: the control plane answered {kind!r}, not an event stream",
+                              response.status_code)
             self._hold(response)
             try:
                 if on_open is not None:
                     on_open()
-                for sse in EventSource(response).iter_sse():
-                    if sse.event == "keyring":
-                        yield Event(_event_id(sse.id), sse.data.encode("utf-8"))
+                for sse in EventReader(MAX_EVENT_BYTES).feed(response.iter_raw()):
+                    if isinstance(sse, Oversized):
+                        yield TooLarge(_event_id(sse.id), sse.size)
+                    elif isinstance(sse, Heartbeat):
+                        yield KEEPALIVE
+                    elif sse.event == "keyring":
+                        yield Event(_event_id(sse.id), sse.data)
             finally:
                 self._release()
         raise Unreachable(f"{url}: the control plane closed the stream")
 
-    def ack(self, sandbox: str, policy_version: int, status: str, reason: str | None) -> None:
+    def ack(self, sandbox: str, policy_version: int, status: str, reason: str | None,
+            applied_at: str | None = None) -> None:
         url = self._url(sandbox, "acks")
         body = {"policy_version": policy_version, "status": status, "reason": reason,
-                "applied_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
-        with _translated(url), self._client(sandbox, REQUEST_TIMEOUT_S) as client:
-            response = client.post(url, json=body)
+                "applied_at": applied_at
+                or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+        response = self._request(sandbox, "POST", url, json=body)
         _expect(response, 204, url)
+
+    def close(self) -> None:
+        """Release the kept connection (pulls and acks)."""
+        self._drop_request_client()
 
     def abort(self) -> None:
         """Break the open stream, from another thread: its reader wakes up at once."""
@@ -184,13 +252,12 @@ class _translated:
 
     def __exit__(self, kind, exc, tb):
         import httpx
-        from httpx_sse import SSEError
 
         if exc is None or isinstance(exc, (SyncError, GeneratorExit)):
             return False
         if isinstance(exc, httpx.ReadTimeout) and self.keepalive_timeout is not None:
             raise Stalled(f"{self.url}: nothing received for {self.keepalive_timeout:g} s") \
                 from None
-        if isinstance(exc, (httpx.HTTPError, SSEError, OSError)):
+        if isinstance(exc, (httpx.HTTPError, OSError)):
             raise Unreachable(f"{self.url}: {type(exc).__name__}: {exc}") from None
         return False

@@ -1,0 +1,54 @@
+"""`tappass-host systemd print|install`: the shipped systemd units."""
+
+from pathlib import Path
+
+import click
+
+from tappass_host.cli import pass_host
+
+_EXEC_HELP = ("tappass-host executable for ExecStart (default: the one of this installation; "
+              "the shipped units name /usr/bin/tappass-host)")
+
+
+@click.group()
+def systemd():
+    """Print or install the systemd units that ship with tappass-host.
+
+    \b
+    tappass-host.service    the daemon: keyring sync and sandbox supervision
+                            (Type=notify, watchdog, hardened)
+    tappass-host@.service   one sandbox in the foreground, supervised by systemd:
+                            systemctl start tappass-host@NAME (agent and runtime
+                            of NAME's last start)
+    """
+
+
+@systemd.command("print")
+@click.argument("unit", required=False, metavar="[UNIT]")
+@click.option("--exec", "exec_path", metavar="PATH", help=_EXEC_HELP)
+def print_units(unit, exec_path):
+    """Print UNIT (default: both), rendered for this installation."""
+    from tappass_host import systemd as units
+
+    names = [unit] if unit else list(units.UNITS)
+    texts = [units.render(name, exec_path) for name in names]
+    click.echo("\n".join(f"# --- {name}\n{text}" if not unit else text
+                         for name, text in zip(names, texts)), nl=False)
+
+
+@systemd.command()
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
+              default="/etc/systemd/system", show_default=True, help="Where to write the units.")
+@click.option("--exec", "exec_path", metavar="PATH", help=_EXEC_HELP)
+@pass_host
+def install(host, directory, exec_path):
+    """Write both units into --dir, rendered for this installation.
+
+    Then: systemctl daemon-reload && systemctl enable --now tappass-host.service
+    """
+    from tappass_host import systemd as units
+
+    written = units.install(directory, exec_path)
+    host.emit({"installed": [str(p) for p in written]},
+              "\n".join(f"installed {p}" for p in written)
+              + "\nnext: systemctl daemon-reload && systemctl enable --now tappass-host.service")

@@ -1,0 +1,120 @@
+"""What `start`, `stop`, the exit hook and the daemon ask of the egress
+service (tappass_host.network.service): cheap to import — a unix socket and
+JSON, no pyroute2."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from tappass_host import network
+from tappass_host.errors import TappassError
+from tappass_host.paths import HostPaths
+from tappass_host.unixaddress import short_address
+
+SPAWN_WAIT_S = 15.0
+REQUEST_TIMEOUT_S = 30.0
+
+
+class EgressError(TappassError):
+    pass
+
+
+def _ask(paths: HostPaths, request: dict) -> dict:
+    """One request; OSError when no service answers."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(REQUEST_TIMEOUT_S)
+        with short_address(network.control_socket(paths)) as address:
+            sock.connect(address)
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionResetError("the egress service closed the connection")
+            reply += chunk
+    return json.loads(reply)
+
+
+def _spawn(paths: HostPaths, config) -> None:
+    directory = network.service_dir(paths)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "tappass_host.network", "--state", str(paths.state),
+            "--runtime", str(paths.runtime), "--port", str(config["network.proxy_port"]),
+            "--pool", config["network.address_pool"],
+            "--hosts-file", config["network.hosts_file"],
+            "--header-timeout", str(config["network.header_timeout_s"])]
+    with open(network.log_file(paths), "ab") as log:
+        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                         start_new_session=True, close_fds=True, cwd="/")
+    deadline = time.monotonic() + SPAWN_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            _ask(paths, {"op": "ping"})
+            return
+        except (OSError, ValueError):
+            time.sleep(0.01)
+    raise EgressError(f"the egress proxy did not start (see {network.log_file(paths)})")
+
+
+def _request(paths: HostPaths, config, request: dict) -> dict:
+    """Ask the service, starting it first if none answers."""
+    try:
+        reply = _ask(paths, request)
+    except (OSError, ValueError):
+        _spawn(paths, config)
+        reply = _ask(paths, request)
+    if "error" in reply:
+        raise EgressError(f"egress proxy: {reply['error']}")
+    return reply
+
+
+def attach(paths: HostPaths, name: str, config) -> dict:
+    """Create the sandbox's namespace and proxy listener: {proxy_url, netns}."""
+    if os.geteuid() != 0:
+        raise EgressError("network mode 'proxy' needs root (it creates network namespaces)")
+    return _request(paths, config, {"op": "attach", "name": name})
+
+
+def detach(paths: HostPaths, name: str) -> None:
+    """Remove the sandbox's namespace and listener; never starts the service
+    (without one, what is left is reaped by the next `start` or the daemon)."""
+    if not network.record_file(paths, name).exists():
+        return
+    try:
+        _ask(paths, {"op": "detach", "name": name})
+    except (OSError, ValueError):
+        pass
+
+
+def leftovers(paths: HostPaths) -> list[str]:
+    """Sandboxes not running whose namespace and link are still on record."""
+    from tappass_host.runtime.lifecycle import is_running
+
+    return [n for n in network.recorded(paths) if not is_running(paths.sandbox(n))]
+
+
+def reap(paths: HostPaths) -> list[str]:
+    """Remove what crashed sandboxes left behind (namespace, veth, listener):
+    through the egress service if one runs, else here (after a crash of
+    everything). Call under lifecycle.host_lock, so no start is half-way."""
+    if not leftovers(paths):
+        return []
+    try:
+        reply = _ask(paths, {"op": "reap"})
+        if "error" not in reply:
+            return reply.get("removed", [])
+    except (OSError, ValueError):
+        pass
+    from tappass_host.network import netns
+
+    namespaces = netns.Namespaces(network.hub_name(paths))
+    removed = leftovers(paths)
+    for name in removed:
+        namespaces.remove(network.netns_name(name), network.read_link(paths, name))
+        network.record_file(paths, name).unlink(missing_ok=True)
+    if not network.recorded(paths):
+        namespaces.remove_hub()
+    return removed

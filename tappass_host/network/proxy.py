@@ -1,0 +1,304 @@
+"""The egress proxy's connection handling: HTTP CONNECT tunnels and
+plain-HTTP forwarding (absolute-form URIs), for one sandbox per listening
+address. Every connection re-reads the sandbox's current keyring (cached by
+the identity of the file `keyring.json` points at), so a flipped keyring
+decides the very next connection. Answers: 403 denied, 502 upstream failure,
+400 malformed, 408 a request head too slow, 431 a request head too big.
+"""
+
+import asyncio
+import json
+import os
+import re
+import sys
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tappass_host.network import policy as egress
+from tappass_host.network.resolver import Resolver
+
+HEAD_LIMIT = 16 * 1024
+MAX_CONNECTIONS = 1024      # open at once per sandbox; more are closed at once
+CONNECT_TIMEOUT_S = 10.0
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HOST = re.compile(r"[A-Za-z0-9._~%!$&'()*+,;=:\[\]-]{1,255}|[^\x00-\x20/?#@]{1,255}")
+_HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization",
+               b"proxy-authenticate", b"te", b"trailer", b"upgrade"}
+_REASONS = {200: "Connection established", 400: "Bad Request", 403: "Forbidden",
+            408: "Request Timeout", 431: "Request Header Fields Too Large", 502: "Bad Gateway"}
+DENY_ALL = egress.Policy((), frozenset(), enabled=False)
+
+
+class BadRequest(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    host: str
+    port: int
+    path: str = ""                  # plain HTTP: origin-form target
+    headers: tuple[bytes, ...] = ()  # plain HTTP: end-to-end header lines
+
+    @property
+    def tunnel(self) -> bool:
+        return self.method == "CONNECT"
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise BadRequest(f"bad port {text[:16]!r}")
+    return int(text)
+
+
+def _split_authority(authority: str) -> tuple[str, int]:
+    if authority.startswith("["):
+        host, sep, rest = authority[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise BadRequest("bad authority")
+        return host, _port(rest[1:])
+    host, sep, port = authority.rpartition(":")
+    if not sep or not host:
+        raise BadRequest("CONNECT needs host:port")
+    return host, _port(port)
+
+
+def parse_head(head: bytes) -> Request:
+    """The request in a head ending with CRLF CRLF; BadRequest if malformed."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("not UTF-8") from None
+    lines = text[:-4].split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or \
+            parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
+        raise BadRequest("bad request line")
+    method, target, _ = parts
+    headers = []
+    for line in lines[1:]:
+        name, sep, _ = line.partition(":")
+        if not sep or not _TOKEN.fullmatch(name):
+            raise BadRequest("bad header line")
+        if name.lower().encode() not in _HOP_BY_HOP:
+            headers.append(line.encode("utf-8"))
+    if method == "CONNECT":
+        host, port = _split_authority(target)
+        path = ""
+    else:
+        url = urllib.parse.urlsplit(target)
+        if url.scheme.lower() != "http" or not url.netloc or "@" in url.netloc:
+            raise BadRequest("plain requests need an absolute http:// URI")
+        try:
+            host, port = url.hostname or "", url.port or 80
+        except ValueError:
+            raise BadRequest("bad port") from None
+        path = urllib.parse.urlunsplit(("", "", url.path or "/", url.query, ""))
+    if not host or not _HOST.fullmatch(host):
+        raise BadRequest("bad host")
+    return Request(method, host, port, path, tuple(headers))
+
+
+@dataclass
+class SandboxPolicy:
+    """One sandbox's policy, re-read when `keyring.json` names another file."""
+
+    name: str
+    keyring_file: Path
+    _stamp: tuple | None = None
+    _policy: egress.Policy = DENY_ALL
+    connections: set = field(default_factory=set)
+
+    def current(self) -> egress.Policy:
+        try:
+            fd = os.open(self.keyring_file, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return DENY_ALL
+        try:
+            st = os.fstat(fd)
+            stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+            if stamp != self._stamp:
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    self._policy = egress.from_keyring(json.loads(f.read()))
+                self._stamp = stamp
+        except (OSError, ValueError):
+            return DENY_ALL
+        finally:
+            os.close(fd)
+        return self._policy
+
+
+def _response(code: int, message: str = "") -> bytes:
+    body = f"tappass-host egress proxy: {message}\n".encode() if message else b""
+    head = f"HTTP/1.1 {code} {_REASONS[code]}\r\n"
+    if code != 200:
+        head += (f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+                 "Connection: close\r\n")
+    return head.encode() + b"\r\n" + body
+
+
+class EgressProxy:
+    def __init__(self, sandbox_at, resolver: Resolver, denials, header_timeout: float):
+        self._sandbox_at = sandbox_at    # local address -> SandboxPolicy | None
+        self._resolver = resolver
+        self._denials = denials          # DenialLog
+        self._header_timeout = header_timeout
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sandbox = self._sandbox_at((writer.get_extra_info("sockname") or ("",))[0])
+        if sandbox is not None and len(sandbox.connections) >= MAX_CONNECTIONS:
+            sandbox = None
+        if sandbox is not None:
+            sandbox.connections.add(writer)
+        try:
+            if sandbox is not None:
+                await self._serve(sandbox, reader, writer)
+        except (OSError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass
+        except Exception as exc:  # noqa: BLE001 - one connection's bug must not spread
+            print(f"egress: {type(exc).__name__}: {exc}", file=sys.stderr)
+        finally:
+            if sandbox is not None:
+                sandbox.connections.discard(writer)
+            writer.close()
+
+    async def _serve(self, sandbox: SandboxPolicy, reader, writer) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._header_timeout)
+        except asyncio.TimeoutError:
+            writer.write(_response(408, "request head not received in time"))
+            return
+        except asyncio.LimitOverrunError:
+            writer.write(_response(431, f"request head over {HEAD_LIMIT} bytes"))
+            return
+        try:
+            request = parse_head(head)
+        except BadRequest as exc:
+            writer.write(_response(400, str(exc)))
+            return
+        done = asyncio.get_running_loop().create_future()
+        upstream = await self._connect(sandbox, request, writer, done)
+        if upstream is None:
+            return
+        try:
+            first = _response(200) if request.tunnel else None
+            if not request.tunnel:
+                upstream.transport.write(self._forwarded_head(request))
+            _splice(reader, writer, upstream, first, done)
+            await done
+        finally:
+            upstream.transport.close()
+
+    async def _connect(self, sandbox: SandboxPolicy, request: Request, writer,
+                       done: asyncio.Future) -> "_Relay | None":
+        policy = sandbox.current()
+        reason = egress.check_name(policy, request.host)
+        if reason is None:
+            addresses = await self._resolver.resolve(request.host, request.port)
+            if not addresses:
+                writer.write(_response(502, f"cannot resolve {request.host}"))
+                return None
+            destination = egress.pick_destination(policy, addresses)
+            if isinstance(destination, str):
+                reason = destination
+        if reason is not None:
+            self._denials.denied(sandbox.name, request.host, reason)
+            writer.write(_response(403, f"{request.host} is not allowed ({reason})"))
+            return None
+        try:
+            _, relay = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
+                lambda: _Relay(done, upstream=True), str(destination), request.port),
+                CONNECT_TIMEOUT_S)
+            return relay
+        except (OSError, asyncio.TimeoutError) as exc:
+            problem = "timed out" if isinstance(exc, asyncio.TimeoutError) else \
+                (exc.strerror or "failed")
+            writer.write(_response(502, f"connecting to {request.host}: {problem}"))
+            return None
+
+    @staticmethod
+    def _forwarded_head(request: Request) -> bytes:
+        """The request in origin form. Host is the URI's authority, whatever
+        the agent's own Host said (RFC 9112 §3.2.2): the server allowed is
+        the one asked."""
+        host = f"[{request.host}]" if ":" in request.host else request.host
+        authority = host if request.port == 80 else f"{host}:{request.port}"
+        lines = [f"{request.method} {request.path} HTTP/1.1".encode(),
+                 f"Host: {authority}".encode()]
+        lines += [h for h in request.headers if not h.lower().startswith(b"host:")]
+        lines.append(b"Connection: close")
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+class _Relay(asyncio.Protocol):
+    """One side of an established connection: what its transport receives is
+    written to the other side's, with flow control both ways. Callbacks, not
+    coroutines: the relay is the proxy's hot path."""
+
+    def __init__(self, done: asyncio.Future, upstream: bool):
+        self.done = done
+        self.upstream = upstream
+        self.transport: asyncio.Transport | None = None
+        self.peer: asyncio.Transport | None = None
+        self._early: list[bytes] = []   # upstream spoke before the agent's side was joined
+
+    def join(self, peer: asyncio.Transport) -> None:
+        self.peer = peer
+        for data in self._early:
+            peer.write(data)
+        self._early.clear()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is None:
+            self._early.append(data)
+        else:
+            self.peer.write(data)
+
+    def eof_received(self) -> bool:
+        if self.upstream:
+            return False  # the answer is complete: close, which closes the agent's side
+        if self.peer.can_write_eof():
+            self.peer.write_eof()  # the agent's half-close, passed on; the answer still comes
+        return True
+
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.resume_reading()
+
+    def connection_lost(self, exc) -> None:
+        if self.peer is not None:
+            self.peer.close()
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+def _splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: _Relay,
+            first: bytes | None, done: asyncio.Future) -> None:
+    """Hand the agent's connection from its stream reader (which read the
+    request head) to a relay joined with `upstream`."""
+    transport = writer.transport
+    leftover = bytes(reader._buffer)  # sent after the head, before any answer
+    relay = _Relay(done, upstream=False)
+    relay.connection_made(transport)
+    relay.peer = upstream.transport
+    if first:
+        transport.write(first)
+    transport.set_protocol(relay)
+    if leftover:
+        upstream.transport.write(leftover)
+    if reader._eof and upstream.transport.can_write_eof():
+        upstream.transport.write_eof()  # the agent half-closed already
+    upstream.join(transport)
+    if transport.is_closing():
+        relay.connection_lost(None)
+    elif not transport.is_reading():
+        transport.resume_reading()

@@ -1,0 +1,118 @@
+"""A sandbox run attached (`start --foreground`): the agent's stdio are ours,
+signals to us go to the agent, and its exit, OOM kill included, is ours to
+report.
+
+Not `<runtime> run`: it deletes the container, and with it the cgroup that
+counted the OOM kill, before it returns. Instead, as conmon does:
+`<runtime> create` (the agent waits on the runtime's exec fifo), note the
+container's memory cgroup, `<runtime> start`, reap the agent ourselves (we
+are a child subreaper, so the container's init is reparented to us), read
+the cgroup's `oom_kill` counter, and only then delete the container.
+"""
+
+import os
+import signal as signals
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@dataclass(frozen=True)
+class Exit:
+    code: int
+    oom: bool
+
+
+def become_subreaper() -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def memory_events(pid: int) -> Path | None:
+    """The file holding the OOM-kill counter of `pid`'s memory cgroup."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return Path("/sys/fs/cgroup/memory" + path) / "memory.oom_control"
+    for line in lines:
+        if line.startswith("0::"):
+            candidate = Path("/sys/fs/cgroup" + line[3:]) / "memory.events"
+            if candidate.exists():
+                return candidate
+    return None
+
+
+def oom_kills(events: Path | None) -> int:
+    """`oom_kill N` from memory.oom_control (v1) or memory.events (v2)."""
+    if events is None:
+        return 0
+    try:
+        for line in events.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def run(runtime, cid: str, bundle: Path) -> Exit:
+    """Run the container attached to our stdout/stderr until the agent exits."""
+    runtime.root.mkdir(parents=True, exist_ok=True)
+    become_subreaper()
+    # In the sandbox's own runtime dir, which only this start (under the host lock) uses.
+    pid_file, log = bundle.parent / "attached.pid", bundle.parent / "runtime.log"
+    pid_file.unlink(missing_ok=True)
+    try:
+        # The container's stdio are create's: ours. The runtime's own messages
+        # go to --log, so that a failure is still one line of ours.
+        created = subprocess.run(runtime.argv("--log", str(log), "create", "--bundle", str(bundle),
+                                              "--pid-file", str(pid_file), cid),
+                                 stdin=subprocess.DEVNULL)
+        if created.returncode != 0:
+            from tappass_host.runtime.oci import RuntimeError_
+
+            raise RuntimeError_(f"{runtime.name} create failed: {_last_message(log)}")
+        pid = int(pid_file.read_text().strip())
+    finally:
+        pid_file.unlink(missing_ok=True)
+        log.unlink(missing_ok=True)
+    events = memory_events(pid)
+    before = oom_kills(events)
+
+    def forward(signum, _frame):
+        runtime.kill(cid, signals.Signals(signum).name)
+
+    previous = {s: signals.signal(s, forward) for s in (signals.SIGTERM, signals.SIGINT)}
+    try:
+        runtime.start(cid)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        for s, handler in previous.items():
+            signals.signal(s, handler)
+    code = os.waitstatus_to_exitcode(status)
+    return Exit(code=128 - code if code < 0 else code, oom=oom_kills(events) > before)
+
+
+def _last_message(log: Path) -> str:
+    """The last line the runtime logged, without runc's `time=… level=…` frame."""
+    try:
+        lines = log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        lines = []
+    if not lines:
+        return "(no message)"
+    line = lines[-1]
+    if 'msg="' in line:
+        line = line.split('msg="', 1)[1].rsplit('"', 1)[0]
+    return line

@@ -1,0 +1,336 @@
+"""Supervision: what the daemon does about sandboxes that end, expire or
+need a restart (DESIGN §6, §9).
+
+- An agent that exits is restarted per its manifest's restart policy
+  (`no` | `on-failure` | `always`, recorded as `restart_policy` in state.json
+  by `start`), after a capped, jittered backoff that starts over once a run
+  has lasted `stable_after_s`.
+- A sandbox stopped on purpose (`stopped_by` in state.json, written by
+  `lifecycle.stop` before its signal) is never restarted: not after an
+  operator's `tappass-host stop`, and not after an `on_expiry = "stop"` until
+  a fresh keyring is in place.
+- A keyring that expires without a fresh one is audited once
+  (`keyring.expired`); with `on_expiry = "stop"` the sandbox is stopped.
+- With `restart_on_policy_change = true`, a sandbox whose keyring changed a
+  restart-only aspect (`restart-pending` in status) is restarted.
+
+How the daemon learns of an exit: the exit hook conmon runs (`_exited`)
+records and audits the exit, then rings the *doorbell*, a datagram socket
+in the runtime dir that the daemon listens on; the daemon wakes at once. No
+polling loop is needed for promptness; the daemon's periodic rescan (every
+couple of seconds, for new enrollments) doubles as a safety net, e.g. for an
+exit that happened while no daemon was running. A socket rather than
+inotify: no ctypes, no watch per sandbox, and a hook without a listening
+daemon just gets ECONNREFUSED.
+"""
+
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from tappass_host import statefile
+from tappass_host.errors import TappassError
+from tappass_host.paths import HostPaths
+from tappass_host.unixaddress import short_address
+
+DOORBELL = "daemon.sock"
+HOOK_GRACE_S = 10.0  # conmon gone, exit hook silent: record the exit ourselves
+
+
+# --- the doorbell -------------------------------------------------------------------
+
+
+def ring(paths: HostPaths, name: str) -> None:
+    """Tell a listening daemon that `name` changed state; silent if none listens."""
+    try:
+        with short_address(paths.runtime / DOORBELL) as address, \
+                socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.setblocking(False)
+            sock.sendto(name.encode(), address)
+    except OSError:
+        pass  # no daemon, or its queue is full: its next rescan sees the exit anyway
+
+
+class Doorbell:
+    """The daemon's end: a datagram socket that wakes it up."""
+
+    def __init__(self, paths: HostPaths):
+        paths.runtime.mkdir(parents=True, exist_ok=True)
+        self.path = paths.runtime / DOORBELL
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        with short_address(self.path) as address:
+            try:
+                os.unlink(address)  # a previous daemon's
+            except FileNotFoundError:
+                pass
+            self.sock.bind(address)
+            os.chmod(address, 0o600)
+
+    def wait(self, timeout: float) -> set[str]:
+        """Names rung within `timeout` seconds (empty when it timed out)."""
+        import select
+
+        ready, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
+        names = set()
+        while ready:
+            try:
+                names.add(self.sock.recv(256, socket.MSG_DONTWAIT).decode(errors="replace"))
+            except BlockingIOError:
+                break
+        return names
+
+    def close(self) -> None:
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+# --- decisions ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SupervisionSettings:
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    stable_after: float = 60.0
+    on_expiry: str = "keep"
+    restart_on_policy_change: bool = False
+
+    @classmethod
+    def from_config(cls, config) -> "SupervisionSettings":
+        return cls(backoff_initial=float(config["supervision.backoff_initial_s"]),
+                   backoff_max=float(config["supervision.backoff_max_s"]),
+                   stable_after=float(config["supervision.stable_after_s"]),
+                   on_expiry=config["on_expiry"],
+                   restart_on_policy_change=bool(config["restart_on_policy_change"]))
+
+
+def wants_restart(policy: str, exit_record: dict) -> bool:
+    if policy == "always":
+        return True
+    if policy == "on-failure":
+        return exit_record.get("code") != 0 or bool(exit_record.get("oom"))
+    return False
+
+
+def _ends(record: dict | None, state: dict) -> bool:
+    """True when exit `record` is that of the run `state` describes."""
+    if not record:
+        return False
+    if record.get("started_at"):
+        return record["started_at"] == state.get("started_at")
+    return (record.get("finished_at") or "") >= (state.get("started_at") or "~")
+
+
+def _seconds_between(start: str | None, end: str | None) -> float:
+    try:
+        return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _expires_at(keyring: dict) -> datetime | None:
+    from tappass_host.clock import parse_timestamp
+
+    try:
+        return parse_timestamp(keyring["expires_at"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+class Supervisor:
+    """One daemon's supervision of every enrolled sandbox; driven by `tick`
+    from the daemon's main thread."""
+
+    def __init__(self, paths: HostPaths, config, settings: SupervisionSettings,
+                 log: Callable[[str], None], clock: Callable[[], float] = time.monotonic):
+        from tappass_host.sync.backoff import Backoff
+
+        self.paths = paths
+        self.config = config
+        self.settings = settings
+        self.log = log
+        self.clock = clock
+        self._backoff: dict[str, Backoff] = {}
+        self._new_backoff = lambda: Backoff(settings.backoff_initial, settings.backoff_max)
+        self._handled: dict[str, str] = {}  # name -> started_at of the run whose exit we handled
+        self._due: dict[str, tuple[float, str]] = {}  # name -> (when, why) of a pending restart
+        self._hook_late: dict[str, float] = {}
+        self._expiries: dict[str, float] = {}  # name -> wall time its keyring expires
+        self._complaint: dict[str, str] = {}
+
+    # -- the daemon's interface --
+
+    def next_due_in(self) -> float | None:
+        """Seconds until something is due here (a restart, an expiry)."""
+        now, wall = self.clock(), time.time()
+        times = [when - now for when, _ in self._due.values()]
+        times += [at - wall for at in self._expiries.values() if at > wall]
+        return max(0.0, min(times)) if times else None
+
+    def forget(self, name: str) -> None:
+        for table in (self._backoff, self._handled, self._due, self._hook_late,
+                      self._expiries, self._complaint):
+            table.pop(name, None)
+
+    def tick(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                self._check(name)
+            except TappassError as exc:
+                self._complain(name, str(exc))
+            except (OSError, KeyError, TypeError, ValueError) as exc:
+                # one sandbox's odd state must not take the daemon down
+                self._complain(name, f"supervision failed: {type(exc).__name__}: {exc}")
+
+    # -- one sandbox --
+
+    def _check(self, name: str) -> None:
+        from tappass_host.runtime import lifecycle
+
+        sandbox = self.paths.sandbox(name)
+        keyring = lifecycle.read_json(sandbox.keyring / "keyring.json")
+        expired = self._watch_expiry(name, keyring)
+        state = lifecycle.read_json(lifecycle.state_file(sandbox))
+        if not state or state.get("foreground"):
+            return  # never started, or supervised by its own unit (tappass-host@.service)
+        if lifecycle.is_running(sandbox):
+            self._check_running(name, state, expired)
+            return
+        stopped_by = state.get("stopped_by")
+        if stopped_by == "operator":  # never undone, even with a restart pending
+            if self._due.pop(name, None):
+                self.log(f"{name}: stopped by the operator; pending restart called off")
+            return
+        if name in self._due:  # a restart is pending (or a failed one is retried)
+            when, why = self._due[name]
+            if self.clock() >= when:
+                del self._due[name]
+                self._restart(name, state, why)
+            return
+        if stopped_by == "expiry":
+            if keyring and not expired:
+                self._restart(name, state, "keyring_refreshed")
+            return
+        if stopped_by == "policy_change":
+            # stopped for a restart that never came (the daemon died in between)
+            self._restart(name, state, "policy_change")
+            return
+        if stopped_by:
+            return  # an intent this version does not know: leave it alone
+        if self._handled.get(name) != state.get("started_at"):
+            self._on_exit(name, state)
+
+    def _check_running(self, name: str, state: dict, expired: bool) -> None:
+        from tappass_host.runtime import lifecycle
+
+        self._due.pop(name, None)
+        if expired and self.settings.on_expiry == "stop":
+            self.log(f"{name}: keyring expired; stopping the sandbox (on_expiry = stop)")
+            lifecycle.stop(self.paths, name, self._runtime(state), intent="expiry")
+            return
+        if self.settings.restart_on_policy_change and \
+                "restart-pending" in lifecycle.status(self.paths, name)["flags"]:
+            self.log(f"{name}: the new keyring changes what only a restart applies; restarting")
+            lifecycle.stop(self.paths, name, self._runtime(state), intent="policy_change")
+            self._restart(name, state, "policy_change")
+
+    def _on_exit(self, name: str, state: dict) -> None:
+        """The current run has ended: wait for its exit record, then decide."""
+        from tappass_host.runtime import lifecycle
+
+        sandbox = self.paths.sandbox(name)
+        record = lifecycle.read_json(sandbox.exit_record)
+        if not _ends(record, state):
+            if not self._hook_overdue(name):
+                return
+            if lifecycle.monitor_files(sandbox).exit_code() is None:
+                self._handled[name] = state.get("started_at")
+                self._complain(name, "its monitor ended without recording an exit; "
+                                     "not restarting it")
+                return
+            record = lifecycle.record_exit_from_monitor(self.paths, name)
+        self._hook_late.pop(name, None)
+        self._handled[name] = state.get("started_at")
+        policy = state.get("restart_policy", "no")
+        if not wants_restart(policy, record):
+            self.log(f"{name}: exited (code {record.get('code')}); restart policy "
+                     f"{policy!r}: left stopped")
+            return
+        backoff = self._backoff.setdefault(name, self._new_backoff())
+        if _seconds_between(state.get("started_at"), record.get("finished_at")) \
+                >= self.settings.stable_after:
+            backoff.reset()
+        delay = backoff.next_delay()
+        self._due[name] = (self.clock() + delay, policy)
+        self.log(f"{name}: exited (code {record.get('code')}); restart policy {policy!r}: "
+                 f"restarting in {delay:.1f} s")
+
+    def _hook_overdue(self, name: str) -> bool:
+        first = self._hook_late.setdefault(name, self.clock())
+        return self.clock() - first >= HOOK_GRACE_S
+
+    def _restart(self, name: str, state: dict, why: str) -> None:
+        from tappass_host.audit import AuditLog
+        from tappass_host.runtime import lifecycle
+
+        attempt = self._backoff[name].failures if name in self._backoff else 0
+        AuditLog.for_host(self.paths).append("sandbox.restarted", sandbox=name, details={
+            "reason": why, "attempt": attempt, "previous_start": state.get("started_at")})
+        try:
+            started = lifecycle.start(self.paths, name, state["agent"], self.config,
+                                      state.get("runtime"))
+        except TappassError as exc:
+            # No run, no exit hook: try again after the next backoff step.
+            backoff = self._backoff.setdefault(name, self._new_backoff())
+            delay = backoff.next_delay()
+            self._due[name] = (self.clock() + delay, why)
+            self._complain(name, f"restart failed ({exc}); retrying in {delay:.1f} s")
+            return
+        self._complaint.pop(name, None)
+        self.log(f"{name}: restarted ({why}; pid {started.pid}, "
+                 f"policy_version {started.policy_version})")
+
+    def _runtime(self, state: dict):
+        from tappass_host.runtime.oci import OCIRuntime
+
+        return OCIRuntime.find(state["runtime"], self.paths.runtime,
+                               state.get("runtime_binary", ""))
+
+    # -- expiry --
+
+    def _watch_expiry(self, name: str, keyring: dict | None) -> bool:
+        """True when `keyring` has expired; audits each expired keyring once."""
+        expires = _expires_at(keyring) if keyring else None
+        if expires is None:
+            self._expiries.pop(name, None)
+            return False
+        if expires > datetime.now(timezone.utc):
+            self._expiries[name] = expires.timestamp()
+            return False
+        self._expiries.pop(name, None)
+        marker = self.paths.sandbox(name).root / "keyring-expired.json"
+        seen = {"policy_version": keyring.get("policy_version"),
+                "issued_at": keyring.get("issued_at")}
+        try:
+            already = json.loads(marker.read_bytes()) == seen
+        except (OSError, ValueError):
+            already = False
+        if not already:
+            from tappass_host.audit import AuditLog
+
+            AuditLog.for_host(self.paths).append("keyring.expired", sandbox=name, details={
+                **seen, "expires_at": keyring.get("expires_at"),
+                "on_expiry": self.settings.on_expiry})
+            statefile.write_atomic(marker, json.dumps(seen).encode(), 0o644)
+            self.log(f"{name}: keyring policy_version {seen['policy_version']} expired at "
+                     f"{keyring.get('expires_at')} with no fresh one; status shows 'stale'")
+        return True
+
+    def _complain(self, name: str, message: str) -> None:
+        if self._complaint.get(name) != message:  # one line per trouble, not per tick
+            self.log(f"{name}: {message}")
+        self._complaint[name] = message

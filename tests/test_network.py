@@ -1,0 +1,504 @@
+"""Network mode `proxy` (DESIGN §6, §8): a real sandbox under crun and runc in
+its own network namespace, whose only way out is the egress proxy, talking to
+a real HTTPS server in a test namespace over link-local veths."""
+
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+
+import egress_fixture as world
+from devplane_fixture import devplane, make_devplane  # noqa: F401 - fixtures
+from sandbox_fixture import RUNTIMES, new_host, python_agent, require_runtime, unique_name, wait_for
+from tappass_host import network
+from tappass_host.network import policy as egress
+from tappass_host.network.denials import DenialLog
+from tappass_host.network.proxy import BadRequest, parse_head
+from tappass_host.oci import invariants
+
+SLEEPER = "import time\nprint('agent up', flush=True)\ntime.sleep(3600)\n"
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    up = world.start_upstream(tmp_path_factory.mktemp("upstream"))
+    try:
+        yield up
+    finally:
+        up.stop()
+
+
+@pytest.fixture
+def net(upstream):
+    """A host configured for the upstream world; torn down completely after."""
+    host = new_host()
+    world.configure(host, upstream)
+    names: list[str] = []
+    host.net_names = names
+    try:
+        yield host
+    finally:
+        try:
+            world.teardown(host, names)
+        finally:
+            host.cleanup()
+
+
+def start_proxy_sandbox(host, upstream, runtime: str, prefix: str, *allowed: str) -> str:
+    require_runtime(runtime)
+    name = unique_name(prefix, runtime)
+    host.net_names.append(name)
+    host.enroll(name, network=world.proxy_policy(upstream, *allowed))
+    agent = python_agent(host.root / f"agent-{name}", SLEEPER)
+    result = host.start(name, agent, runtime)
+    log = host.paths.runtime / "network" / "proxy.log"
+    if result.returncode != 0 and log.exists():
+        open("/tmp/proxy-fail.log", "w").write(log.read_text())
+    assert result.returncode == 0, (result.stderr, log.exists() and log.read_text()[-3000:])
+    host.wait_log(name, "agent up")
+    world.put_in_workspace(host, name, {"ca.pem": upstream.ca_pem.read_bytes()})
+    return name
+
+
+def fetch(host, name: str, url: str) -> str:
+    return world.in_sandbox(host, name, world.CLIENT, url, "/workspace/ca.pem")
+
+
+def link_of(host, name: str) -> dict:
+    return json.loads((host.paths.runtime / "network" / "sandboxes" / f"{name}.json").read_text())
+
+
+def audit(host, event: str, name: str) -> list[dict]:
+    try:
+        lines = host.paths.audit_log.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [e for e in map(json.loads, lines) if e["event"] == event and e["sandbox"] == name]
+
+
+def assert_gone(host, name: str, link: dict) -> None:
+    wait_for(lambda: f"tappass-{name}" not in world.netns_names()
+             and link["host_ifname"] not in world.link_names(host), 10,
+             what=f"{name}'s namespace and veth to go")
+    assert not (host.paths.runtime / "network" / "sandboxes" / f"{name}.json").exists()
+    pid = world.proxy_pid(host)
+    assert pid is None or not world.listening(host, pid, link["host_address"])
+
+
+# --- the whole path, from inside real sandboxes -------------------------------
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_egress_only_through_the_policy_proxy(net, upstream, runtime):
+    name = start_proxy_sandbox(net, upstream, runtime, "net", "allowed.test", "*.wild.test",
+                               "loop.test", "private.test")
+    pid = net.status(name)["pid"]
+    link = link_of(net, name)
+    env = world.in_sandbox(net, name, "import os, json; print(json.dumps(dict(os.environ)))")
+    env = json.loads(env)
+    proxy_url = f"http://{link['host_address']}:3128"
+    assert env["HTTPS_PROXY"] == env["http_proxy"] == proxy_url
+    assert env["NO_PROXY"] == "localhost,127.0.0.1"
+
+    assert fetch(net, name, upstream.url("allowed.test")) == "STATUS 200 1024"
+    assert fetch(net, name, upstream.url("a.wild.test")) == "STATUS 200 1024"
+    assert fetch(net, name, upstream.url("ALLOWED.test", tls=False)) == "STATUS 200 1024"
+    # Not on the list, or resolving where the policy does not name.
+    assert "403" in fetch(net, name, upstream.url("denied.test"))
+    assert "403" in fetch(net, name, upstream.url("denied.test", tls=False))
+    # Plain HTTP goes to the server the URI names, whatever Host the agent claims.
+    spoofed = b"GET http://allowed.test:8080/ HTTP/1.1\r\nHost: denied.test\r\n\r\n"
+    head = world.in_sandbox(net, name, world.RAW, spoofed.hex())
+    assert head.startswith("HTTP/1.1 200 ") and "X-Host: allowed.test:8080" in head, head
+    assert "403" in fetch(net, name, upstream.url("loop.test"))
+    assert "403" in fetch(net, name, upstream.url("private.test"))
+    # Around the proxy: no route anywhere, not even to the server's address.
+    direct = world.in_sandbox(net, name, world.DIRECT, upstream.address, str(world.HTTPS_PORT))
+    assert direct.startswith("ERROR 101 "), direct  # ENETUNREACH
+    direct = world.in_sandbox(net, name, world.DIRECT, "1.1.1.1", "443")
+    assert direct.startswith("ERROR 101 "), direct
+
+    # A new keyring adds the name: the next connection is allowed, nothing restarted.
+    assert "403" in fetch(net, name, upstream.url("later.test"))
+    net.apply(name, network=world.proxy_policy(upstream, "allowed.test", "later.test"))
+    assert fetch(net, name, upstream.url("later.test")) == "STATUS 200 1024"
+    net.apply(name, network=world.proxy_policy(upstream, "allowed.test"))
+    assert "403" in fetch(net, name, upstream.url("later.test"))
+    assert net.status(name)["pid"] == pid
+
+    reasons = {(e["details"]["host"], e["details"]["reason"])
+               for e in audit(net, "network.denied", name)}
+    assert ("denied.test", egress.NOT_ALLOWED) in reasons
+    assert ("loop.test", egress.PRIVATE_ADDRESS) in reasons
+    assert ("private.test", egress.PRIVATE_ADDRESS) in reasons
+    assert ("later.test", egress.NOT_ALLOWED) in reasons
+
+    result = net.run("stop", name, "--timeout", "2")
+    assert result.returncode == 0, result.stderr
+    assert_gone(net, name, link)
+
+
+EXCHANGE = """
+import socket, sys, time
+address, data, timeout = (sys.argv[1], int(sys.argv[2])), bytes.fromhex(sys.argv[3]), float(sys.argv[4])
+started = time.monotonic()
+with socket.create_connection(address, timeout=timeout) as sock:
+    sock.sendall(data)
+    reply = b""
+    while chunk := sock.recv(4096):
+        reply += chunk
+print(repr(reply.split(b"\\r\\n")[0]), round(time.monotonic() - started, 2))
+"""
+
+TUNNELS = """
+import asyncio, resource, sys
+address, count = (sys.argv[1], int(sys.argv[2])), int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_NOFILE, (count * 2 + 100, count * 2 + 100))
+
+async def main():
+    opened, ready = asyncio.Event(), 0
+
+    async def one():
+        nonlocal ready
+        reader, writer = await asyncio.open_connection(*address)
+        try:
+            writer.write(b"CONNECT allowed.test:8443 HTTP/1.1\\r\\nHost: allowed.test:8443\\r\\n\\r\\n")
+            status = await reader.readuntil(b"\\r\\n\\r\\n")
+            ready += 1
+            if ready == count:
+                opened.set()
+            await asyncio.wait_for(opened.wait(), 60)
+            return status.startswith(b"HTTP/1.1 200 ")
+        finally:
+            writer.close()
+
+    results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
+    print(sum(1 for r in results if r is True))
+
+asyncio.run(main())
+"""
+
+
+def test_proxy_survives_abuse_without_leaking(net, upstream):
+    name = start_proxy_sandbox(net, upstream, "crun", "abuse", "allowed.test")
+    link = link_of(net, name)
+    address = (link["host_address"], "3128")
+    proxy = world.proxy_pid(net)
+    assert proxy
+    before = len(os.listdir(f"/proc/{proxy}/fd"))
+
+    def exchange(data: bytes, timeout: float = 5) -> tuple[bytes, float]:
+        line, elapsed = world.in_hub(net, EXCHANGE, *address, data.hex(), str(timeout)) \
+            .rsplit(" ", 1)
+        return eval(line), float(elapsed)  # noqa: S307 - the repr of bytes we printed
+
+    for line in (b"CONNECT allowed.test HTTP/1.1\r\n\r\n", b"CONNECT :443 HTTP/1.1\r\n\r\n",
+                 b"CONNECT allowed.test:99999 HTTP/1.1\r\n\r\n", b"\x00\xff garbage\r\n\r\n",
+                 b"GET /relative HTTP/1.1\r\n\r\n", b"CONNECT a b c d\r\n\r\n",
+                 b"GET ftp://allowed.test/ HTTP/1.1\r\n\r\n"):
+        assert exchange(line)[0].startswith(b"HTTP/1.1 400 "), line
+    assert exchange(b"CONNECT allowed.test:443 HTTP/1.1\r\nX: " + b"a" * 20000
+                    + b"\r\n\r\n")[0].startswith(b"HTTP/1.1 431 ")
+    # Slowloris: half a request head, then silence: dropped after header_timeout_s.
+    reply, elapsed = exchange(b"CONNECT allowed.test:8443 HTTP/1.1\r\nHost: a", timeout=10)
+    assert reply.startswith(b"HTTP/1.1 408 ") and elapsed < 5
+    # An IP literal is allowed only when listed; the proxy's own addresses never.
+    assert exchange(f"CONNECT {link['host_address']}:22 HTTP/1.1\r\n\r\n".encode())[0] \
+        .startswith(b"HTTP/1.1 403 ")
+    # The hub holds nothing but the proxy: no host service is reachable from the link.
+    assert "ERROR" in world.in_sandbox(net, name, world.DIRECT, link["host_address"], "22")
+
+    # Denials beyond the rate limit are counted, not written.
+    for _ in range(30):
+        assert exchange(b"CONNECT denied.test:443 HTTP/1.1\r\n\r\n")[0] \
+            .startswith(b"HTTP/1.1 403")
+    denied = audit(net, "network.denied", name)
+    assert len(denied) == 20  # 31 denials, the limit per minute written
+
+    assert world.in_hub(net, TUNNELS, *address, "1000") == "1000"
+    wait_for(lambda: len(os.listdir(f"/proc/{proxy}/fd")) <= before + 2, 15,
+             what="the proxy's descriptors to be released")
+    # Still serving the sandbox.
+    assert fetch(net, name, upstream.url("allowed.test")) == "STATUS 200 1024"
+
+
+def test_nothing_left_after_sigkill_of_everything_and_start(net, upstream):
+    first = start_proxy_sandbox(net, upstream, "crun", "kill", "allowed.test")
+    second = start_proxy_sandbox(net, upstream, "runc", "kill", "allowed.test")
+    links = {n: link_of(net, n) for n in (first, second)}
+    proxy = world.proxy_pid(net)
+    victims = [proxy]
+    for name in (first, second):
+        state = json.loads((net.paths.sandbox(name).runtime / "state.json").read_text())
+        victims += [state["conmon_pid"], state["pid"]]
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: net.status(first)["state"] != "running"
+             and net.status(second)["state"] != "running", 10)
+    assert f"tappass-{first}" in world.netns_names()  # what the crash left
+
+    agent = python_agent(net.root / "agent-again", SLEEPER)
+    net.start_ok(second, agent, "runc")
+    assert_gone(net, first, links[first])
+    proxy = world.proxy_pid(net)
+    assert proxy and world.listening(net, proxy, link_of(net, second)["host_address"])
+    net.wait_log(second, "agent up")
+    assert fetch(net, second, upstream.url("allowed.test")) == "STATUS 200 1024"
+
+    assert net.run("stop", second, "--timeout", "2").returncode == 0
+    assert_gone(net, second, link_of_or(links[second], net, second))
+
+
+def test_a_killed_proxy_comes_back_for_running_sandboxes(net, upstream):
+    """The proxy alone dies: the next start brings one up that listens again
+    for the sandboxes still running."""
+    first = start_proxy_sandbox(net, upstream, "crun", "revive", "allowed.test")
+    os.kill(world.proxy_pid(net), signal.SIGKILL)
+    wait_for(lambda: world.proxy_pid(net) is None, 10)
+    assert fetch(net, first, upstream.url("allowed.test")).startswith("ERROR")
+    start_proxy_sandbox(net, upstream, "runc", "revive", "allowed.test")
+    assert fetch(net, first, upstream.url("allowed.test")) == "STATUS 200 1024"
+
+
+def link_of_or(default: dict, host, name: str) -> dict:
+    try:
+        return link_of(host, name)
+    except FileNotFoundError:
+        return default
+
+
+def test_agent_exit_removes_its_network(net, upstream):
+    """The exit hook (conmon) removes the namespace when the agent ends by itself."""
+    name = unique_name("exits", "crun")
+    net.net_names.append(name)
+    net.enroll(name, network=world.proxy_policy(upstream, "allowed.test"))
+    agent = python_agent(net.root / "agent-exits", "import time; time.sleep(0.5)\n")
+    net.start_ok(name, agent, "crun")
+    link = link_of(net, name)
+    net.wait_exited(name)
+    assert_gone(net, name, link)
+
+
+# --- the decision and its pieces, as pure functions ----------------------------
+
+
+def policy_of(*patterns: str) -> egress.Policy:
+    return egress.from_keyring({"network": {"mode": "proxy", "allow_domains": list(patterns)}})
+
+
+def test_allow_decision():
+    p = policy_of("api.tappass.ai", "*.example.com", "169.254.1.2", "BÜCHER.example")
+    assert egress.check_name(p, "api.tappass.ai") is None
+    assert egress.check_name(p, "API.TapPass.AI") is None
+    assert egress.check_name(p, "a.b.example.com") is None
+    assert egress.check_name(p, "example.com") == egress.NOT_ALLOWED
+    assert egress.check_name(p, "evil-example.com") == egress.NOT_ALLOWED
+    assert egress.check_name(p, "api.tappass.ai.evil.com") == egress.NOT_ALLOWED
+    assert egress.check_name(p, "bücher.example") is None
+    assert egress.check_name(p, "xn--bcher-kva.example") is None
+    assert egress.check_name(p, "169.254.1.2") is None
+    assert egress.check_name(p, "10.0.0.1") == egress.IP_NOT_LISTED
+    assert egress.check_name(p, "::ffff:169.254.1.2") is None
+    off = egress.from_keyring({"network": {"mode": "none", "allow_domains": ["a.b"]}})
+    assert egress.check_name(off, "a.b") == egress.PROXY_OFF
+
+
+def test_destination_refuses_private_unless_listed():
+    import ipaddress
+
+    ip = ipaddress.ip_address
+    p = policy_of("a.example", "169.254.1.2")
+    for private in ("127.0.0.1", "10.1.1.1", "192.168.0.1", "172.16.0.1", "169.254.9.9",
+                    "0.0.0.0", "224.0.0.1", "::1", "fe80::1", "fc00::1", "100.64.0.1",
+                    "::ffff:127.0.0.1"):
+        assert egress.pick_destination(p, [ip(private)]) == egress.PRIVATE_ADDRESS, private
+    assert egress.pick_destination(p, [ip("127.0.0.1"), ip("93.184.216.34")]) == \
+        ip("93.184.216.34")
+    assert egress.pick_destination(p, [ip("169.254.1.2")]) == ip("169.254.1.2")
+
+
+def test_request_parsing():
+    assert parse_head(b"CONNECT a.example:443 HTTP/1.1\r\n\r\n").port == 443
+    request = parse_head(b"GET http://a.example:81/x?q=1 HTTP/1.1\r\nProxy-Authorization: s\r\n"
+                         b"Accept: */*\r\n\r\n")
+    assert (request.host, request.port, request.path) == ("a.example", 81, "/x?q=1")
+    assert request.headers == (b"Accept: */*",)
+    for bad in (b"CONNECT a.example HTTP/1.1\r\n\r\n", b"GET /x HTTP/1.1\r\n\r\n",
+                b"GET http://u:p@a.example/ HTTP/1.1\r\n\r\n",
+                b"CONNECT a.example:443 HTTP/2\r\n\r\n", b"CONNECT a.example:0 HTTP/1.1\r\n\r\n",
+                b"CONNECT a.example:443 HTTP/1.1\r\nno colon\r\n\r\n"):
+        with pytest.raises(BadRequest):
+            parse_head(bad)
+
+
+def test_denials_are_rate_limited():
+    written = []
+    now = [0.0]
+    log = DenialLog(lambda *event: written.append(event), limit=3, window=60,
+                    clock=lambda: now[0])
+    for _ in range(10):
+        log.denied("s", "x.example", "not_allowed")
+    assert len(written) == 3
+    now[0] = 61
+    log.denied("s", "y.example", "not_allowed")
+    assert written[-1][2] == {"host": "y.example", "reason": "not_allowed", "suppressed": 7}
+    log.denied("other", "x.example", "not_allowed")
+    assert written[-1][1] == "other"
+
+
+def test_invariants_accept_only_the_sandboxes_own_namespace(tmp_path, monkeypatch):
+    """A layer may join tappass-<this sandbox>, never the host's nor another's."""
+    monkeypatch.setattr(invariants, "_RULES", (invariants._check_namespaces,))
+    mine = unique_name("inv")
+    state = tmp_path / "state"
+
+    def check(path: str) -> None:
+        config = {"linux": {"namespaces": [{"type": t} for t in
+                                           ("pid", "mount", "ipc", "uts")]
+                            + [{"type": "network", "path": path}]}}
+        invariants.check(config, state_dir=state,
+                         keyring_dir=state / "sandboxes" / mine / "keyring",
+                         workspace_dir=state / "sandboxes" / mine / "workspace",
+                         rootless=False, provenance={"linux.namespaces[4]": "evil"})
+
+    check(network.netns_path(mine))
+    for path in ("/proc/1/ns/net", "/run/netns/tappass-other", "/run/netns/other",
+                 "/run/netns/../netns/tappass-other", "/run/netns"):
+        with pytest.raises(invariants.InvariantViolation, match="host network namespace"):
+            check(path)
+    own = network.netns_path(mine)  # ours by name, the host's in fact
+    os.makedirs("/run/netns", exist_ok=True)
+    os.symlink("/proc/self/ns/net", own)
+    try:
+        with pytest.raises(invariants.InvariantViolation):
+            check(own)
+    finally:
+        os.unlink(own)
+
+
+# --- the same live change, published to the devplane and received by the daemon ---
+
+
+def test_published_allowlist_takes_effect_live_and_daemon_cleans_up(devplane, tmp_path,
+                                                                     upstream):
+    import uuid
+
+    from daemon_fixture import POLICY, SYNC_CONFIG, DaemonProcess, enroll, publish
+    from devplane_fixture import new_host_state, run_host
+
+    host = new_host_state(tmp_path, "host")
+    host.config.write_text(SYNC_CONFIG + f'[network]\nhosts_file = "{upstream.hosts_file}"\n')
+    name = "netd-" + uuid.uuid4().hex[:6]
+    daemon = None
+    try:
+        enroll(devplane, host, name)
+
+        def policy(*names: str) -> dict:
+            return {**POLICY, "network": world.proxy_policy(upstream, *names)}
+
+        def fetch_here(url: str) -> str:
+            result = run_host(host, "shell", name, "--", "python3", "-c", world.CLIENT, url,
+                              "/workspace/ca.pem")
+            assert result.returncode == 0, result.stderr
+            return result.stdout.strip()
+
+        assert publish(devplane, tmp_path, policy("allowed.test"), name) == 1
+        agent = python_agent(tmp_path / "agent", SLEEPER)
+        result = run_host(host, "start", name, "--agent", str(agent), "--runtime", "crun")
+        assert result.returncode == 0, result.stderr
+        ca = host.paths.sandbox(name).workspace / "ca.pem"
+        ca.write_bytes(upstream.ca_pem.read_bytes())
+        ca.chmod(0o644)
+        daemon = DaemonProcess(host, tmp_path / "daemon.log")
+        daemon.wait_line(f"{name}: stream open (policy_version 1)")
+        assert "403" in fetch_here(upstream.url("later.test"))
+
+        assert publish(devplane, tmp_path, policy("allowed.test", "later.test"), name) == 2
+        daemon.wait_line(f"{name}: applied policy_version 2")
+        assert fetch_here(upstream.url("later.test")) == "STATUS 200 1024"
+        assert publish(devplane, tmp_path, policy("allowed.test"), name) == 3
+        daemon.wait_line(f"{name}: applied policy_version 3")
+        assert "403" in fetch_here(upstream.url("later.test"))
+
+        # Everything dies; the daemon (no start needed) removes what was left.
+        records = host.paths.runtime / "network" / "sandboxes"
+        link = json.loads((records / f"{name}.json").read_text())
+        state = json.loads((host.paths.sandbox(name).runtime / "state.json").read_text())
+        for pid in (int((host.paths.runtime / "network" / "proxy.pid").read_text()),
+                    state["conmon_pid"], state["pid"]):
+            os.kill(pid, signal.SIGKILL)
+        daemon.wait_line(f"removed the network of stopped sandbox(es) {name}", timeout=20)
+        wait_for(lambda: f"tappass-{name}" not in world.netns_names(), 10)
+        assert not (records / f"{name}.json").exists()
+        hub_links = subprocess.run(["ip", "-n", network.hub_name(host.paths), "-o", "link"],
+                                   capture_output=True, text=True).stdout
+        assert link["host_ifname"] not in hub_links
+    finally:
+        if daemon is not None:
+            daemon.terminate()
+        run_host(host, "stop", name, "--timeout", "1")
+        subprocess.run(["crun", "--root", str(host.paths.runtime / "oci" / "crun"), "delete",
+                        "--force", f"tappass-{name}"], capture_output=True)
+        pid_file = host.paths.runtime / "network" / "proxy.pid"
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+        subprocess.run(["ip", "netns", "del", f"tappass-{name}"], capture_output=True)
+        subprocess.run(["ip", "netns", "del", network.hub_name(host.paths)], capture_output=True)
+
+
+def test_network_layer_output():
+    from types import SimpleNamespace
+
+    from tappass_host import layers
+    from tappass_host.layers import network as layer
+
+    def inputs(mode: str, rootless: bool = False, proxy: str = "http://169.254.64.1:3128"):
+        host = layers.Host(rootless=rootless, agent_uid=1000, agent_gid=1000, egress_proxy=proxy)
+        return SimpleNamespace(name="demo", host=host,
+                               keyring={"network": {"mode": mode, "allow_domains": ["a.b"]}})
+
+    result = layer.apply(inputs("proxy"))
+    assert result.oci["linux"]["namespaces"] == [{"type": "network",
+                                                  "path": "/run/netns/tappass-demo"}]
+    env = dict(e.split("=", 1) for e in result.oci["process"]["env"])
+    assert env["HTTPS_PROXY"] == env["https_proxy"] == "http://169.254.64.1:3128"
+    assert env["NO_PROXY"] == env["no_proxy"] == "localhost,127.0.0.1"
+    assert "network.allow_domains" in result.hot_reload and "network.mode" in result.restart
+    assert layer.apply(inputs("none")).oci == {}
+    for bad in (inputs("proxy", rootless=True), inputs("proxy", proxy=""), inputs("open")):
+        with pytest.raises(layers.LayerUnavailable):
+            layer.apply(bad)
+
+
+def test_control_socket_works_under_a_state_dir_deeper_than_af_unix_allows(tmp_path):
+    """AF_UNIX paths stop at 108 bytes; state dirs do not."""
+    import threading
+
+    from tappass_host.network import control, service
+    from tappass_host.paths import HostPaths
+
+    deep = tmp_path.joinpath(*["d" * 40] * 4)
+    paths = HostPaths(state=deep / "state", runtime=deep / "run")
+    network.service_dir(paths).mkdir(parents=True)
+    assert len(str(network.control_socket(paths))) > 108
+    listener = service._bound_control_socket(paths)
+    listener.listen(1)
+
+    def answer():
+        conn, _ = listener.accept()
+        with conn:
+            assert json.loads(conn.recv(1024)) == {"op": "ping"}
+            conn.sendall(b'{"ok": true}\n')
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    try:
+        assert control._ask(paths, {"op": "ping"}) == {"ok": True}
+    finally:
+        thread.join(5)
+        listener.close()
+    assert oct(network.control_socket(paths).stat().st_mode & 0o777) == "0o600"
