@@ -14,7 +14,7 @@ from pathlib import Path
 from tappass_host import shipped, statefile
 from tappass_host.errors import NotFound, TappassError
 
-UNITS = ("tappass-host.service", "tappass-host@.service")
+UNITS = ("tappass-host.service", "tappass-host@.service", "tappass-host-egress.service")
 SHIPPED_EXECUTABLE = "/usr/bin/tappass-host"
 DEFAULT_DIR = Path("/etc/systemd/system")
 

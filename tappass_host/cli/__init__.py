@@ -21,6 +21,7 @@ _COMMANDS = {
     "init": ("tappass_host.cli.enroll", "init", "Enroll a sandbox from a one-time bootstrap URL."),
     "daemon": ("tappass_host.cli.daemon", "daemon", "Receive signed keyring updates for every enrolled sandbox."),
     "sync": ("tappass_host.cli.sync", "sync", "Apply signed keyrings (air-gapped hosts)."),
+    "egress": ("tappass_host.cli.egress", "egress", "Run the egress proxy (network mode 'proxy') in the foreground."),
     "start": ("tappass_host.cli.sandbox", "start", "Start a sandbox's agent."),
     "stop": ("tappass_host.cli.sandbox", "stop", "Stop a sandbox's agent."),
     "status": ("tappass_host.cli.sandbox", "status", "Show sandboxes and their state."),

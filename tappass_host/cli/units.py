@@ -20,6 +20,9 @@ def systemd():
     tappass-host@.service   one sandbox in the foreground, supervised by systemd:
                             systemctl start tappass-host@NAME (agent and runtime
                             of NAME's last start)
+    tappass-host-egress.service
+                            the egress proxy of network mode "proxy" for every
+                            sandbox; the other two want it
     """
 
 
@@ -27,7 +30,7 @@ def systemd():
 @click.argument("unit", required=False, metavar="[UNIT]")
 @click.option("--exec", "exec_path", metavar="PATH", help=_EXEC_HELP)
 def print_units(unit, exec_path):
-    """Print UNIT (default: both), rendered for this installation."""
+    """Print UNIT (default: every unit), rendered for this installation."""
     from tappass_host import systemd as units
 
     names = [unit] if unit else list(units.UNITS)
@@ -42,7 +45,7 @@ def print_units(unit, exec_path):
 @click.option("--exec", "exec_path", metavar="PATH", help=_EXEC_HELP)
 @pass_host
 def install(host, directory, exec_path):
-    """Write both units into --dir, rendered for this installation.
+    """Write every unit into --dir, rendered for this installation.
 
     Then: systemctl daemon-reload && systemctl enable --now tappass-host.service
     """

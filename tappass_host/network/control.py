@@ -1,6 +1,8 @@
 """What `start`, `stop`, the exit hook and the daemon ask of the egress
 service (tappass_host.network.service): cheap to import — a unix socket and
-JSON, no pyroute2."""
+JSON, no pyroute2. Under systemd the service runs as a unit of its own
+(tappass-host-egress.service) and answers; elsewhere the first request
+spawns one, which ends once idle."""
 
 import json
 import os
@@ -41,13 +43,15 @@ def _ask(paths: HostPaths, request: dict) -> dict:
 def _spawn(paths: HostPaths, config) -> None:
     directory = network.service_dir(paths)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "tappass_host.network", "--state", str(paths.state),
-            "--runtime", str(paths.runtime), "--port", str(config["network.proxy_port"]),
-            "--pool", config["network.address_pool"],
-            "--hosts-file", config["network.hosts_file"],
-            "--header-timeout", str(config["network.header_timeout_s"])]
+    from tappass_host.network.settings import Settings
+
+    argv = [sys.executable, "-m", "tappass_host.network",
+            *Settings.from_config(config).argv(paths)]
+    # Not systemd's to hear from: spawned by a notify unit (the daemon), the
+    # proxy would otherwise report READY=1 as that unit.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
     with open(network.log_file(paths), "ab") as log:
-        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                          start_new_session=True, close_fds=True, cwd="/")
     deadline = time.monotonic() + SPAWN_WAIT_S
     while time.monotonic() < deadline:
@@ -57,6 +61,36 @@ def _spawn(paths: HostPaths, config) -> None:
         except (OSError, ValueError):
             time.sleep(0.01)
     raise EgressError(f"the egress proxy did not start (see {network.log_file(paths)})")
+
+
+def take_over(paths: HostPaths) -> int | None:
+    """End the egress service that answers for `paths` (one `start` spawned
+    before the unit came up): SIGTERM, which leaves running sandboxes'
+    namespaces for the next service to listen for again. Returns its pid."""
+    import signal
+
+    try:
+        pid = int(_ask(paths, {"op": "ping"})["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return pid
+    deadline = time.monotonic() + SPAWN_WAIT_S
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise EgressError(f"the egress proxy already running (pid {pid}) did not exit")
+        time.sleep(0.02)
+    return pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _request(paths: HostPaths, config, request: dict) -> dict:

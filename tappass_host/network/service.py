@@ -8,9 +8,13 @@ over `<runtime>/network/control.sock` (JSON lines, root only):
   {"op": "attach", "name"}  create the sandbox's namespace, link and listener
   {"op": "detach", "name"}  remove them (stop, the exit hook)
   {"op": "reap"}            remove those of sandboxes that are not running
-When no sandbox has been attached for IDLE_EXIT_S it exits. On start it
-re-listens for sandboxes still running and removes what a killed
-predecessor left of the others.
+When no sandbox has been attached for IDLE_EXIT_S it exits, unless it runs
+as a service of its own (`tappass-host egress --no-idle-exit`, the unit
+tappass-host-egress.service: READY=1 once the control socket listens). On
+start it re-listens for sandboxes still running and removes what a killed
+predecessor left of the others. On SIGTERM it closes every listener; the
+hub and the sandboxes' namespaces stay while sandboxes still run, for the
+next service to listen again.
 """
 
 import asyncio
@@ -30,18 +34,12 @@ from tappass_host.network.addresses import Link
 from tappass_host.network.denials import DenialLog
 from tappass_host.network.proxy import HEAD_LIMIT, EgressProxy, SandboxPolicy
 from tappass_host.network.resolver import Resolver
+from tappass_host.network.settings import Settings
 from tappass_host.paths import HostPaths
+from tappass_host.sync.notify import sd_notify
 from tappass_host.unixaddress import short_address
 
 IDLE_EXIT_S = 60.0
-
-
-@dataclass(frozen=True)
-class Settings:
-    port: int
-    pool: str
-    hosts_file: str
-    header_timeout: float
 
 
 @dataclass
@@ -75,6 +73,7 @@ class EgressService:
         control = await asyncio.start_unix_server(self._control,
                                                   sock=_bound_control_socket(self.paths))
         statefile.write_atomic(network.pid_file(self.paths), f"{os.getpid()}\n".encode(), 0o644)
+        sd_notify("READY=1")
         loop = asyncio.get_running_loop()
         # Not loop.add_signal_handler: its wakeup socket is inherited by any
         # child pyroute2 forks, and a SIGTERM pyroute2 sends such a child
@@ -85,13 +84,14 @@ class EgressService:
         try:
             await self._stopped.wait()
         finally:
+            sd_notify("STOPPING=1")
             control.close()
             for attached in self.attached.values():
                 if attached.server is not None:
                     attached.server.close()
             if _read_pid(network.pid_file(self.paths)) == os.getpid():
                 network.pid_file(self.paths).unlink(missing_ok=True)
-                sock.unlink(missing_ok=True)
+                network.control_socket(self.paths).unlink(missing_ok=True)
             if not network.recorded(self.paths):
                 await self._in_netlink(self.namespaces.remove_hub)
 
@@ -99,7 +99,7 @@ class EgressService:
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
-        if not self.attached:
+        if not self.attached and self.settings.idle_exit:
             self._idle = asyncio.get_running_loop().call_later(IDLE_EXIT_S, self._stopped.set)
 
     def _append_audit(self, event: str, sandbox: str, details: dict) -> None:
