@@ -50,6 +50,13 @@ def require_runtime(runtime: str) -> None:
         assert shutil.which(binary), f"{binary} is not installed (apt-get install -y {binary})"
 
 
+@pytest.fixture(params=RUNTIMES)
+def runtime(request) -> str:
+    """Each test using it runs once per OCI runtime."""
+    require_runtime(request.param)
+    return request.param
+
+
 def one_line_error(result: subprocess.CompletedProcess) -> str:
     """The CLI's contract for errors: non-zero exit, one line on stderr, no traceback."""
     assert result.returncode != 0, result

@@ -16,13 +16,12 @@ import textwrap
 
 import pytest
 
-from sandbox_fixture import (  # noqa: F401  (host is a fixture)
+from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
     HELLO_AGENT,
     PYTHON,
-    RUNTIMES,
     host,
     one_line_error,
-    require_runtime,
+    runtime,
     unique_name,
     wait_for,
     write_agent,
@@ -117,12 +116,6 @@ def nothing_started(host, runtime, name) -> None:
     assert "sandbox.started" not in audit_events(host, name)
     assert not sandbox.agent_log.exists()
     assert not sandbox.exit_record.exists()
-
-
-@pytest.fixture(params=RUNTIMES)
-def runtime(request):
-    require_runtime(request.param)
-    return request.param
 
 
 # --- a third-party applier ------------------------------------------------------------

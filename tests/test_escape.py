@@ -16,13 +16,14 @@ import shutil
 import pytest
 
 import escape_expectations as expect
-from sandbox_fixture import (  # noqa: F401  (host is a fixture)
+from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
     PROBES,
     RUNTIMES,
     host,
     new_host,
     python_agent,
     require_runtime,
+    runtime,
     unique_name,
     wait_for,
     write_agent,
@@ -121,12 +122,6 @@ for pid in children:
 for pid in children:
     os.waitpid(pid, 0)
 """
-
-
-@pytest.fixture(params=RUNTIMES)
-def runtime(request):
-    require_runtime(request.param)
-    return request.param
 
 
 def test_a_fork_bomb_stops_at_pids_max(runtime, host):

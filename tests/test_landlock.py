@@ -20,13 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_fixture import (  # noqa: F401  (host is a fixture)
+from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
     HELLO_AGENT,
-    RUNTIMES,
     host,
     one_line_error,
     python_agent,
-    require_runtime,
+    runtime,
     unique_name,
     write_agent,
 )
@@ -89,12 +88,6 @@ report["inotify_keyring"] = libc.inotify_add_watch(inotify, b"/run/tappass/keyri
 report["stacked"] = stack_permissive_ruleset()
 print("REPORT " + json.dumps(report), flush=True)
 """
-
-
-@pytest.fixture(params=RUNTIMES)
-def runtime(request):
-    require_runtime(request.param)
-    return request.param
 
 
 @pytest.fixture

@@ -23,12 +23,13 @@ import pytest
 
 import escape_expectations as expect
 from rootless_fixture import SIGN, rootless_users  # noqa: F401  (a fixture)
-from sandbox_fixture import (
+from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
     HELLO_AGENT,
     PROBES,
     RUNTIMES,
     python_agent,
     require_runtime,
+    runtime,
     unique_name,
     write_agent,
 )
@@ -59,12 +60,6 @@ print(json.dumps({"uid": os.getuid(), "gid": os.getgid(),
 open("/workspace/written", "w").write("by the agent")
 raise SystemExit(7)
 """
-
-
-@pytest.fixture(params=RUNTIMES)
-def runtime(request):
-    require_runtime(request.param)
-    return request.param
 
 
 def host_id(inner: int, mapping: list) -> int | None:

@@ -1,7 +1,9 @@
 """The shipped systemd units (DESIGN §3, §9, §11): they pass
 `systemd-analyze verify`, ship in the wheel, are printed and installed by
 the CLI, and what they run behaves as they promise (notify + watchdog,
-journald-friendly logs, a foreground sandbox started from its record).
+journald-friendly logs, a foreground sandbox started from its record, one
+egress proxy of its own that serves every sandbox and is left running by
+them).
 
 PID 1 here is not systemd: `verify` loads the unit files offline. It checks
 that ExecStart is executable, so the units are verified as `systemd install`
@@ -9,20 +11,28 @@ renders them, pointing at this installation's tappass-host.
 """
 
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
+import egress_fixture as world
 from devplane_fixture import ENV, PYTHON
-from sandbox_fixture import host, python_agent, unique_name  # noqa: F401
+from sandbox_fixture import RUNTIMES, host, python_agent, unique_name, wait_for  # noqa: F401
+from tappass_host.network import control
+from test_network import assert_gone, fetch, link_of, net, start_proxy_sandbox, upstream  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
-UNITS = ("tappass-host.service", "tappass-host@.service")
+UNITS = ("tappass-host.service", "tappass-host@.service", "tappass-host-egress.service")
+SANDBOX_UNITS = ("tappass-host.service", "tappass-host@.service")
+EGRESS_UNIT = "tappass-host-egress.service"
 
 
 def tappass_host(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
@@ -46,8 +56,9 @@ def installed(tmp_path) -> Path:
     return tmp_path
 
 
-def test_both_units_pass_systemd_analyze_verify(installed):
-    result = verify(installed / "tappass-host.service", installed / "tappass-host@demo-1.service")
+def test_every_unit_passes_systemd_analyze_verify(installed):
+    result = verify(installed / "tappass-host.service", installed / "tappass-host@demo-1.service",
+                    installed / EGRESS_UNIT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stderr
 
@@ -97,7 +108,7 @@ def test_the_daemon_unit_is_notify_watchdog_and_hardened():
     daemon = units["tappass-host.service"]
     assert daemon["Type"] == ["notify"] and daemon["Restart"] == ["on-failure"]
     assert daemon["WatchdogSec"] and daemon["ExecStart"] == ["/usr/bin/tappass-host daemon"]
-    for unit in units.values():
+    for unit in (units[u] for u in SANDBOX_UNITS):
         for key, value in {"ProtectSystem": "strict", "NoNewPrivileges": "yes",
                            "PrivateTmp": "yes", "ProtectHome": "yes",
                            "ProtectKernelModules": "yes", "RestrictSUIDSGID": "yes",
@@ -195,3 +206,193 @@ def test_the_instance_unit_command_starts_the_last_agent_in_the_foreground(host,
               if '"sandbox.started"' in line]
     assert [s["details"]["runtime"] for s in starts] == [runtime, runtime]
     assert not (host.paths.runtime / name).exists()  # --rm
+
+
+# --- the egress proxy as a service of its own ---------------------------------------
+
+# Each of these gives a unit a mount namespace of its own, where the proxy's
+# binds under /run/netns would stay invisible to the other units and a shell.
+MOUNT_NAMESPACING = ("ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices",
+                     "PrivateMounts", "ReadWritePaths", "ReadOnlyPaths", "InaccessiblePaths",
+                     "BindPaths", "BindReadOnlyPaths", "TemporaryFileSystem",
+                     "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs",
+                     "ProtectControlGroups", "ProtectHostname", "ProtectProc", "ProcSubset",
+                     "MountFlags", "RootDirectory", "RootImage", "PrivateUsers", "DynamicUser")
+
+
+def test_the_egress_unit_has_no_mount_namespace_and_the_others_want_it():
+    egress = _directives((REPO / "systemd" / EGRESS_UNIT).read_text())
+    assert egress["Type"] == ["notify"] and egress["Restart"] == ["on-failure"]
+    assert egress["ExecStart"] == ["/usr/bin/tappass-host egress --no-idle-exit"]
+    assert egress["KillMode"] == ["mixed"] and egress["RuntimeDirectoryPreserve"] == ["yes"]
+    assert not set(MOUNT_NAMESPACING) & set(egress), set(MOUNT_NAMESPACING) & set(egress)
+    assert egress["CapabilityBoundingSet"] == ["CAP_SYS_ADMIN CAP_NET_ADMIN CAP_NET_BIND_SERVICE"]
+    for key in ("NoNewPrivileges", "RestrictSUIDSGID", "LockPersonality"):
+        assert egress[key] == ["yes"], key
+    assert egress["RestrictNamespaces"] == ["net"]
+    for name in SANDBOX_UNITS:
+        unit = _directives((REPO / "systemd" / name).read_text())
+        assert EGRESS_UNIT in unit["Wants"][0].split() and EGRESS_UNIT in unit["After"][0].split()
+
+
+def _capabilities(unit: Path) -> str:
+    """The unit's CapabilityBoundingSet= as setpriv's --bounding-set."""
+    caps = _directives(unit.read_text())["CapabilityBoundingSet"][0].split()
+    return "-all," + ",".join("+" + c.removeprefix("CAP_").lower() for c in caps)
+
+
+# The unit's ExecStart, with the idle time short enough to see the difference
+# --no-idle-exit makes.
+_SHORT_IDLE = ("import sys\nfrom tappass_host.network import service\n"
+               "service.IDLE_EXIT_S = float(sys.argv[1])\n"
+               "from tappass_host.cli import main\nmain(sys.argv[2:])\n")
+IDLE_S = 0.3
+
+
+class EgressUnit:
+    """The egress unit's command as systemd runs it: its ExecStart arguments,
+    its capability bounding set and no_new_privs, a notify socket."""
+
+    def __init__(self, host, installed: Path, notify: socket.socket):
+        line = next(line for line in (installed / EGRESS_UNIT).read_text().splitlines()
+                    if line.startswith("ExecStart="))
+        _, *args = line.split("=", 1)[1].split()
+        self.argv = ["setpriv", f"--bounding-set={_capabilities(installed / EGRESS_UNIT)}",
+                     "--no-new-privs", PYTHON, "-c", _SHORT_IDLE, str(IDLE_S),
+                     "--state-dir", str(host.state), "--config", str(host.config_file), *args]
+        self.env = {**ENV, "NOTIFY_SOCKET": notify.getsockname(), "INVOCATION_ID": "0" * 32}
+        self.notify = notify
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> subprocess.Popen:
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=self.env)
+        assert self.notify.recv(64) == b"READY=1"
+        return self.proc
+
+    def stop(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=20)
+        assert self.notify.recv(64) == b"STOPPING=1"
+        return self.proc.returncode, err
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate(timeout=10)
+
+
+@pytest.fixture
+def notify(tmp_path):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(tmp_path / "notify.sock"))
+        sock.settimeout(20)
+        yield sock
+
+
+def control_pid(host) -> int | None:
+    try:
+        return int((host.paths.runtime / "network" / "proxy.pid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def proxies_of(host) -> list[int]:
+    """Every process serving as the egress proxy of this host's runtime dir."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if entry.isdigit() and str(host.root).encode() in b" ".join(cmdline) and (
+                b"tappass_host.network" in cmdline or b"egress" in cmdline):
+            found.append(int(entry))
+    return found
+
+
+def hub_is_gone(host) -> bool:
+    return world.hub(host) not in world.netns_names()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_the_egress_unit_serves_start_stays_up_idle_and_stops_clean(net, upstream, installed,
+                                                                    notify, runtime):
+    unit = EgressUnit(net, installed, notify)
+    proc = unit.start()
+    try:
+        assert control_pid(net) == proc.pid and proxies_of(net) == [proc.pid]
+        name = start_proxy_sandbox(net, upstream, runtime, "egsvc", "allowed.test")
+        link = link_of(net, name)
+        assert fetch(net, name, upstream.url("allowed.test")) == "STATUS 200 1024"
+        assert "403" in fetch(net, name, upstream.url("denied.test"))
+        # `start` asked the unit's proxy: it spawned none of its own.
+        assert proxies_of(net) == [proc.pid] and control_pid(net) == proc.pid
+        assert world.listening(net, proc.pid, link["host_address"])
+
+        assert net.run("stop", name, "--timeout", "2").returncode == 0
+        assert_gone(net, name, link)
+        assert not world.listening(net, proc.pid, link["host_address"])
+        # Idle for many times the idle time: still up, still answering.
+        time.sleep(IDLE_S * 10)
+        assert proc.poll() is None
+        assert control._ask(net.paths, {"op": "ping"})["pid"] == proc.pid
+
+        code, err = unit.stop()
+        assert code == 0, err
+        assert "Traceback" not in err, err
+        assert hub_is_gone(net) and proxies_of(net) == []
+        assert not (net.paths.runtime / "network" / "control.sock").exists()
+        assert control_pid(net) is None
+    finally:
+        unit.kill()
+
+
+def test_without_no_idle_exit_the_proxy_ends_when_idle(net, installed, notify):
+    """The check above can fail: the same command without the option exits."""
+    unit = EgressUnit(net, installed, notify)
+    unit.argv.remove("--no-idle-exit")
+    proc = unit.start()
+    try:
+        assert proc.wait(timeout=10) == 0
+        assert notify.recv(64) == b"STOPPING=1"
+        assert hub_is_gone(net) and control_pid(net) is None
+    finally:
+        unit.kill()
+
+
+def test_the_egress_unit_takes_over_and_a_restart_keeps_sandboxes_served(net, upstream,
+                                                                       installed, notify):
+    """A proxy `start` spawned before the unit came up hands over to it, and
+    `systemctl restart` of the unit (SIGTERM, start again) leaves the running
+    sandbox its namespace and, once the next proxy is up, its egress."""
+    name = start_proxy_sandbox(net, upstream, "crun", "egtake", "allowed.test")
+    spawned = control_pid(net)
+    assert spawned and proxies_of(net) == [spawned]
+    link = link_of(net, name)
+
+    unit = EgressUnit(net, installed, notify)
+    proc = unit.start()
+    try:
+        wait_for(lambda: proxies_of(net) == [proc.pid], 10, what="the spawned proxy to end")
+        assert "took over from the proxy with pid" in proc.stderr.readline()
+        assert world.listening(net, proc.pid, link["host_address"])
+        assert fetch(net, name, upstream.url("allowed.test")) == "STATUS 200 1024"
+
+        code, err = unit.stop()  # systemctl restart: stop ...
+        assert code == 0 and "Traceback" not in err, err
+        assert f"tappass-{name}" in world.netns_names() and not hub_is_gone(net)
+        assert fetch(net, name, upstream.url("allowed.test")).startswith("ERROR")
+
+        proc = unit.start()  # ... and start
+        assert world.listening(net, proc.pid, link["host_address"])
+        assert fetch(net, name, upstream.url("allowed.test")) == "STATUS 200 1024"
+        assert "403" in fetch(net, name, upstream.url("denied.test"))
+
+        assert net.run("stop", name, "--timeout", "2").returncode == 0
+        assert_gone(net, name, link)
+        code, err = unit.stop()
+        assert code == 0 and "Traceback" not in err, err
+        assert hub_is_gone(net) and proxies_of(net) == []
+    finally:
+        unit.kill()
