@@ -223,6 +223,20 @@ def test_best_effort_without_landlock_is_degraded_and_audited(runtime, host):
     assert host.status(name)["flags"] == []
 
 
+def test_a_foreground_start_warns_before_the_agent_runs(runtime, host):
+    """An operator watching a foreground agent sees it is degraded up front."""
+    host.configure('kernel_layer = "best-effort"\n')
+    name = host.enroll(unique_name("llfg", runtime))
+    agent = python_agent(host.root / "agent-fg", "import sys\nprint('AGENT-RAN', file=sys.stderr)\n")
+    host.started.append(name)
+    started = host.run("start", name, "--agent", str(agent), "--runtime", runtime,
+                       "--foreground", "--rm", env=NO_LANDLOCK)
+    assert started.returncode == 0, started.stderr
+    warned = started.stderr.index("warning: kernel layer degraded")
+    assert warned < started.stderr.index("AGENT-RAN"), started.stderr
+    assert started.stderr.count("warning: kernel layer degraded") == 1
+
+
 def test_required_without_landlock_fails_the_start_leaving_nothing(runtime, host):
     name = host.enroll(unique_name("llreq", runtime))
     host.started.append(name)

@@ -42,9 +42,8 @@ def start(host, name, agent_spec, foreground, remove, runtime):
                                            "give its agent with --agent PKG")
         agent_spec, runtime = record.agent, runtime or record.runtime
     started = lifecycle.start(host.paths, name, agent_spec, host.config, runtime,
-                              foreground_run=foreground, remove=remove)
-    for warning in started.warnings:
-        click.echo(f"tappass-host: warning: {warning}", err=True)
+                              foreground_run=foreground, remove=remove,
+                              warn=lambda w: click.echo(f"tappass-host: warning: {w}", err=True))
     if foreground:
         sys.exit(started.exit_code)
     host.emit({"name": name, "pid": started.pid, "runtime": started.runtime,

@@ -280,7 +280,9 @@ class Started:
 
 
 def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: str | None = None,
-          foreground_run: bool = False, remove: bool = False) -> Started:
+          foreground_run: bool = False, remove: bool = False, warn=None) -> Started:
+    """Start `name`'s agent. `warn` gets each warning of the layers as soon as
+    the sandbox is up (before a foreground agent runs, not after it ends)."""
     from tappass_host import agent, ids
     from tappass_host import sandbox as sandbox_record
     from tappass_host.audit import AuditLog
@@ -363,6 +365,8 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
         "agent": manifest.name, "foreground": foreground_run})
     for layer, feature in built.rendered.unavailable:
         audit.append("layer.unavailable", sandbox=name, details={"layer": layer, "feature": feature})
+    for warning in built.rendered.warnings if warn else ():
+        warn(warning)
     if not foreground_run:
         return Started(name, pid, runtime.name, keyring["policy_version"],
                        built.rendered.warnings)
