@@ -5,8 +5,8 @@ plain HTTP server inside it, and a hosts file naming it, for config
 `network.hosts_file`. Nothing outside 169.254.0.0/16 is ever used.
 """
 
+import fcntl
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -121,18 +121,31 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
 
+def _claim_block(ifname: str) -> tuple[str, str]:
+    """A /30 in 169.254.200.0/22 (off the default pool) that no interface on
+    the host has yet, assigned to `ifname`: (host end, upstream end). Under a
+    lock, since parallel test workers claim blocks at the same time."""
+    with open("/run/tappass-test-egress.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        used = subprocess.run(["ip", "-4", "-o", "addr", "show"], check=True,
+                              capture_output=True, text=True).stdout
+        for base in range(0, 1024, 4):
+            host_address = f"169.254.{200 + base // 256}.{base % 256 + 1}"
+            if f" {host_address}/" not in used:
+                _ip("addr", "add", f"{host_address}/30", "dev", ifname)
+                return host_address, f"169.254.{200 + base // 256}.{base % 256 + 2}"
+    raise AssertionError("no free /30 left in 169.254.200.0/22 for a test upstream")
+
+
 def start_upstream(directory: Path) -> Upstream:
     """The test server's namespace, link, certificates and hosts file."""
     directory.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:6]
-    base = 4 * random.randrange(0, 256)  # a /30 in 169.254.200.0/22, off the default pool
-    host_address = f"169.254.{200 + base // 256}.{base % 256 + 1}"
-    address = f"169.254.{200 + base // 256}.{base % 256 + 2}"
     netns, ifname = f"tpt-{tag}", f"tpt{tag}"
     _ip("netns", "add", netns)
     try:
         _ip("link", "add", ifname, "type", "veth", "peer", "name", "up0", "netns", netns)
-        _ip("addr", "add", f"{host_address}/30", "dev", ifname)
+        host_address, address = _claim_block(ifname)
         _ip("link", "set", ifname, "up")
         _ip("-n", netns, "addr", "add", f"{address}/30", "dev", "up0")
         _ip("-n", netns, "link", "set", "up0", "up")

@@ -3,6 +3,7 @@
 import json
 import queue
 import secrets
+import socket
 import threading
 import time
 
@@ -260,7 +261,8 @@ class Stream:
         self._stream = self.client.stream("GET", url, headers=headers)
         self.response = self._stream.__enter__()
         assert self.response.status_code == 200
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         try:
@@ -296,6 +298,18 @@ class Stream:
                 return item
 
     def close(self) -> None:
+        # Wake the reader with shutdown() and let it finish before closing: a
+        # socket closed under a blocked reader frees its fd number, and the
+        # reader's next recv() would take bytes from whatever file or socket
+        # is opened next under that number.
+        stream = self.response.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._reader.join(10)
         self.response.close()
         self.client.close()
 

@@ -396,3 +396,73 @@ def test_the_egress_unit_takes_over_and_a_restart_keeps_sandboxes_served(net, up
         assert hub_is_gone(net) and proxies_of(net) == []
     finally:
         unit.kill()
+
+
+def _in_mounts_of(pid: int, *argv: str) -> list[str]:
+    return ["nsenter", f"--mount=/proc/{pid}/ns/mnt", *argv]
+
+
+# What systemd does for a unit with ProtectSystem= & co.: a mount namespace
+# whose mounts are slaves of the host's, with the ReadWritePaths bound anew.
+_SANDBOX_UNIT_MOUNTS = ["unshare", "--mount", "--propagation", "slave", "sh", "-c",
+                        'mount --bind /run/netns /run/netns && exec "$@"', "sh"]
+
+
+def test_sandbox_units_and_a_shell_see_the_namespaces_the_egress_unit_binds(net, upstream,
+                                                                         installed, notify):
+    """The mount namespaces of systemd, rebuilt under this test's: "the host"
+    is a namespace whose mounts are shared (as systemd leaves them) and whose
+    /run/netns is a plain directory (a fresh boot); the egress unit runs in it,
+    having none of its own; each sandbox unit runs `start` in a slave
+    namespace created before its sandbox's network namespace exists. Its
+    runtime must find the namespace the proxy binds, and the host's shell
+    must see it and remove it with `stop`."""
+    unit = EgressUnit(net, installed, notify)
+    # private first: nothing done in "the host" may reach this test's mounts
+    unit.argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                 'mount --make-rshared / && umount -l /run/netns; mkdir -p /run/netns '
+                 '&& exec "$@"', "sh", *unit.argv]
+    proc = unit.start()
+    host_netns = Path(f"/proc/{proc.pid}/root/run/netns")
+    try:
+        names = []
+        for runtime in RUNTIMES:  # the first binds /run/netns, the second finds it bound
+            name = unique_name("egmnt", runtime)
+            net.net_names.append(name)
+            net.started.append(name)
+            net.enroll(name, network=world.proxy_policy(upstream, "allowed.test"))
+            agent = python_agent(net.root / f"agent-{name}", "import time\nprint('agent up', "
+                                 "flush=True)\ntime.sleep(3600)\n")
+            result = subprocess.run(
+                _in_mounts_of(proc.pid, *_SANDBOX_UNIT_MOUNTS,
+                              *net.argv("start", name, "--agent", str(agent),
+                                        "--runtime", runtime)),
+                capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0, result.stderr
+            net.wait_log(name, "agent up")
+            world.put_in_workspace(net, name, {"ca.pem": upstream.ca_pem.read_bytes()})
+            assert fetch(net, name, upstream.url("allowed.test")) == "STATUS 200 1024"
+            assert f"tappass-{name}" in os.listdir(host_netns)  # in the host's namespace
+            names.append(name)
+
+        for name in names:  # from the host's shell
+            stop = subprocess.run(_in_mounts_of(proc.pid, *net.argv("stop", name, "--timeout",
+                                                                    "2")),
+                                  capture_output=True, text=True, timeout=60)
+            assert stop.returncode == 0, stop.stderr
+            assert f"tappass-{name}" not in os.listdir(host_netns)
+        code, err = unit.stop()
+        assert code == 0 and "Traceback" not in err, err
+    finally:
+        unit.kill()
+
+
+def test_egress_needs_root_in_one_line_and_creates_nothing(tmp_path):
+    state = tmp_path / "state"
+    result = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                             PYTHON, "-m", "tappass_host", "--state-dir", str(state), "egress",
+                             "--no-idle-exit"],
+                            capture_output=True, text=True, timeout=30, env=ENV, cwd="/")
+    assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+    assert "the egress proxy needs root" in result.stderr
+    assert not state.exists()
