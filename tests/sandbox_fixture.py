@@ -116,6 +116,7 @@ class Host:
     started: list[str] = field(default_factory=list)
     versions: dict[str, int] = field(default_factory=dict)
     config_text: str = ""
+    command: tuple[str, ...] = (PYTHON, "-m", "tappass_host")  # the CLI to run
 
     @property
     def state(self) -> Path:
@@ -134,7 +135,7 @@ class Host:
         self.config_file.write_text(text)
 
     def argv(self, *args: str) -> list[str]:
-        return [PYTHON, "-m", "tappass_host", "--state-dir", str(self.state),
+        return [*self.command, "--state-dir", str(self.state),
                 "--config", str(self.config_file), *args]
 
     def run(self, *args: str, timeout: float = 30, env: dict | None = None,

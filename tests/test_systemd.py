@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -26,6 +25,7 @@ import pytest
 import egress_fixture as world
 from devplane_fixture import ENV, PYTHON
 from sandbox_fixture import RUNTIMES, host, python_agent, unique_name, wait_for  # noqa: F401
+from wheel_fixture import wheel  # noqa: F401  (a fixture)
 from tappass_host.network import control
 from test_network import assert_gone, fetch, link_of, net, start_proxy_sandbox, upstream  # noqa: F401
 
@@ -128,17 +128,7 @@ def test_systemd_errors_are_one_line(tmp_path):
     assert not (tmp_path / "missing").exists()
 
 
-def test_the_units_ship_in_the_wheel(tmp_path):
-    build = tmp_path / "src"
-    shutil.copytree(REPO, build, symlinks=True,
-                    ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info",
-                                                  "__pycache__", ".pytest_cache"))
-    # build isolation: the build backend pyproject.toml asks for, from the registry
-    result = subprocess.run([PYTHON, "-m", "pip", "wheel", "--no-deps", "-q",
-                             "-w", str(tmp_path / "dist"), str(build)],
-                            capture_output=True, text=True, timeout=300, env=ENV)
-    assert result.returncode == 0, result.stderr[-2000:]
-    (wheel,) = (tmp_path / "dist").glob("tappass_host-*.whl")
+def test_the_units_ship_in_the_wheel(wheel):
     with zipfile.ZipFile(wheel) as archive:
         for unit in UNITS:
             packed = archive.read(f"tappass_host/data/systemd/{unit}").decode()
