@@ -60,6 +60,23 @@ CHOICES = {
     "on_expiry": ("keep", "stop"),
 }
 
+# Numbers outside these bounds (inclusive; None: unbounded) are refused.
+BOUNDS = {
+    "max_sandboxes": (1, None),
+    "log_max_bytes": (4096, None),
+    "limits.memory_mb": (1, None),
+    "limits.pids_max": (1, None),
+    "limits.cpu_millis": (1, None),
+    "sync.keepalive_timeout_s": (1.0, None),
+    "sync.backoff_initial_s": (0.01, None),
+    "sync.backoff_max_s": (0.01, None),
+    "supervision.backoff_initial_s": (0.01, None),
+    "supervision.backoff_max_s": (0.01, None),
+    "supervision.stable_after_s": (0.0, None),
+    "network.proxy_port": (1, 65535),
+    "network.header_timeout_s": (0.1, None),
+}
+
 
 @dataclass(frozen=True)
 class Config:
@@ -104,8 +121,34 @@ def _merge(defaults: dict, given: dict, prefix: str) -> dict:
             raise ConfigError(f"config key {name!r} must be {_type_name(default)}")
         if name in CHOICES and value not in CHOICES[name]:
             raise ConfigError(f"config key {name!r} must be one of {', '.join(CHOICES[name])}")
+        if name in BOUNDS:
+            _check_bounds(name, value, *BOUNDS[name])
         merged[key] = value
     return merged
+
+
+def _check_bounds(name: str, value, low, high) -> None:
+    if value < low or (high is not None and value > high):
+        within = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ConfigError(f"config key {name!r} must be {within}")
+
+
+def _check_address_pool(text: str) -> None:
+    """IPv4, with room for at least one /30 (a sandbox's link)."""
+    import ipaddress
+
+    try:
+        pool = ipaddress.IPv4Network(text)
+    except ValueError:
+        raise ConfigError("config key 'network.address_pool' must be an IPv4 network such as "
+                          "'169.254.64.0/18'") from None
+    if pool.prefixlen > 30:
+        raise ConfigError("config key 'network.address_pool' must be a /30 or larger")
+
+
+def _check_hosts_file(text: str) -> None:
+    if text and not text.startswith("/"):
+        raise ConfigError("config key 'network.hosts_file' must be an absolute path (or \"\")")
 
 
 def _check_agent_id_range(text: str) -> None:
@@ -134,4 +177,6 @@ def load(path: Path | None, required: bool = False) -> Config:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     values = _merge(DEFAULTS, given, "")
     _check_agent_id_range(values["agent_id_range"])
+    _check_address_pool(values["network"]["address_pool"])
+    _check_hosts_file(values["network"]["hosts_file"])
     return Config(values=values, source=path)

@@ -25,6 +25,14 @@ def test_every_key_has_a_default(tmp_path):
     ('restart_on_policy_change = 1', "must be a boolean"),
     ('agent_id_range = "5-1"', "agent_id_range"),
     ('runtime = ', "not valid TOML"),
+    ('max_sandboxes = 0', "'max_sandboxes' must be at least 1"),
+    ('[limits]\npids_max = -5', "'limits.pids_max' must be at least 1"),
+    ('[supervision]\nbackoff_initial_s = -1', "'supervision.backoff_initial_s' must be at least"),
+    ('[sync]\nkeepalive_timeout_s = 0', "'sync.keepalive_timeout_s' must be at least"),
+    ('[network]\nproxy_port = 99999', "'network.proxy_port' must be between 1 and 65535"),
+    ('[network]\naddress_pool = "not-a-cidr"', "'network.address_pool' must be an IPv4 network"),
+    ('[network]\naddress_pool = "169.254.1.1/32"', "must be a /30 or larger"),
+    ('[network]\nhosts_file = "hosts"', "'network.hosts_file' must be an absolute path"),
 ])
 def test_bad_config_is_rejected_with_the_key(tmp_path, text, named):
     path = tmp_path / "config.toml"
