@@ -43,7 +43,10 @@ def normalize_pattern(pattern: str) -> str:
 
 
 def matches(pattern: str, host: str) -> bool:
-    """Does normalized `pattern` allow `host` (which may be non-ASCII)?"""
+    """Does normalized `pattern` allow `host` (which may be non-ASCII)? A host
+    is a name, never a pattern: one with a `*` matches nothing."""
+    if "*" in host:
+        return False
     try:
         name = normalize_pattern(host)
     except BadDomainPattern:

@@ -181,6 +181,44 @@ asyncio.run(main())
 """
 
 
+# Run inside a sandbox: CONNECT to argv[1]:argv[2], then a TLS handshake asking
+# for server name argv[3] (any certificate accepted: the proxy is on trial).
+FRONTED = """
+import os, socket, ssl, sys, urllib.parse
+proxy = urllib.parse.urlsplit(os.environ["HTTPS_PROXY"])
+sock = socket.create_connection((proxy.hostname, proxy.port), timeout=10)
+sock.sendall(f"CONNECT {sys.argv[1]}:{sys.argv[2]} HTTP/1.1\\r\\n\\r\\n".encode())
+head = b""
+while not head.endswith(b"\\r\\n\\r\\n"):
+    head += sock.recv(1)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+try:
+    with context.wrap_socket(sock, server_hostname=sys.argv[3]):
+        print("HANDSHAKE OK")
+except OSError as e:
+    print("CLOSED", type(e).__name__)
+"""
+
+
+def test_tls_inside_a_tunnel_must_ask_for_an_allowed_name(net, upstream):
+    """Domain fronting by SNI: CONNECT to an allowed name, then a ClientHello
+    for another site on the same addresses (on a CDN: any site)."""
+    name = start_proxy_sandbox(net, upstream, RUNTIMES[0], "sni", "allowed.test", "*.wild.test")
+    port = str(world.HTTPS_PORT)
+    assert world.in_sandbox(net, name, FRONTED, "allowed.test", port, "allowed.test") == \
+        "HANDSHAKE OK"
+    assert world.in_sandbox(net, name, FRONTED, "allowed.test", port, "a.wild.test") == \
+        "HANDSHAKE OK"  # another name the policy allows
+    # The upstream's certificate covers denied.test too: only the proxy stands in the way.
+    fronted = world.in_sandbox(net, name, FRONTED, "allowed.test", port, "denied.test")
+    assert fronted.startswith("CLOSED"), fronted
+    reasons = {(e["details"]["host"], e["details"]["reason"])
+               for e in audit(net, "network.denied", name)}
+    assert ("denied.test", egress.SNI_NOT_ALLOWED) in reasons
+    assert fetch(net, name, upstream.url("allowed.test")) == "STATUS 200 1024"
+
+
 def test_proxy_survives_abuse_without_leaking(net, upstream):
     name = start_proxy_sandbox(net, upstream, "crun", "abuse", "allowed.test")
     link = link_of(net, name)
@@ -303,6 +341,63 @@ def test_allow_decision():
     assert egress.check_name(p, "::ffff:169.254.1.2") is None
     off = egress.from_keyring({"network": {"mode": "none", "allow_domains": ["a.b"]}})
     assert egress.check_name(off, "a.b") == egress.PROXY_OFF
+
+
+def test_server_name_decision():
+    p = policy_of("api.tappass.ai", "*.example.com", "169.254.1.2")
+    assert egress.check_server_name(p, "api.tappass.ai", "api.tappass.ai") is None
+    assert egress.check_server_name(p, "API.tappass.ai", "api.TAPPASS.ai") is None
+    assert egress.check_server_name(p, "api.tappass.ai", None) is None  # no SNI at all
+    assert egress.check_server_name(p, "api.tappass.ai", "a.example.com") is None
+    assert egress.check_server_name(p, "169.254.1.2", "api.tappass.ai") is None
+    for fronted in ("evil.com", "*.example.com", "api.tappass.ai.", "tappass.ai"):
+        assert egress.check_server_name(p, "api.tappass.ai", fronted) == \
+            egress.SNI_NOT_ALLOWED, fronted
+    assert egress.check_name(p, "*.example.com") == egress.NOT_ALLOWED  # a name, not a pattern
+
+
+def _client_hello(server_name: str | None) -> bytes:
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def _reframed(hello: bytes, first: int) -> bytes:
+    """The same ClientHello split over two records, as TLS allows."""
+    message = hello[5:]
+    return b"".join(b"\x16\x03\x01" + len(part).to_bytes(2, "big") + part
+                    for part in (message[:first], message[first:]))
+
+
+def test_client_hello_server_name():
+    from tappass_host.network import client_hello as ch
+
+    hello = _client_hello("api.tappass.ai")
+    assert ch.is_tls(hello[0]) and not ch.is_tls(b"G"[0])
+    assert ch.needed(hello[:3]) == 2 and ch.needed(hello[:5]) == len(hello) - 5
+    assert ch.needed(hello) == 0 and ch.server_name(hello) == "api.tappass.ai"
+    assert ch.server_name(_client_hello(None)) is None
+    for first in (2, 40, len(hello) - 10):
+        split = _reframed(hello, first)
+        assert ch.needed(split[:len(split) - 1]) == 1
+        assert ch.needed(split) == 0 and ch.server_name(split) == "api.tappass.ai"
+    bad = [
+        b"\x17\x03\x03\x00\x05hello",                    # application data, not a handshake
+        b"\x16\x03\x01\x00\x00",                          # an empty record
+        b"\x16\x03\x01\x00\x04\x02\x00\x00\x00",        # a ServerHello
+        b"\x16\x03\x01\xff\xff",                          # past the size the proxy holds
+    ]
+    for data in bad:
+        with pytest.raises(ch.Malformed):
+            ch.needed(data)
+    with pytest.raises(ch.Malformed):
+        ch.server_name(hello[:60])  # cut inside its cipher suites
 
 
 def test_destination_refuses_private_unless_listed():

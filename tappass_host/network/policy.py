@@ -19,6 +19,8 @@ NOT_ALLOWED = "not_allowed"
 PRIVATE_ADDRESS = "private_address"
 IP_NOT_LISTED = "ip_not_listed"
 PROXY_OFF = "proxy_off"
+SNI_NOT_ALLOWED = "sni_not_allowed"
+TLS_MALFORMED = "tls_malformed"
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -71,6 +73,21 @@ def check_name(policy: Policy, host: str) -> str | None:
     if any(domains.matches(p, host) for p in policy.patterns):
         return None
     return NOT_ALLOWED
+
+
+def check_server_name(policy: Policy, host: str, server_name: str | None) -> str | None:
+    """None if a ClientHello sent through a tunnel to `host` may ask for
+    `server_name` (its SNI): none at all, the tunnel's own host, or another
+    name the policy allows; else the reason."""
+    if server_name is None or check_name(policy, server_name) is None:
+        return None
+    try:
+        if "*" not in server_name and \
+                domains.normalize_pattern(server_name) == domains.normalize_pattern(host):
+            return None
+    except domains.BadDomainPattern:
+        pass
+    return SNI_NOT_ALLOWED
 
 
 def is_public(ip: Address) -> bool:

@@ -1,6 +1,7 @@
 """The egress proxy's connection handling: HTTP CONNECT tunnels and
 plain-HTTP forwarding (absolute-form URIs), for one sandbox per listening
-address. Every connection re-reads the sandbox's current keyring (cached by
+address. In a tunnel, a TLS ClientHello must ask for a name the policy
+allows (client_hello.py: no domain fronting by SNI). Every connection re-reads the sandbox's current keyring (cached by
 the identity of the file `keyring.json` points at), so a flipped keyring
 decides the very next connection. Answers: 403 denied, 502 upstream failure,
 400 malformed, 408 a request head too slow, 431 a request head too big.
@@ -15,12 +16,14 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tappass_host.network import client_hello
 from tappass_host.network import policy as egress
 from tappass_host.network.resolver import Resolver
 
 HEAD_LIMIT = 16 * 1024
 MAX_CONNECTIONS = 1024      # open at once per sandbox; more are closed at once
 CONNECT_TIMEOUT_S = 10.0
+FIRST_FLIGHT_TIMEOUT_S = 60.0  # a tunnel where neither side speaks is closed
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HOST = re.compile(r"[A-Za-z0-9._~%!$&'()*+,;=:\[\]-]{1,255}|[^\x00-\x20/?#@]{1,255}")
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization",
@@ -183,13 +186,58 @@ class EgressProxy:
         if upstream is None:
             return
         try:
-            first = _response(200) if request.tunnel else None
-            if not request.tunnel:
+            if request.tunnel:
+                writer.write(_response(200))
+                opening = await self._first_flight(sandbox, request, reader, upstream)
+                if opening is None:
+                    return
+                upstream.transport.write(opening)
+            else:
                 upstream.transport.write(self._forwarded_head(request))
-            _splice(reader, writer, upstream, first, done)
+            _splice(reader, writer, upstream, done)
             await done
         finally:
             upstream.transport.close()
+
+    async def _first_flight(self, sandbox: SandboxPolicy, request: Request, reader,
+                            upstream: "_Relay") -> bytes | None:
+        """What the agent sends first through the tunnel, to pass on; None
+        (close) when it is a TLS ClientHello for a name the policy does not
+        allow. A server that speaks first is not TLS: nothing to read then."""
+        taken = bytearray()
+
+        async def read_hello() -> None:
+            taken.extend(await reader.readexactly(1))
+            if client_hello.is_tls(taken[0]):
+                while more := client_hello.needed(bytes(taken)):
+                    taken.extend(await reader.readexactly(more))
+
+        reading = asyncio.ensure_future(read_hello())
+        finished, _ = await asyncio.wait({reading, upstream.spoke}, timeout=FIRST_FLIGHT_TIMEOUT_S,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        if reading not in finished:
+            reading.cancel()
+            if not upstream.spoke.done():
+                return None  # neither side spoke: a dead tunnel
+            return None if taken else b""  # a TLS hello held back for a server-first reply
+        try:
+            reading.result()
+        except client_hello.Malformed as exc:
+            self._denials.denied(sandbox.name, request.host, egress.TLS_MALFORMED)
+            print(f"egress: {sandbox.name}: {request.host}: {exc}", file=sys.stderr)
+            return None
+        if not client_hello.is_tls(taken[0]):
+            return bytes(taken)
+        try:
+            name = client_hello.server_name(bytes(taken))
+        except client_hello.Malformed:
+            self._denials.denied(sandbox.name, request.host, egress.TLS_MALFORMED)
+            return None
+        reason = egress.check_server_name(sandbox.current(), request.host, name)
+        if reason is not None:
+            self._denials.denied(sandbox.name, name or request.host, reason)
+            return None
+        return bytes(taken)
 
     async def _connect(self, sandbox: SandboxPolicy, request: Request, writer,
                        done: asyncio.Future) -> "_Relay | None":
@@ -240,6 +288,7 @@ class _Relay(asyncio.Protocol):
     def __init__(self, done: asyncio.Future, upstream: bool):
         self.done = done
         self.upstream = upstream
+        self.spoke = done.get_loop().create_future()  # data arrived before join()
         self.transport: asyncio.Transport | None = None
         self.peer: asyncio.Transport | None = None
         self._early: list[bytes] = []   # upstream spoke before the agent's side was joined
@@ -256,6 +305,8 @@ class _Relay(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.peer is None:
             self._early.append(data)
+            if not self.spoke.done():
+                self.spoke.set_result(None)
         else:
             self.peer.write(data)
 
@@ -282,7 +333,7 @@ class _Relay(asyncio.Protocol):
 
 
 def _splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: _Relay,
-            first: bytes | None, done: asyncio.Future) -> None:
+            done: asyncio.Future) -> None:
     """Hand the agent's connection from its stream reader (which read the
     request head) to a relay joined with `upstream`."""
     transport = writer.transport
@@ -290,8 +341,6 @@ def _splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream
     relay = _Relay(done, upstream=False)
     relay.connection_made(transport)
     relay.peer = upstream.transport
-    if first:
-        transport.write(first)
     transport.set_protocol(relay)
     if leftover:
         upstream.transport.write(leftover)
