@@ -159,7 +159,8 @@ def test_a_failed_ack_is_retried_after_reconnecting_latest_only(paths, signer):
 # --- supervision's parts ------------------------------------------------------------------
 
 from tappass_host.paths import HostPaths  # noqa: E402
-from tappass_host.runtime.supervision import Doorbell, ring, wants_restart  # noqa: E402
+from tappass_host.runtime.doorbell import Doorbell, ring  # noqa: E402
+from tappass_host.runtime.supervision import wants_restart  # noqa: E402
 
 
 def test_restart_policies():

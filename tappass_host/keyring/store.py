@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tappass_host.clock import parse_timestamp
-from tappass_host.keyring.verify import KeyringVersion, VerifiedKeyring
+from tappass_host.keyring import KeyringVersion, VerifiedKeyring
 from tappass_host.statefile import fsync_dir, fsync_path, write_file_durably
 
 DATA = "..data"
@@ -185,3 +185,11 @@ class KeyringStore:
         for entry in os.listdir(self.dir):
             if _version_of(entry) is not None and entry not in keep:
                 _remove_tree(self.dir / entry)
+
+
+def store_for(paths, record) -> KeyringStore:
+    """The store of the sandbox `record` describes (paths: HostPaths)."""
+    from tappass_host.ids import keyring_group
+
+    sandbox = paths.sandbox(record.name)
+    return KeyringStore(sandbox.keyring, sandbox.keyring_lock, group=keyring_group(record))

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 from tappass_host import sandbox as sandbox_record
 from tappass_host.audit import AuditLog
-from tappass_host.keyring.store import KeyringStore
+from tappass_host.keyring.store import store_for
 from tappass_host.keyring.verify import (
     KeyringRejected,
     KeyringVersion,
@@ -37,13 +37,6 @@ def _harness_files(keyring: VerifiedKeyring) -> dict[str, bytes]:
     from tappass_host.layers import harness
 
     return harness.render(keyring.payload)[0]
-
-
-def store_for(paths: HostPaths, record) -> KeyringStore:
-    sandbox = paths.sandbox(record.name)
-    from tappass_host.ids import keyring_group
-
-    return KeyringStore(sandbox.keyring, sandbox.keyring_lock, group=keyring_group(record))
 
 
 def apply_update(paths: HostPaths, name: str, data: bytes, *, limits: Limits = Limits(),

@@ -16,7 +16,7 @@ be a secret.
 import hashlib
 import json
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cache
 from importlib import resources
@@ -27,7 +27,14 @@ from cryptography.exceptions import InvalidSignature
 from tappass_host import domains, signing, strictjson
 from tappass_host.clock import parse_timestamp
 from tappass_host.errors import TappassError
-from tappass_host.keyring import MAX_ENVELOPE_BYTES, PAYLOAD_TYPE, envelope
+from tappass_host.keyring import (  # noqa: F401  (KeyringVersion, VerifiedKeyring, Limits: re-exported)
+    MAX_ENVELOPE_BYTES,
+    PAYLOAD_TYPE,
+    KeyringVersion,
+    Limits,
+    VerifiedKeyring,
+    envelope,
+)
 
 CLOCK_SKEW = timedelta(seconds=60)
 
@@ -66,42 +73,6 @@ class Trust:
             key = signing.public_key_from_text(text)
             keys[signing.key_id(key)] = key
         return cls(sandbox_id=record.sandbox_id, keys=keys, threshold=record.threshold)
-
-
-@dataclass(frozen=True, order=True)
-class KeyringVersion:
-    """A keyring's place in its sandbox's history.
-
-    `issued_at` is kept at one-second resolution: that is the resolution of
-    the version directory's name, so two updates within one second of each
-    other are the same version on disk.
-    """
-
-    policy_version: int
-    issued_at: datetime
-
-    @property
-    def dirname(self) -> str:
-        return f"..v{self.policy_version:010d}-{self.issued_at:%Y%m%dT%H%M%SZ}"
-
-
-@dataclass(frozen=True)
-class VerifiedKeyring:
-    payload: dict = field(repr=False)
-    payload_bytes: bytes = field(repr=False)
-    envelope_bytes: bytes = field(repr=False)
-    version: KeyringVersion
-    expires_at: datetime
-    sha256: str
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Host maxima for the `process` aspect (config `limits`)."""
-
-    memory_mb: int = 16384
-    pids_max: int = 4096
-    cpu_millis: int = 8000
 
 
 def envelope_sha256(data: bytes) -> str:

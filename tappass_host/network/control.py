@@ -6,7 +6,6 @@ spawns one, which ends once idle."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ class EgressError(TappassError):
 
 def _ask(paths: HostPaths, request: dict) -> dict:
     """One request; OSError when no service answers."""
+    import socket  # only when there is something to ask: not on every start
+
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(REQUEST_TIMEOUT_S)
         with short_address(network.control_socket(paths)) as address:

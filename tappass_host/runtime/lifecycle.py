@@ -95,7 +95,7 @@ def write_exit(paths: HostPaths, name: str, code: int | None, oom: bool,
     here for the run that started at `started_at`; the second one returns the
     first one's record without a second audit event. The daemon's supervision
     is told at once (a datagram to its doorbell, if it listens)."""
-    from tappass_host.runtime import supervision
+    from tappass_host.runtime import doorbell
 
     sandbox = paths.sandbox(name)
     sandbox.runtime.mkdir(parents=True, exist_ok=True)
@@ -112,7 +112,7 @@ def write_exit(paths: HostPaths, name: str, code: int | None, oom: bool,
         AuditLog.for_host(paths).append("sandbox.exited", sandbox=name, details=record)
     finally:
         os.close(fd)
-    supervision.ring(paths, name)
+    doorbell.ring(paths, name)
     return record
 
 
@@ -240,7 +240,7 @@ def current_keyring(paths: HostPaths, name: str, limits=None) -> dict:
     Without one, the latest is pulled once from the control plane (DESIGN §9).
     """
     from tappass_host.clock import parse_timestamp
-    from tappass_host.keyring.verify import Limits
+    from tappass_host.keyring import Limits
     from tappass_host.sync.pull import pull_once
 
     data = None
@@ -286,7 +286,7 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
     from tappass_host import agent, ids
     from tappass_host import sandbox as sandbox_record
     from tappass_host.audit import AuditLog
-    from tappass_host.keyring.update import store_for
+    from tappass_host.keyring.store import store_for
     from tappass_host.oci import bundle as oci_bundle
     from tappass_host.paths import is_rootless
     from tappass_host.runtime import monitor
@@ -296,7 +296,7 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
     agent.check_entrypoint(manifest)
     runtime = find_runtime(paths, config, runtime_name)
     conmon = None if foreground_run else monitor.find_conmon(config["conmon_path"])
-    from tappass_host.keyring.verify import Limits
+    from tappass_host.keyring import Limits
 
     keyring = current_keyring(paths, name, Limits(**config["limits"]))
     agent_ids = ids.agent_ids(paths, name, config.agent_id_range)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tappass_host.errors import TappassError
-from tappass_host.keyring.verify import Limits
+from tappass_host.keyring import Limits
 from tappass_host.paths import HostPaths
 from tappass_host.sync.backoff import Backoff
 from tappass_host.sync.notify import sd_notify, watchdog_interval
@@ -52,7 +52,7 @@ class SyncSettings:
 
 def current_version(paths: HostPaths, name: str) -> int | None:
     from tappass_host import sandbox as sandbox_record
-    from tappass_host.keyring.update import store_for
+    from tappass_host.keyring.store import store_for
 
     version = store_for(paths, sandbox_record.load(paths, name)).current_version()
     return version.policy_version if version else None
@@ -251,7 +251,7 @@ class Daemon:
     def __init__(self, paths: HostPaths, settings: SyncSettings, log: Log,
                  transport_factory: Callable[[], SyncTransport] | None = None,
                  supervisor=None):
-        from tappass_host.runtime.supervision import Doorbell
+        from tappass_host.runtime.doorbell import Doorbell
 
         self.paths = paths
         self.settings = settings
@@ -266,7 +266,7 @@ class Daemon:
 
     def stop(self) -> None:
         """Safe from a signal handler: wakes the main loop at once."""
-        from tappass_host.runtime.supervision import ring
+        from tappass_host.runtime.doorbell import ring
 
         self.stopping.set()
         ring(self.paths, "")
@@ -345,6 +345,6 @@ class Daemon:
     def _flipped(self, name: str) -> None:
         """A worker flipped `name`'s keyring: supervision may have to act
         (restart on a policy change, a fresh keyring after an expiry stop)."""
-        from tappass_host.runtime.supervision import ring
+        from tappass_host.runtime.doorbell import ring
 
         ring(self.paths, name)

@@ -1,6 +1,6 @@
 """`start` without a keyring: pull the latest one once (DESIGN §9)."""
 
-from tappass_host.keyring.verify import Limits
+from tappass_host.keyring import Limits
 from tappass_host.paths import HostPaths
 
 
