@@ -8,11 +8,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 from tappass_host import network
 from tappass_host.errors import TappassError
 from tappass_host.paths import HostPaths
+from tappass_host.runtime import process_alive, wait_until
 from tappass_host.unixaddress import short_address
 
 SPAWN_WAIT_S = 15.0
@@ -54,14 +54,16 @@ def _spawn(paths: HostPaths, config) -> None:
     with open(network.log_file(paths), "ab") as log:
         subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                          start_new_session=True, close_fds=True, cwd="/")
-    deadline = time.monotonic() + SPAWN_WAIT_S
-    while time.monotonic() < deadline:
-        try:
-            _ask(paths, {"op": "ping"})
-            return
-        except (OSError, ValueError):
-            time.sleep(0.01)
-    raise EgressError(f"the egress proxy did not start (see {network.log_file(paths)})")
+    if not wait_until(lambda: _answers(paths), SPAWN_WAIT_S, max_delay=0.01):
+        raise EgressError(f"the egress proxy did not start (see {network.log_file(paths)})")
+
+
+def _answers(paths: HostPaths) -> bool:
+    try:
+        _ask(paths, {"op": "ping"})
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def take_over(paths: HostPaths) -> int | None:
@@ -78,20 +80,9 @@ def take_over(paths: HostPaths) -> int | None:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return pid
-    deadline = time.monotonic() + SPAWN_WAIT_S
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            raise EgressError(f"the egress proxy already running (pid {pid}) did not exit")
-        time.sleep(0.02)
+    if not wait_until(lambda: not process_alive(pid), SPAWN_WAIT_S, max_delay=0.02):
+        raise EgressError(f"the egress proxy already running (pid {pid}) did not exit")
     return pid
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _request(paths: HostPaths, config, request: dict) -> dict:

@@ -12,7 +12,6 @@ import os
 import signal as signals
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,7 +20,7 @@ from pathlib import Path
 from tappass_host import statefile
 from tappass_host.errors import NotFound, TappassError
 from tappass_host.paths import HostPaths, SandboxPaths
-from tappass_host.runtime import container_id
+from tappass_host.runtime import container_id, process_alive, wait_until
 from tappass_host.runtime.monitor import MonitorFiles
 
 
@@ -48,27 +47,13 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
-def _alive(pid: int | None, comm: str | None = None) -> bool:
-    if not pid:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    state = stat[stat.rfind(")") + 2:][:1]
-    if state in ("Z", "X"):
-        return False
-    return comm is None or stat[stat.find("(") + 1:stat.rfind(")")] == comm
-
-
 def is_running(sandbox: SandboxPaths) -> bool:
     state = read_json(state_file(sandbox))
     if not state:
         return False
     if state.get("foreground"):
-        return _alive(state.get("pid"))
-    return _alive(state.get("conmon_pid"), "conmon") and _alive(state.get("pid"))
+        return process_alive(state.get("pid"))
+    return process_alive(state.get("conmon_pid"), "conmon") and process_alive(state.get("pid"))
 
 
 @contextmanager
@@ -178,11 +163,11 @@ def stop(paths: HostPaths, name: str, runtime, timeout: float = 10,
     write_state(sandbox, {**state, "stopped_by": intent})
     cid = container_id(name)
     runtime.kill(cid, "SIGTERM")
-    if not _wait(lambda: not _alive(state["pid"]), timeout):
+    if not wait_until(lambda: not process_alive(state["pid"]), timeout):
         runtime.kill(cid, "SIGKILL")
-        _wait(lambda: not _alive(state["pid"]), 10)
-    _wait(lambda: not _alive(state.get("conmon_pid"), "conmon"), 10)
-    hook_ran = _wait(lambda: (read_json(sandbox.exit_record) or {}).get("finished_at", "")
+        wait_until(lambda: not process_alive(state["pid"]), 10)
+    wait_until(lambda: not process_alive(state.get("conmon_pid"), "conmon"), 10)
+    hook_ran = wait_until(lambda: (read_json(sandbox.exit_record) or {}).get("finished_at", "")
                      >= state["started_at"], 10)
     exit_record = (read_json(sandbox.exit_record) if hook_ran
                    else record_exit_from_monitor(paths, name))
@@ -206,17 +191,6 @@ def not_running(paths: HostPaths, name: str) -> LifecycleError:
         return LifecycleError(f"sandbox {name!r} is not running (it exited; the daemon will "
                               "not restart it)")
     return LifecycleError(f"sandbox {name!r} is not running")
-
-
-def _wait(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
-    return True
 
 
 def ensure_known(paths: HostPaths, name: str) -> SandboxPaths:
@@ -427,7 +401,7 @@ def _undo_start(sandbox: SandboxPaths, runtime, cid: str) -> None:
         conmon_pid = int(monitor_files(sandbox).conmon_pid.read_text().strip())
     except (OSError, ValueError):
         conmon_pid = None
-    if _alive(conmon_pid, "conmon"):
+    if process_alive(conmon_pid, "conmon"):
         try:
             os.kill(conmon_pid, signals.SIGKILL)
         except ProcessLookupError:
