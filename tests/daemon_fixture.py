@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from audit_records import read_audit
 from devplane_fixture import *  # noqa: F403
 from devplane_fixture import ENV, PYTHON, run_host, wait_for
 
@@ -156,8 +157,7 @@ def keyring_version(host, name: str) -> int:
 
 
 def audit_events(host) -> list[dict]:
-    lines = host.paths.audit_log.read_text().splitlines()
-    return [json.loads(line) for line in lines if line]
+    return read_audit(host.paths.audit_log)
 
 
 def acks(devplane, name: str) -> list[dict]:

@@ -8,6 +8,24 @@ options) and where its host `state` lives.
 import json
 import os
 import shutil
+from pathlib import Path
+
+from sandbox_fixture import PROBES, write_agent
+
+# The probe agent's entrypoint: records the sandbox's mount table and id maps,
+# then execs the probe as PID 1, which prints one JSON report.
+WRAPPER = """
+import json, os, sys
+with open("/proc/self/mountinfo") as f:
+    mounts = {}
+    for line in f:
+        fields = line.split()
+        mounts[fields[4]] = fields[5].split(",")
+maps = {kind: [[int(x) for x in line.split()] for line in open(f"/proc/self/{kind}_map")]
+        for kind in ("uid", "gid")}
+print(json.dumps({"mountinfo": mounts, "maps": maps}), flush=True)
+os.execv("/usr/bin/python3", ["python3", "/opt/agent/escape_probe.py", *sys.argv[1:]])
+"""
 
 ESCAPES = ("mount_ok", "unshare_user_ok", "unshare_mount_ok", "setns_ok", "ptrace_ok",
            "setuid_ok")
@@ -17,12 +35,24 @@ def details(probed) -> str:
     return json.dumps(probed["report"]["details"], indent=1, sort_keys=True)[:6000]
 
 
-def copy_setuid_python(directory) -> None:
-    """A setuid-root python in the agent package: it must give the agent nothing."""
-    target = directory / "suid-python"
-    shutil.copy2(os.path.realpath("/usr/bin/python3"), target)
-    os.chown(target, 0, 0)
-    target.chmod(0o4755)
+def write_probe_agent(directory: Path, state: Path) -> Path:
+    """The probe as an agent package, with a setuid-root python beside it
+    (which must give the agent nothing); `state` is the host's, to look for."""
+    agent = write_agent(directory, [
+        "python3", "/opt/agent/wrapper.py", "--state-dir", str(state),
+        "--suid-python", "/opt/agent/suid-python"], files={"wrapper.py": WRAPPER})
+    shutil.copy(PROBES / "escape_probe.py", agent / "escape_probe.py")
+    setuid_python = agent / "suid-python"
+    shutil.copy2(os.path.realpath("/usr/bin/python3"), setuid_python)
+    os.chown(setuid_python, 0, 0)
+    setuid_python.chmod(0o4755)
+    return agent
+
+
+def probe_output(text: str) -> tuple[dict, dict]:
+    """The wrapper's record (mountinfo, maps) and the probe's report."""
+    docs = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    return next(d for d in docs if "mountinfo" in d), next(d for d in docs if "uid" in d)
 
 
 def no_privileges(probed) -> None:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from audit_records import read_audit
+
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
 IN_NAMESPACE = REPO / "scripts" / "in-crun-namespace"
@@ -122,8 +124,7 @@ class User:
         return json.loads((self.state / "sandboxes" / name / "sandbox.json").read_text())
 
     def audit_events(self) -> list[dict]:
-        log = self.state / "audit" / "audit.jsonl"
-        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        return read_audit(self.state / "audit" / "audit.jsonl")
 
     def agent_dir(self, label: str) -> Path:
         directory = self.home / f"agent-{label}-{uuid.uuid4().hex[:6]}"

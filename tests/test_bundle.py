@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 
+from audit_records import read_audit
 from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
     HELLO_AGENT,
     PYTHON,
@@ -102,11 +103,7 @@ def evil(host):
 
 
 def audit_events(host, name) -> list[str]:
-    try:
-        lines = host.paths.audit_log.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    return [e["event"] for e in map(json.loads, lines) if e["sandbox"] == name]
+    return [e["event"] for e in read_audit(host.paths.audit_log, sandbox=name)]
 
 
 def nothing_started(host, runtime, name) -> None:

@@ -16,6 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from audit_records import read_audit
 from devplane_fixture import *  # noqa: F403
 from devplane_fixture import ENV, PYTHON, claims_of, new_host_state, run_host
 from tappass_host import signing
@@ -37,11 +38,7 @@ def enroll(host, devplane, name="demo"):
 
 
 def audit_events(host) -> list[dict]:
-    try:
-        lines = host.paths.audit_log.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in lines]
+    return read_audit(host.paths.audit_log)
 
 
 def mode(path) -> int:

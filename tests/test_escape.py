@@ -11,13 +11,11 @@ Never run the probe on the host: as root its attempts would succeed.
 """
 
 import json
-import shutil
 
 import pytest
 
 import escape_expectations as expect
 from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
-    PROBES,
     RUNTIMES,
     host,
     new_host,
@@ -26,19 +24,7 @@ from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
     runtime,
     unique_name,
     wait_for,
-    write_agent,
 )
-
-WRAPPER = """
-import json, os, sys
-with open("/proc/self/mountinfo") as f:
-    mounts = {}
-    for line in f:
-        fields = line.split()
-        mounts[fields[4]] = fields[5].split(",")
-print(json.dumps({"mountinfo": mounts}), flush=True)
-os.execv("/usr/bin/python3", ["python3", "/opt/agent/escape_probe.py", *sys.argv[1:]])
-"""
 
 
 @pytest.fixture(scope="module", params=RUNTIMES)
@@ -50,22 +36,16 @@ def probed(request):
     try:
         key = h.make_machine_key()
         name = h.enroll(unique_name("probe", runtime))
-        agent = write_agent(h.root / "agent", [
-            "python3", "/opt/agent/wrapper.py", "--state-dir", str(h.state),
-            "--suid-python", "/opt/agent/suid-python"], files={"wrapper.py": WRAPPER})
-        shutil.copy(PROBES / "escape_probe.py", agent / "escape_probe.py")
-        expect.copy_setuid_python(agent)
+        agent = expect.write_probe_agent(h.root / "agent", h.state)
         started = h.start(name, agent, runtime)
         assert started.returncode == 0, started.stderr
         status = h.wait_exited(name, timeout=60)
         log = h.logs(name)
         assert status["exit"]["code"] == 0, (status, log[-3000:])
-        docs = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
-        mounts = next(d["mountinfo"] for d in docs if "mountinfo" in d)
-        report = next(d for d in docs if "uid" in d)
+        wrapper, report = expect.probe_output(log)
         record = json.loads(h.paths.sandbox(name).record.read_text())
-        yield {"report": report, "mounts": mounts, "record": record, "key": key, "host": h,
-               "state": h.state, "runtime": runtime}
+        yield {"report": report, "mounts": wrapper["mountinfo"], "record": record, "key": key,
+               "host": h, "state": h.state, "runtime": runtime}
     finally:
         h.cleanup()
 

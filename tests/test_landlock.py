@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from audit_records import read_audit
 from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
     HELLO_AGENT,
     host,
@@ -106,8 +107,7 @@ def read_only_dir():
 
 
 def audit(host, name: str) -> list[dict]:
-    lines = host.paths.audit_log.read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e["sandbox"] == name]
+    return read_audit(host.paths.audit_log, sandbox=name)
 
 
 def probe_report(host, runtime, read_only_dir, env=None) -> tuple[str, dict]:

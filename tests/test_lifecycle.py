@@ -19,6 +19,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from audit_records import read_audit
 import keyrings
 from sandbox_fixture import (  # noqa: F401  (host is a fixture)
     HELLO_AGENT,
@@ -41,12 +42,7 @@ def _runtime_installed(runtime):
 
 
 def audit_events(host, name=None) -> list[str]:
-    try:
-        lines = host.paths.audit_log.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    events = [json.loads(line) for line in lines]
-    return [e["event"] for e in events if name is None or e["sandbox"] == name]
+    return [e["event"] for e in read_audit(host.paths.audit_log, sandbox=name)]
 
 
 def nothing_left(host, runtime, name) -> None:
@@ -123,15 +119,18 @@ def test_a_crashing_agent_reports_its_exit_code(runtime, host):
     wait_for(lambda: "sandbox.exited" in audit_events(host, name), what="the exit audited")
 
 
+MEMORY_HOG = """
+print("hogging", flush=True)
+hoard = []
+while True:
+    hoard.append(bytearray(4 << 20))
+"""
+
+
 def test_an_oom_killed_agent_is_reported(runtime, host, tmp_path):
     name = host.enroll(unique_name("oom", runtime),
                        process={"memory_mb": 32, "pids_max": 32, "cpu_millis": 1000})
-    agent = python_agent(host.root / "agent", """
-        print("hogging", flush=True)
-        hoard = []
-        while True:
-            hoard.append(bytearray(4 << 20))
-    """)
+    agent = python_agent(host.root / "agent", MEMORY_HOG)
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     started = subprocess.run(host.argv("start", name, "--agent", str(agent), "--runtime", runtime),
@@ -151,12 +150,7 @@ def test_an_oom_killed_agent_is_reported(runtime, host, tmp_path):
 def test_an_oom_killed_foreground_agent_is_reported(runtime, host):
     name = host.enroll(unique_name("fgoom", runtime),
                        process={"memory_mb": 32, "pids_max": 32, "cpu_millis": 1000})
-    agent = python_agent(host.root / "agent", """
-        print("hogging", flush=True)
-        hoard = []
-        while True:
-            hoard.append(bytearray(4 << 20))
-    """)
+    agent = python_agent(host.root / "agent", MEMORY_HOG)
     result = host.start(name, agent, runtime, "--foreground", "--rm")
     assert result.returncode == 137, result.stderr
     assert "hogging" in result.stdout

@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from audit_records import read_audit
 import egress_fixture as world
 from devplane_fixture import devplane, make_devplane  # noqa: F401 - fixtures
 from sandbox_fixture import RUNTIMES, new_host, python_agent, require_runtime, unique_name, wait_for
@@ -71,11 +72,7 @@ def link_of(host, name: str) -> dict:
 
 
 def audit(host, event: str, name: str) -> list[dict]:
-    try:
-        lines = host.paths.audit_log.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    return [e for e in map(json.loads, lines) if e["event"] == event and e["sandbox"] == name]
+    return read_audit(host.paths.audit_log, sandbox=name, event=event)
 
 
 def assert_gone(host, name: str, link: dict) -> None:

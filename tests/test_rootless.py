@@ -16,7 +16,6 @@ fallback (it needs the container's root mapped): a one-line error says so.
 import json
 import os
 import shlex
-import shutil
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,6 @@ import escape_expectations as expect
 from rootless_fixture import SIGN, rootless_users  # noqa: F401  (a fixture)
 from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
     HELLO_AGENT,
-    PROBES,
     RUNTIMES,
     python_agent,
     require_runtime,
@@ -38,19 +36,6 @@ from tappass_host.oci import invariants
 from test_escape import FORK_BOMB
 
 AGENT_ID = ids.ROOTLESS_FIRST_AGENT_ID
-
-WRAPPER = """
-import json, os, sys
-with open("/proc/self/mountinfo") as f:
-    mounts = {}
-    for line in f:
-        fields = line.split()
-        mounts[fields[4]] = fields[5].split(",")
-maps = {kind: [[int(x) for x in line.split()] for line in open(f"/proc/self/{kind}_map")]
-        for kind in ("uid", "gid")}
-print(json.dumps({"mountinfo": mounts, "maps": maps}), flush=True)
-os.execv("/usr/bin/python3", ["python3", "/opt/agent/escape_probe.py", *sys.argv[1:]])
-"""
 
 WHO = """
 import json, os, resource
@@ -148,16 +133,10 @@ def probed(request, rootless_users):
     require_runtime(runtime)
     user = rootless_users["subids"]
     name = user.enroll(unique_name("rlprobe", runtime))
-    agent = write_agent(user.agent_dir("probe"), [
-        "python3", "/opt/agent/wrapper.py", "--state-dir", str(user.state),
-        "--suid-python", "/opt/agent/suid-python"], files={"wrapper.py": WRAPPER})
-    shutil.copy(PROBES / "escape_probe.py", agent / "escape_probe.py")
-    expect.copy_setuid_python(agent)
+    agent = expect.write_probe_agent(user.agent_dir("probe"), user.state)
     result = start(user, name, agent, runtime)
     assert result.returncode == 0, (result.stderr[-3000:], result.stdout[-3000:])
-    docs = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    first = next(d for d in docs if "maps" in d)
-    report = next(d for d in docs if "uid" in d)
+    first, report = expect.probe_output(result.stdout)
     return {"report": report, "mounts": first["mountinfo"], "maps": first["maps"], "user": user,
             "state": user.state, "record": user.record(name), "runtime": runtime}
 

@@ -280,15 +280,21 @@ def test_without_restart_on_policy_change_restart_pending_stays(devplane, host, 
 # --- acks and oversized events ----------------------------------------------------------
 
 
+def fail_acks(devplane, sandbox_id: str) -> Path:
+    """Make the devplane fail every ack for the sandbox (its ack log becomes a
+    directory) until the returned path is removed."""
+    ack_log = devplane.root / "acks" / f"{sandbox_id}.jsonl"
+    ack_log.unlink(missing_ok=True)
+    ack_log.mkdir(parents=True)
+    return ack_log
+
+
 def test_an_ack_lost_to_an_outage_is_sent_later(devplane, host, tmp_path, daemons, name):
     configure(host)
     sandbox_id = enroll(devplane, host, name)
     daemon = daemons(host)
     daemon.wait_line(f"{name}: stream open")
-    # the devplane fails every ack for this sandbox (its ack log is a directory now)
-    ack_log = devplane.root / "acks" / f"{sandbox_id}.jsonl"
-    ack_log.unlink(missing_ok=True)
-    ack_log.mkdir(parents=True)
+    ack_log = fail_acks(devplane, sandbox_id)
 
     assert publish(devplane, tmp_path, POLICY, name) == 1
     daemon.wait_line(f"{name}: ack of policy_version 1 failed")
@@ -308,9 +314,7 @@ def test_an_unsent_ack_survives_a_daemon_restart(devplane, host, tmp_path, daemo
     sandbox_id = enroll(devplane, host, name)
     daemon = daemons(host)
     daemon.wait_line(f"{name}: stream open")
-    ack_log = devplane.root / "acks" / f"{sandbox_id}.jsonl"
-    ack_log.unlink(missing_ok=True)
-    ack_log.mkdir(parents=True)
+    ack_log = fail_acks(devplane, sandbox_id)
     assert publish(devplane, tmp_path, POLICY, name) == 1
     daemon.wait_line(f"{name}: ack of policy_version 1 failed")
     kept = host.paths.sandbox(name).root / "unacked.json"

@@ -53,6 +53,19 @@ class FakeTransport:
         pass
 
 
+def run_worker(paths, transport: FakeTransport) -> list[str]:
+    """One worker for sandbox 'demo' until the transport has played its
+    batches; the lines it logged."""
+    lines: list[str] = []
+    worker = SandboxWorker(paths, "demo", SyncSettings(backoff_initial=0.01, backoff_max=0.02),
+                           transport, lines.append)
+    worker.start()
+    assert transport.done.wait(10)
+    worker.stop()
+    worker.join(5)
+    return lines
+
+
 def test_worker_applies_acks_and_does_not_reprocess_a_resent_rejection(paths, signer):
     keyrings.enroll(paths, "demo", [signer])
     good = keyrings.sign(keyrings.policy(1), signer)
@@ -62,13 +75,7 @@ def test_worker_applies_acks_and_does_not_reprocess_a_resent_rejection(paths, si
         [Event(1, good), Event(2, forged)],
         [Event(2, forged), Event(3, better)],  # a reconnect resends the rejected one
     ])
-    lines = []
-    worker = SandboxWorker(paths, "demo", SyncSettings(backoff_initial=0.01, backoff_max=0.02),
-                           transport, lines.append)
-    worker.start()
-    assert transport.done.wait(10)
-    worker.stop()
-    worker.join(5)
+    lines = run_worker(paths, transport)
 
     assert transport.acks == [(1, "applied", None), (2, "rejected", "bad_signature"),
                               (3, "applied", None)]
@@ -144,13 +151,7 @@ def test_a_failed_ack_is_retried_after_reconnecting_latest_only(paths, signer):
         return original(sandbox, last_event_id, on_open)
 
     transport.events = events
-    lines = []
-    worker = SandboxWorker(paths, "demo", SyncSettings(backoff_initial=0.01, backoff_max=0.02),
-                           transport, lines.append)
-    worker.start()
-    assert transport.done.wait(10)
-    worker.stop()
-    worker.join(5)
+    lines = run_worker(paths, transport)
     assert [a[:3] for a in transport.acks] == [(2, "applied", None)]
     assert transport.acks[0][3]  # the time it was applied, not the time of the retry
     assert any("ack of policy_version 2 failed" in line for line in lines)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from audit_records import read_audit
 import egress_fixture as world
 from devplane_fixture import ENV, PYTHON
 from sandbox_fixture import RUNTIMES, host, python_agent, unique_name, wait_for  # noqa: F401
@@ -192,8 +193,7 @@ def test_the_instance_unit_command_starts_the_last_agent_in_the_foreground(host,
                             env={**ENV, "TAPPASS_HOST_STATE_DIR": str(host.state)})
     assert result.returncode == 0, result.stderr
     assert "unit run" in first.stdout and "unit run" in result.stdout  # attached: its stdout
-    starts = [json.loads(line) for line in host.paths.audit_log.read_text().splitlines()
-              if '"sandbox.started"' in line]
+    starts = read_audit(host.paths.audit_log, event="sandbox.started")
     assert [s["details"]["runtime"] for s in starts] == [runtime, runtime]
     assert not (host.paths.runtime / name).exists()  # --rm
 
