@@ -21,11 +21,11 @@ Allocation runs under a host-wide lock and reads every record, so two
 sandboxes never share an id even when started concurrently.
 """
 
-import fcntl
 import os
 from dataclasses import dataclass
 
 from tappass_host import sandbox as sandbox_record
+from tappass_host import statefile
 from tappass_host.errors import TappassError
 from tappass_host.paths import HostPaths, is_rootless
 
@@ -173,9 +173,7 @@ def _allocate(paths: HostPaths, name: str, id_range: tuple[int, int], rootless: 
     (or, rootless, if the recorded ids lie outside the ids we can map)."""
     low, high = id_range
     paths.state.mkdir(parents=True, exist_ok=True)
-    fd = os.open(paths.state / "agent-ids.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with statefile.locked(paths.state / "agent-ids.lock"):
         record = sandbox_record.load(paths, name)
         if record.agent_uid is not None and record.agent_gid is not None and (
                 not rootless or 1 <= min(record.agent_uid, record.agent_gid)
@@ -193,8 +191,6 @@ def _allocate(paths: HostPaths, name: str, id_range: tuple[int, int], rootless: 
         record.agent_uid = record.agent_gid = free
         sandbox_record.save(paths.sandbox(name), record)
         return record
-    finally:
-        os.close(fd)
 
 
 def check_runtime(agent: AgentIds, runtime: str) -> None:

@@ -22,7 +22,6 @@ import json
 import os
 import secrets
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
@@ -99,14 +98,8 @@ class DevplaneState:
         """Held while the next policy_version is chosen and published."""
         return self._locked(".publish.lock")
 
-    @contextmanager
     def _locked(self, name: str):
-        fd = os.open(self.root / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        return statefile.locked(self.root / name)
 
     # -- keys and certificates ------------------------------------------------
 

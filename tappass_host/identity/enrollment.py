@@ -28,7 +28,6 @@ import ssl
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -299,23 +298,13 @@ def _accept(name: str, claims: bootstraps.Claims, answer: dict, key, ca_pem: byt
     return record, cert
 
 
-@contextmanager
-def _locked(path: Path):
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def _commit(paths: HostPaths, record: sandboxes.SandboxRecord, cert: x509.Certificate,
             ca_pem: bytes) -> None:
     """Step 6: all files are written in a staging directory, then one rename publishes them."""
     final = paths.sandbox(record.name)
     try:
         paths.sandboxes.mkdir(parents=True, exist_ok=True)
-        with _locked(paths.sandboxes / ".enroll.lock"):
+        with statefile.locked(paths.sandboxes / ".enroll.lock"):
             _remove_orphaned_staging(paths.sandboxes)
             staging = Path(tempfile.mkdtemp(prefix=f".enroll-{record.name}.",
                                             dir=paths.sandboxes))
@@ -333,7 +322,7 @@ def _commit(paths: HostPaths, record: sandboxes.SandboxRecord, cert: x509.Certif
         statefile.write_file_durably(staged.ca, ca_pem, 0o644)
         statefile.fsync_dir(staged.identity)
         sandboxes.save(staged, record)
-        with _locked(paths.sandboxes / ".enroll.lock"):
+        with statefile.locked(paths.sandboxes / ".enroll.lock"):
             if final.root.exists():
                 raise AlreadyEnrolled(record.name)
             os.rename(staging, final.root)

@@ -22,7 +22,6 @@ Sequence of `flip`:
 All of this runs under an exclusive lock on a file outside the directory.
 """
 
-import fcntl
 import os
 import re
 import shutil
@@ -31,7 +30,7 @@ from pathlib import Path
 
 from tappass_host.clock import parse_timestamp
 from tappass_host.keyring import KeyringVersion, VerifiedKeyring
-from tappass_host.statefile import fsync_dir, fsync_path, write_file_durably
+from tappass_host.statefile import fsync_dir, fsync_path, locked, write_file_durably
 
 DATA = "..data"
 DATA_TMP = "..data_tmp"
@@ -77,14 +76,10 @@ class KeyringStore:
     def transaction(self):
         """Hold the store's lock, with leftovers of a crashed write removed."""
         self.dir.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with locked(self.lock_path):
             self._prepare_top()
             self.recover()
             yield self
-        finally:
-            os.close(fd)
 
     def _prepare_top(self) -> None:
         self.dir.mkdir(mode=TOP_MODE, exist_ok=True)

@@ -6,7 +6,6 @@ behind per sandbox (conmon monitors it).
 sandbox's state dir describes the last exit.
 """
 
-import fcntl
 import json
 import os
 import signal as signals
@@ -60,12 +59,8 @@ def is_running(sandbox: SandboxPaths) -> bool:
 def host_lock(paths: HostPaths):
     """Serializes starts, so `max_sandboxes` holds under concurrent starts."""
     paths.runtime.mkdir(parents=True, exist_ok=True)
-    fd = os.open(paths.runtime / "start.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with statefile.locked(paths.runtime / "start.lock"):
         yield
-    finally:
-        os.close(fd)
 
 
 def running_names(paths: HostPaths) -> list[str]:
@@ -84,9 +79,7 @@ def write_exit(paths: HostPaths, name: str, code: int | None, oom: bool,
 
     sandbox = paths.sandbox(name)
     sandbox.runtime.mkdir(parents=True, exist_ok=True)
-    fd = os.open(sandbox.runtime / "exit.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with statefile.locked(sandbox.runtime / "exit.lock"):
         previous = read_json(sandbox.exit_record)
         if started_at and previous and previous.get("started_at") == started_at:
             return previous
@@ -95,8 +88,6 @@ def write_exit(paths: HostPaths, name: str, code: int | None, oom: bool,
         from tappass_host.audit import AuditLog
 
         AuditLog.for_host(paths).append("sandbox.exited", sandbox=name, details=record)
-    finally:
-        os.close(fd)
     doorbell.ring(paths, name)
     return record
 
