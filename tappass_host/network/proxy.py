@@ -181,14 +181,15 @@ class EgressProxy:
         except BadRequest as exc:
             writer.write(_response(400, str(exc)))
             return
+        policy = sandbox.current()  # one policy decides the whole connection
         done = asyncio.get_running_loop().create_future()
-        upstream = await self._connect(sandbox, request, writer, done)
+        upstream = await self._connect(sandbox, policy, request, writer, done)
         if upstream is None:
             return
         try:
             if request.tunnel:
                 writer.write(_response(200))
-                opening = await self._first_flight(sandbox, request, reader, upstream)
+                opening = await self._first_flight(sandbox, policy, request, reader, upstream)
                 if opening is None:
                     return
                 upstream.transport.write(opening)
@@ -199,8 +200,8 @@ class EgressProxy:
         finally:
             upstream.transport.close()
 
-    async def _first_flight(self, sandbox: SandboxPolicy, request: Request, reader,
-                            upstream: "_Relay") -> bytes | None:
+    async def _first_flight(self, sandbox: SandboxPolicy, policy: egress.Policy,
+                            request: Request, reader, upstream: "_Relay") -> bytes | None:
         """What the agent sends first through the tunnel, to pass on; None
         (close) when it is a TLS ClientHello for a name the policy does not
         allow. A server that speaks first is not TLS: nothing to read then."""
@@ -233,15 +234,14 @@ class EgressProxy:
         except client_hello.Malformed:
             self._denials.denied(sandbox.name, request.host, egress.TLS_MALFORMED)
             return None
-        reason = egress.check_server_name(sandbox.current(), request.host, name)
+        reason = egress.check_server_name(policy, request.host, name)
         if reason is not None:
             self._denials.denied(sandbox.name, name or request.host, reason)
             return None
         return bytes(taken)
 
-    async def _connect(self, sandbox: SandboxPolicy, request: Request, writer,
-                       done: asyncio.Future) -> "_Relay | None":
-        policy = sandbox.current()
+    async def _connect(self, sandbox: SandboxPolicy, policy: egress.Policy, request: Request,
+                       writer, done: asyncio.Future) -> "_Relay | None":
         reason = egress.check_name(policy, request.host)
         if reason is None:
             addresses = await self._resolver.resolve(request.host, request.port)
