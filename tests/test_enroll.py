@@ -458,6 +458,48 @@ def test_renewed_certificate_is_used_by_the_next_mtls_request(devplane, host_sta
     assert renewed and renewed[-1]["details"]["serial"] == format(new.serial_number, "x")
 
 
+def _openssl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["openssl", *args], capture_output=True, text=True)
+
+
+def assert_x509_svid(cert_file, ca_file, key_file, spiffe_id: str) -> None:
+    """SPIFFE X.509-SVID as openssl and py-spiffe read it: §4.4's EKU, a leaf, one SPIFFE id."""
+    from spiffe import SpiffeId, X509Svid
+
+    for purpose in ("sslclient", "sslserver"):
+        verified = _openssl("verify", "-purpose", purpose, "-CAfile", str(ca_file), str(cert_file))
+        assert verified.returncode == 0 and ": OK" in verified.stdout, (purpose, verified.stderr)
+    text = _openssl("x509", "-in", str(cert_file), "-noout", "-text").stdout
+    assert "TLS Web Server Authentication, TLS Web Client Authentication" in text, text
+    svid = X509Svid.parse(cert_file.read_bytes(), key_file.read_bytes())
+    assert str(svid.spiffe_id) == spiffe_id
+    trust_domain = SpiffeId(spiffe_id).trust_domain
+    ca_text = _openssl("x509", "-in", str(ca_file), "-noout", "-text").stdout
+    assert f"URI:spiffe://{trust_domain}" in ca_text, ca_text
+    ca = x509.load_pem_x509_certificate(ca_file.read_bytes())
+    ca_ids = certs.spiffe_ids(ca)
+    assert ca_ids == [f"spiffe://{trust_domain}"] and SpiffeId(ca_ids[0]).path == ""
+
+
+def test_issued_and_renewed_certificates_are_x509_svids(devplane, host_state):
+    """The devplane's sandbox certificates and their renewals hold serverAuth and clientAuth
+    (SPIFFE X.509-SVID §4.4), and the CA names its trust domain."""
+    enroll(host_state, devplane)
+    paths = host_state.paths
+    sandbox = paths.sandbox("demo")
+    record = sandboxes.load(paths, "demo")
+    assert_x509_svid(sandbox.cert, sandbox.ca, paths.machine_key, record.spiffe_id)
+    first = sandbox.cert.read_bytes()
+
+    certs.renew_certificate(paths, "demo")
+
+    assert sandbox.cert.read_bytes() != first
+    assert_x509_svid(sandbox.cert, sandbox.ca, paths.machine_key, record.spiffe_id)
+    acks = f"{record.sync_url}/v1/sandboxes/{record.sandbox_id}/acks"
+    with httpx.Client(verify=mtls_context(paths, "demo")) as client:
+        assert client.post(acks, json={"policy_version": 1, "status": "applied"}).status_code == 204
+
+
 def test_failed_renewal_keeps_the_old_certificate(devplane, host_state):
     from tappass_host.identity.errors import RenewalError
 

@@ -2,7 +2,8 @@
 
 One CA stands behind both the control plane's TLS server certificate and
 the sandboxes' client certificates; its DER SHA-256 is the `tls_ca_sha256`
-that bootstrap tokens carry.
+that bootstrap tokens carry. The CA carries its trust domain's SPIFFE id
+(`spiffe://<trust domain>`, SPIFFE X.509-SVID §4.1) as a URI SAN.
 """
 
 import hashlib
@@ -63,6 +64,8 @@ class CertificateAuthority:
                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                                critical=False)
+                .add_extension(x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]), critical=False)
                 .sign(key, hashes.SHA256()))
         return cls(key=key, cert=cert)
 
@@ -81,7 +84,7 @@ class CertificateAuthority:
         return hashlib.sha256(self.cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
     def _leaf(self, subject: str, public_key, sans: list[x509.GeneralName],
-              usage: x509.ObjectIdentifier, lifetime: timedelta) -> x509.Certificate:
+              usages: list[x509.ObjectIdentifier], lifetime: timedelta) -> x509.Certificate:
         now = datetime.now(timezone.utc)
         return (x509.CertificateBuilder()
                 .subject_name(_name(subject))
@@ -95,7 +98,7 @@ class CertificateAuthority:
                     digital_signature=True, content_commitment=False, key_encipherment=False,
                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+                .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
                 .add_extension(x509.SubjectAlternativeName(sans), critical=True)
                 .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
                     self.key.public_key()), critical=False)
@@ -106,12 +109,17 @@ class CertificateAuthority:
         key = ec.generate_private_key(ec.SECP256R1())
         sans = list(dict.fromkeys(_san(h) for h in hosts))
         cert = self._leaf("tappass-devplane", key.public_key(), sans,
-                          ExtendedKeyUsageOID.SERVER_AUTH, SERVER_LIFETIME)
+                          [ExtendedKeyUsageOID.SERVER_AUTH], SERVER_LIFETIME)
         return key, cert
 
     def issue_client(self, csr: x509.CertificateSigningRequest, spiffe_id: str,
                      lifetime: timedelta) -> x509.Certificate:
-        """A sandbox certificate for the CSR's key; the SPIFFE id is the only SAN."""
+        """A sandbox X.509-SVID for the CSR's key; the SPIFFE id is the only SAN.
+
+        SPIFFE X.509-SVID §4.4: an extended key usage, when present, holds both
+        serverAuth and clientAuth.
+        """
         subject = spiffe_id.rsplit("/", 1)[-1]
         return self._leaf(subject, csr.public_key(), [x509.UniformResourceIdentifier(spiffe_id)],
-                          ExtendedKeyUsageOID.CLIENT_AUTH, lifetime)
+                          [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+                          lifetime)
