@@ -162,3 +162,132 @@ def test_two_opens_through_the_symlinks_can_straddle_a_flip(host):
         os.close(fd)
     assert (naive_version, naive_tag) == (1, "Read(/workspace/v2/**)")  # mismatched
     assert pinned_tag == "Read(/workspace/v1/**)"  # the pinned version stays whole
+
+
+# -- Claude Code settings: the tool-rule grammar and the public schema -----------------------
+
+SCHEMA = Path(__file__).resolve().parent / "data" / "claude-code-settings.schema.json"
+FULL = {"runtime": "claude-code", "permissions": {
+    "allow": ["Bash(git status:*)", "Read(/workspace/**)", "WebFetch(domain:api.tappass.ai)",
+              "mcp__github__search_repositories", "Agent(Explore)", "Glob"],
+    "deny": ["Bash(curl:*)", "Read(/run/tappass/keyring/**)", "WebSearch", "mcp__puppeteer"],
+    "ask": ["Bash(git push:*)", "Edit(/workspace/src/**)"],
+    "defaultMode": "dontAsk",
+    "additionalDirectories": ["/data/ref", "/tmp/scratch"],
+    "disableBypassPermissionsMode": "disable"}}
+SECRETISH = "sk-live-SECRET-4242"
+
+
+def schemastore_validator():
+    import jsonschema
+
+    schema = json.loads(SCHEMA.read_text())
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def test_rendered_settings_validate_against_the_schemastore_schema(host):
+    validator = schemastore_validator()
+    name = host.enroll(unique_name("hschema"), harness=FULL)
+    keyring = host.paths.sandbox(name).keyring
+    settings = json.loads((keyring / SETTINGS).read_text())
+    assert settings == {"permissions": FULL["permissions"]}
+    # The vendored extract describes every key the file sets (see its .md).
+    assert set(settings) <= set(validator.schema["properties"])
+    assert list(validator.iter_errors(settings)) == []
+    expected = json.loads((DATA / "claude-code" / "settings.json").read_text())
+    assert list(validator.iter_errors(expected)) == []
+    # The judge itself refuses what the review found: these would deny nothing.
+    for rule in ("bash(curl:*)", "Shell(rm)", ""):
+        assert list(validator.iter_errors({"permissions": {"deny": [rule]}})), rule
+
+
+BAD_RULES = [
+    "bash(curl:*)", "Shell(rm)", "", "Bash()", "Bash(curl", "Bash(a)(b)", "Bash(x)\n",
+    " Bash", "Bash ", "Read(/a\x1b[2J)", "mcp__", "Task", f"Bash({SECRETISH}:*)x",
+]
+
+
+def sync_apply(host, name, tmp_path, harness_aspect) -> subprocess.CompletedProcess:
+    envelope = tmp_path / f"{time.monotonic_ns()}.dsse.json"
+    envelope.write_bytes(host.envelope(name, harness=harness_aspect))
+    return host.run("sync", "apply", name, str(envelope))
+
+
+@pytest.mark.parametrize("rule", BAD_RULES)
+def test_a_rule_claude_code_does_not_understand_rejects_the_keyring(rule, host, tmp_path):
+    name = host.enroll(unique_name("hrule"), harness=CLAUDE)
+    keyring = host.paths.sandbox(name).keyring
+    before = (keyring / SETTINGS).read_bytes()
+    rules = {"runtime": "claude-code",
+             "permissions": {"allow": ["Read(/workspace/**)"], "deny": ["Bash(rm:*)", rule]}}
+
+    result = sync_apply(host, name, tmp_path, rules)
+
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "invalid" in result.stderr and "harness.permissions.deny[1]" in result.stderr
+    audit = host.paths.audit_log.read_text()
+    rejected = [json.loads(line) for line in audit.splitlines()][-1]
+    assert rejected["event"] == "keyring.rejected" and rejected["details"]["reason"] == "invalid"
+    if rule.strip():
+        for text in (result.stdout, result.stderr, audit):
+            assert rule not in text and SECRETISH not in text
+    assert (keyring / SETTINGS).read_bytes() == before  # the last good settings stay
+
+
+@pytest.mark.parametrize("permissions,where,schema_refuses", [
+    ({"ask": ["Read(/a)", "Read(/a)"]}, "harness.permissions.ask[1] repeats", True),
+    ({"defaultMode": "yolo"}, "harness.permissions.defaultMode", True),
+    ({"defaultMode": "bypassPermissions", "disableBypassPermissionsMode": "disable"},
+     "harness.permissions.defaultMode is bypassPermissions", False),  # contradictory
+    ({"disableBypassPermissionsMode": "enable"}, "harness.permissions.disableBypassPermissionsMode",
+     True),
+    ({"additionalDirectories": ["/data", ""]}, "harness.permissions.additionalDirectories[1]", True),
+    ({"additionalDirectories": ["/data\n/etc"]}, "harness.permissions.additionalDirectories[0]",
+     False),  # stricter than the schema: no control characters in a path
+])
+def test_claude_code_permission_settings_are_checked(permissions, where, schema_refuses, host,
+                                                     tmp_path):
+    validator = schemastore_validator()
+    name = host.enroll(unique_name("hperm"), harness=CLAUDE)
+    result = sync_apply(host, name, tmp_path, {"runtime": "claude-code", "permissions": permissions})
+    assert result.returncode != 0 and "invalid" in result.stderr and where in result.stderr, \
+        result.stderr
+    rendered = json.loads(harness.render({"harness": {"runtime": "claude-code",
+                                                      "permissions": permissions}})[0][
+        "claude-code/settings.json"])
+    assert bool(list(validator.iter_errors(rendered))) == schema_refuses
+
+
+def test_other_runtimes_keep_their_own_rule_vocabulary(host, tmp_path):
+    name = host.enroll(unique_name("hother"))
+    result = sync_apply(host, name, tmp_path, {"runtime": "crewai",
+                                               "permissions": {"deny": ["shell", ""]}})
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_rule_the_grammar_accepts_the_schema_accepts():
+    from hypothesis import given, settings, strategies as st
+
+    validator = schemastore_validator()
+
+    def schema_accepts(rule: str) -> bool:
+        return not list(validator.iter_errors({"permissions": {"deny": [rule]}}))
+
+    def grammar_accepts(rule: str) -> bool:
+        return not list(harness.problems({"harness": {
+            "runtime": "claude-code", "permissions": {"deny": [rule]}}}))
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.one_of(st.from_regex(harness._CLAUDE_RULE, fullmatch=True), st.text()))
+    def check(rule):
+        if grammar_accepts(rule):
+            assert schema_accepts(rule), rule
+
+    check()
+    for rule in BAD_RULES:
+        assert not grammar_accepts(rule), rule
+    for rule in validator.schema["$defs"]["permissionRule"]["examples"]:
+        assert grammar_accepts(rule), rule

@@ -151,6 +151,9 @@ def _semantic_problems(payload: dict, limits: Limits, issued: datetime, expires:
         url = payload.get(aspect, {}).get(key)
         if url is not None and not url.startswith(("https://", "http://")):
             yield f"{aspect}.{key} is not an http(s) URL"
+    from tappass_host.layers import harness
+
+    yield from harness.problems(payload)
 
 
 def verify(data: bytes, trust: Trust, current: KeyringVersion | None, now: datetime,
