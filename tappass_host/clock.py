@@ -4,9 +4,16 @@ from datetime import datetime, timezone
 
 
 def parse_timestamp(text: str) -> datetime:
-    """RFC 3339 -> aware UTC datetime truncated to whole seconds."""
-    value = datetime.fromisoformat(text)
-    return value.astimezone(timezone.utc).replace(microsecond=0)
+    """RFC 3339 -> aware UTC datetime truncated to whole seconds.
+
+    Raises ValueError for anything else, including times that exist only in
+    their own offset (`9999-12-31T23:59:59-01:00` is past datetime's range in UTC).
+    """
+    try:
+        value = datetime.fromisoformat(text)
+        return value.astimezone(timezone.utc).replace(microsecond=0)
+    except OverflowError:
+        raise ValueError("time is out of range in UTC") from None
 
 
 def now() -> datetime:

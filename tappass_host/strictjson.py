@@ -1,11 +1,12 @@
 """Strict JSON parsing and the canonical JSON encoding.
 
-Strict: duplicate object keys, NaN/Infinity and invalid UTF-8 are errors,
-because two parsers that disagree on such input could disagree on what was
-signed.
+Strict: duplicate object keys, NaN/Infinity (also as a number too large for
+a double, `1e999`) and invalid UTF-8 are errors, because two parsers that
+disagree on such input could disagree on what was signed.
 """
 
 import json
+import math
 from typing import Any
 
 
@@ -26,6 +27,13 @@ def _reject_constant(name: str) -> Any:
     raise StrictJSONError(f"non-finite number {name}")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise StrictJSONError("number out of range")
+    return value
+
+
 def loads(data: bytes | str) -> Any:
     """Parse strict JSON; raises StrictJSONError on anything not strict."""
     if isinstance(data, bytes):
@@ -35,7 +43,8 @@ def loads(data: bytes | str) -> Any:
             raise StrictJSONError("not valid UTF-8") from exc
     try:
         return json.loads(
-            data, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
+            data, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant,
+            parse_float=_finite_float,
         )
     except StrictJSONError:
         raise

@@ -178,6 +178,68 @@ def limit_above_host_maximum(signer):
     return sign(policy(6, process={"pids_max": 10**6}), signer), "invalid"
 
 
+# Edge values (issue 10, item 6): each once passed the schema and crashed
+# the flip or the time checks with an untyped error.
+
+
+@case
+def float_policy_version(signer):
+    return sign(policy(99.0), signer), "schema"
+
+
+@case
+def exponent_policy_version(signer):
+    text = json.dumps(policy(6)).replace('"policy_version": 6', '"policy_version": 6e0')
+    return sign(text.encode(), signer), "schema"
+
+
+@case
+def bool_policy_version(signer):
+    return sign(policy(True), signer), "schema"
+
+
+@case
+def policy_version_past_ten_digits(signer):
+    return sign(policy(10**10), signer), "schema"
+
+
+@case
+def huge_integer_policy_version(signer):
+    text = json.dumps(policy(6)).replace('"policy_version": 6', '"policy_version": ' + "9" * 5000)
+    return sign(text.encode(), signer), "malformed"
+
+
+@case
+def float_limit(signer):
+    return sign(policy(6, process={"memory_mb": 256.0}), signer), "schema"
+
+
+@case
+def bool_limit(signer):
+    return sign(policy(6, process={"pids_max": True}), signer), "schema"
+
+
+@case
+def huge_limit(signer):
+    return sign(policy(6, process={"memory_mb": 10**300}), signer), "invalid"
+
+
+@case
+def expires_at_past_year_9999_in_utc(signer):
+    return sign(policy(6, expires_at="9999-12-31T23:59:59-01:00"), signer), "schema"
+
+
+@case
+def issued_at_before_year_1_in_utc(signer):
+    return sign(policy(6, issued_at="0001-01-01T00:00:00+01:00"), signer), "schema"
+
+
+@case
+def overflowing_float_anywhere(signer):
+    text = json.dumps(policy(6, tools={"x": 1})).replace('"x": 1', '"x": 1e999')
+    return sign(text.encode(), signer), "malformed"
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_rejected_and_nothing_changes(name, paths, signer, applied_v5):
     data, reason = CASES[name](signer)
@@ -274,3 +336,82 @@ def test_store_reports_current_version(paths, sandbox, signer):
     apply_update(paths, "demo", sign(policy(3), signer))
     store = KeyringStore(paths.sandbox("demo").keyring, paths.sandbox("demo").keyring_lock)
     assert store.current_version().policy_version == 3
+
+
+# --- keyid is an unauthenticated hint (DSSE; issue 10, item 9) ----------------------------
+
+
+def sslib_envelope(doc: dict, *signers) -> bytes:
+    from securesystemslib.dsse import Envelope
+
+    from tappass_host.keyring import PAYLOAD_TYPE
+
+    env = Envelope(payload=json.dumps(doc).encode(), payload_type=PAYLOAD_TYPE, signatures={})
+    for signer in signers:
+        env.sign(signer)
+    return json.dumps(env.to_dict()).encode()
+
+
+def sslib_signer(key, keyid: str | None = None):
+    from securesystemslib.signer import CryptoSigner, SSlibKey
+
+    return CryptoSigner(key, SSlibKey.from_crypto(key.public_key(), keyid=keyid))
+
+
+def test_securesystemslib_envelope_by_the_pinned_key_is_accepted(paths, sandbox, signer):
+    pinned = sslib_signer(signer)  # securesystemslib's default keyid, TUF-style
+    assert pinned.public_key.keyid != signing.key_id(signer.public_key())
+    applied = apply_update(paths, "demo", sslib_envelope(policy(1), pinned))
+    assert applied.keyring.version.policy_version == 1
+
+
+def test_upper_case_hex_keyid_is_accepted(paths, sandbox, signer):
+    upper = sslib_signer(signer, signing.key_id(signer.public_key()).upper())
+    assert apply_update(paths, "demo", sslib_envelope(policy(1), upper)).keyring.version \
+        .policy_version == 1
+
+
+def test_unpinned_key_carrying_the_pinned_keyid_is_bad_signature(paths, sandbox, signer):
+    impostor = sslib_signer(signing.generate(), signing.key_id(signer.public_key()))
+    rejected(paths, sslib_envelope(policy(1), impostor), "bad_signature")
+    rejected(paths, sslib_envelope(policy(1), sslib_signer(signing.generate())), "bad_signature")
+
+
+def test_threshold_with_foreign_keyids_counts_distinct_pinned_keys(paths, signer):
+    import keyrings
+
+    second = signing.generate()
+    keyrings.enroll(paths, "demo", [signer, second], threshold=2)
+    twice = sslib_envelope(policy(1), sslib_signer(signer), sslib_signer(signer, "ab" * 32))
+    rejected(paths, twice, "bad_signature")
+    both = sslib_envelope(policy(1), sslib_signer(second), sslib_signer(signer))
+    assert apply_update(paths, "demo", both).keyring.version.policy_version == 1
+
+
+class CountingKey:
+    """A pinned public key that counts the signature checks made with it."""
+
+    def __init__(self, key):
+        self.key, self.checks = key, 0
+
+    def verify(self, sig, message):
+        self.checks += 1
+        return self.key.verify(sig, message)
+
+
+def test_signatures_stuffed_into_an_envelope_cost_a_bounded_number_of_checks(signer):
+    second, third = signing.generate(), signing.generate()
+    keys = {signing.key_id(k.public_key()): CountingKey(k.public_key())
+            for k in (signer, second, third)}
+    trust = Trust(SANDBOX_ID, keys, 2)
+    pinned_id = signing.key_id(signer.public_key())
+    doc = envelope_doc(sign(policy(1), *[signing.generate() for _ in range(3)]))
+    junk = doc["signatures"]
+    doc["signatures"] = ([{"keyid": pinned_id, "sig": junk[0]["sig"]}] * 500
+                         + [{"keyid": "", "sig": s["sig"]} for s in junk] * 500)
+    with pytest.raises(KeyringRejected) as info:
+        verify(json.dumps(doc).encode(), trust, None, datetime.now(timezone.utc))
+    assert info.value.reason == "bad_signature"
+    # each pinned key once through its keyid, then `threshold` hintless signatures
+    # against each pinned key: (1 + threshold) x keys at most
+    assert sum(k.checks for k in keys.values()) <= (1 + 2) * 3

@@ -98,3 +98,24 @@ def test_unknown_config_key_is_named(paths, sandbox, signer, tmp_path):
     assert result.returncode != 0
     assert "runtmie_path" in result.stderr
     assert not (paths.sandbox("demo").keyring / "keyring.json").exists()
+
+
+def test_edge_values_are_typed_rejections_audited_and_the_last_good_stays(paths, sandbox,
+                                                                          signer, tmp_path):
+    """Issue 10 item 6: these once passed the schema and ended in 'internal error'."""
+    good = tmp_path / "v5.json"
+    good.write_bytes(sign(policy(5), signer))
+    assert host(paths, "sync", "apply", "demo", str(good)).returncode == 0
+    before = (paths.sandbox("demo").keyring / "keyring.json").read_bytes()
+    for doc in (policy(99.0), policy(6, expires_at="9999-12-31T23:59:59-01:00"),
+                policy(6, process={"memory_mb": 256.0}), policy(True)):
+        envelope = tmp_path / "edge.json"
+        envelope.write_bytes(sign(doc, signer))
+        result = host(paths, "sync", "apply", "demo", str(envelope))
+        assert result.returncode != 0
+        assert result.stderr.count("\n") == 1 and "keyring rejected (schema)" in result.stderr
+        assert "internal error" not in result.stderr and "Traceback" not in result.stderr
+        last = json.loads(host(paths, "--json", "audit", "tail", "-n", "1").stdout)[0]
+        assert last["event"] == "keyring.rejected" and last["details"]["reason"] == "schema"
+    assert (paths.sandbox("demo").keyring / "keyring.json").read_bytes() == before
+    assert host(paths, "audit", "verify").returncode == 0

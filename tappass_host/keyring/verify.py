@@ -37,6 +37,7 @@ from tappass_host.keyring import (  # noqa: F401  (KeyringVersion, VerifiedKeyri
 )
 
 CLOCK_SKEW = timedelta(seconds=60)
+MAX_POLICY_VERSION = 9_999_999_999  # ten digits: the version directory's name
 
 # The reason codes, in the order the rules are checked.
 REASONS = (
@@ -79,15 +80,24 @@ def envelope_sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def _is_integer_literal(checker, value) -> bool:
+    return type(value) is int
+
+
 @cache
 def _schema_validator():
+    """The shipped schema, with `integer` read narrowly: a JSON integer
+    literal. JSON Schema counts 99.0 as an integer, but a float is not a
+    version or a limit anywhere past this check."""
     import jsonschema
 
     text = resources.files("tappass_host").joinpath("schemas/keyring.v1.json").read_text()
     schema = json.loads(text)
-    cls = jsonschema.validators.validator_for(schema)
-    cls.check_schema(schema)
-    return cls(schema)
+    base = jsonschema.validators.validator_for(schema)
+    base.check_schema(schema)
+    strict = jsonschema.validators.extend(
+        base, type_checker=base.TYPE_CHECKER.redefine("integer", _is_integer_literal))
+    return strict(schema)
 
 
 def _schema_error(payload: dict) -> str | None:
@@ -99,21 +109,42 @@ def _schema_error(payload: dict) -> str | None:
 
 
 def _count_valid_signatures(env: envelope.Envelope, trust: Trust) -> int:
+    """Distinct pinned keys with a valid signature, counted up to the threshold.
+
+    A keyid is an unauthenticated hint (DSSE). A signature whose keyid names
+    a pinned key is checked against that key only, once per key. One whose
+    keyid names none (another scheme's id, upper-case hex, empty) is tried
+    against each pinned key not yet counted, for at most `threshold` such
+    signatures. An envelope stuffed with signatures thus costs at most
+    (1 + threshold) x pinned keys checks.
+    """
     message = envelope.pae(env.payload_type, env.payload)
     verified: set[str] = set()
+    tried: set[str] = set()
+    unhinted = []
     for sig in env.signatures:
-        candidates = [sig.keyid] if sig.keyid in trust.keys else (
-            [] if sig.keyid else list(trust.keys))
-        for keyid in candidates:
-            if keyid in verified:
-                continue
-            try:
-                trust.keys[keyid].verify(sig.sig, message)
-            except InvalidSignature:
-                continue
-            verified.add(keyid)
+        if sig.keyid not in trust.keys:
+            unhinted.append(sig)
+        elif sig.keyid not in tried:
+            tried.add(sig.keyid)
+            if _signed_by(trust.keys[sig.keyid], sig, message):
+                verified.add(sig.keyid)
+    for sig in unhinted[:trust.threshold]:
+        if len(verified) >= trust.threshold:
             break
+        for keyid, key in trust.keys.items():
+            if keyid not in verified and _signed_by(key, sig, message):
+                verified.add(keyid)
+                break
     return len(verified)
+
+
+def _signed_by(key, sig: envelope.Signature, message: bytes) -> bool:
+    try:
+        key.verify(sig.sig, message)
+    except InvalidSignature:
+        return False
+    return True
 
 
 def _path_problem(path: str) -> str | None:
@@ -183,19 +214,21 @@ def verify(data: bytes, trust: Trust, current: KeyringVersion | None, now: datet
         payload = strictjson.loads(env.payload)
     except strictjson.StrictJSONError as exc:
         raise reject("malformed", f"payload is {exc}") from None
-    if isinstance(payload, dict) and isinstance(payload.get("policy_version"), int):
-        version_seen = payload["policy_version"]
     if not isinstance(payload, dict):
         raise reject("schema", "payload is not a JSON object")
+    claimed = payload.get("policy_version")
+    if type(claimed) is int and 0 <= claimed <= MAX_POLICY_VERSION:
+        version_seen = claimed
     if problem := _schema_error(payload):
         raise reject("schema", problem)
-    if payload["sandbox_id"] != trust.sandbox_id:
-        raise reject("wrong_sandbox", "sandbox_id is not this sandbox's")
     try:
         issued = parse_timestamp(payload["issued_at"])
         expires = parse_timestamp(payload["expires_at"])
     except ValueError:
-        raise reject("schema", "issued_at/expires_at is not an RFC 3339 time") from None
+        raise reject("schema", "issued_at/expires_at is not an RFC 3339 time "
+                               "within years 1-9999 in UTC") from None
+    if payload["sandbox_id"] != trust.sandbox_id:
+        raise reject("wrong_sandbox", "sandbox_id is not this sandbox's")
     new = KeyringVersion(payload["policy_version"], issued)
     if current is not None:
         if new.policy_version < current.policy_version:
