@@ -122,6 +122,28 @@ def test_sse_reader_counts_many_small_lines_against_the_limit():
     assert isinstance(out, Oversized) and out.id == "3"
 
 
+def _trickled(size: int, step: int) -> tuple[list, int]:
+    """A keyring event whose 'data:' line of `size` bytes arrives `step` bytes
+    at a time, CRLF-framed (a CR can end a chunk); the reader's scan count."""
+    line = b"event: keyring\r\nid: 4\r\ndata: " + b"A" * size + b"\r\n\r\n"
+    reader = EventReader(1024 * 1024 + 4096)
+    out = list(reader.feed(line[i:i + step] for i in range(0, len(line), step)))
+    return out, reader.bytes_scanned
+
+
+def test_sse_reader_scans_a_trickled_line_once():
+    """Issue 10 item 8: a control plane trickling one long line a few bytes at
+    a time made the reader rescan the whole partial line per chunk (O(n^2),
+    100 % CPU). Each byte is now searched for a line end about once."""
+    size = 512 * 1024
+    out, scanned = _trickled(size, 7)
+    assert out == [Message("keyring", "4", b"A" * size)]
+    assert scanned <= size + 64
+    # linear: four times the input costs four times the scanning, not sixteen
+    _, small = _trickled(size // 4, 7)
+    assert scanned <= 4 * small + 64
+
+
 # --- acks that fail are kept (the latest) and retried ------------------------------------
 
 

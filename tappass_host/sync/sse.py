@@ -44,6 +44,8 @@ class EventReader:
     def __init__(self, limit: int):
         self.limit = limit
         self._buffer = bytearray()
+        self._scanned = 0  # the buffer's first bytes known to hold no line end
+        self.bytes_scanned = 0  # all bytes searched for line ends: linear in the input
         self._last_id = ""
         self._reset()
 
@@ -63,12 +65,17 @@ class EventReader:
     def _lines(self) -> Iterator[Message | Oversized | Heartbeat]:
         buffer = self._buffer
         while True:
-            match = _NEWLINE.search(buffer)
+            # a partial line is searched once: each chunk only for its own bytes
+            match = _NEWLINE.search(buffer, self._scanned)
+            self.bytes_scanned += (len(buffer) if match is None else match.end()) - self._scanned
             if match is None or (match.group() == b"\r" and match.end() == len(buffer)):
+                # a trailing CR may be the first half of a CRLF: search it again
+                self._scanned = len(buffer) - buffer.endswith(b"\r")
                 self._hold_partial()
                 return
             line = bytes(buffer[:match.start()])
             del buffer[:match.end()]
+            self._scanned = 0
             if self._skipping:
                 self._skipping = False
                 self._size += len(line)
@@ -93,6 +100,7 @@ class EventReader:
         self._over = self._skipping = True
         self._data = []
         self._buffer.clear()
+        self._scanned = 0
         if keep_cr:  # may be the first half of a CRLF
             self._buffer += b"\r"
 
