@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
         "proxy_port": 3128,
         "hosts_file": "",  # "": the system resolver; a path: a hosts-format file, consulted first
         "header_timeout_s": 10.0,  # the egress proxy drops a request head slower than this
+        "allow_ports": [443, 80],  # the only ports the egress proxy connects to
     },
 }
 
@@ -146,6 +147,12 @@ def _check_address_pool(text: str) -> None:
         raise ConfigError("config key 'network.address_pool' must be a /30 or larger")
 
 
+def _check_allow_ports(ports: list) -> None:
+    if not all(isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in ports):
+        raise ConfigError("config key 'network.allow_ports' must be a list of port numbers "
+                          "between 1 and 65535")
+
+
 def _check_hosts_file(text: str) -> None:
     if text and not text.startswith("/"):
         raise ConfigError("config key 'network.hosts_file' must be an absolute path (or \"\")")
@@ -179,4 +186,5 @@ def load(path: Path | None, required: bool = False) -> Config:
     _check_agent_id_range(values["agent_id_range"])
     _check_address_pool(values["network"]["address_pool"])
     _check_hosts_file(values["network"]["hosts_file"])
+    _check_allow_ports(values["network"]["allow_ports"])
     return Config(values=values, source=path)

@@ -1,8 +1,10 @@
 """An upstream world for the egress proxy, for tests and benchmarks: a test
 network namespace joined to the host by a veth with link-local addresses
 (outside tappass-host's address pool), an HTTPS server (trustme CA) and a
-plain HTTP server inside it, and a hosts file naming it, for config
-`network.hosts_file`. Nothing outside 169.254.0.0/16 is ever used.
+plain HTTP server inside it — on the usual ports, the test's own, and SSH's
+and SMTP's, each answering HTTP and logging every request line it reads —
+and a hosts file naming it, for config `network.hosts_file`. Nothing outside
+169.254.0.0/16 is ever used.
 """
 
 import fcntl
@@ -21,18 +23,31 @@ from sandbox_fixture import Host, wait_for
 
 HTTPS_PORT = 8443
 HTTP_PORT = 8080
+HTTPS_PORTS = [HTTPS_PORT, 443]
+HTTP_PORTS = [HTTP_PORT, 80, 22, 25]   # 22, 25: what network.allow_ports keeps out
+TEST_PORTS = [443, 80, HTTPS_PORT, HTTP_PORT]  # network.allow_ports of configure()
 BODY_SIZE = 1024
 NAMES = ["allowed.test", "later.test", "a.wild.test", "denied.test"]
+# Names the hosts file points at IPv6 addresses that are not globally
+# routable though Python's ipaddress calls them global.
+NOT_GLOBAL_V6 = {"nat64.test": "64:ff9b::a9fe:c801", "nat64local.test": "64:ff9b:1::a9fe:c801",
+                 "sixtofour.test": "2002:a9fe:c801::1", "compat.test": "::a9fe:c801",
+                 "siit.test": "::ffff:0:a9fe:c801", "sitelocal.test": "fec0::1"}
 
 SERVER = r'''
 import http.server, socketserver, ssl, sys, threading
 
 BODY = b"x" * int(sys.argv[4])
+LOG = sys.argv[5]
 
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     wbufsize = 65536  # head and body in one write: no Nagle/delayed-ACK stall
     disable_nagle_algorithm = True
+    def parse_request(self):
+        with open(LOG, "a") as log:
+            log.write(self.raw_requestline.decode("latin-1").rstrip("\r\n") + "\n")
+        return super().parse_request()
     def do_GET(self):
         self.send_response(200)
         self.send_header("Content-Length", str(len(BODY)))
@@ -46,16 +61,20 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     request_queue_size = 1024
 
-tls = Server(("0.0.0.0", int(sys.argv[1])), Handler)
 context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
 context.load_cert_chain(sys.argv[3])
-# The handshake in the handler's thread, not in accept(): one slow client
-# must not hold up the others.
-tls.socket = context.wrap_socket(tls.socket, server_side=True, do_handshake_on_connect=False)
-plain = Server(("0.0.0.0", int(sys.argv[2])), Handler)
-threading.Thread(target=plain.serve_forever, daemon=True).start()
+servers = []
+for port in sys.argv[1].split(","):
+    tls = Server(("0.0.0.0", int(port)), Handler)
+    # The handshake in the handler's thread, not in accept(): one slow client
+    # must not hold up the others.
+    tls.socket = context.wrap_socket(tls.socket, server_side=True, do_handshake_on_connect=False)
+    servers.append(tls)
+servers += [Server(("0.0.0.0", int(port)), Handler) for port in sys.argv[2].split(",")]
+for server in servers[1:]:
+    threading.Thread(target=server.serve_forever, daemon=True).start()
 print("serving", flush=True)
-tls.serve_forever()
+servers[0].serve_forever()
 '''
 
 # Run inside a sandbox (python3 -c): one request through the proxy the agent
@@ -105,9 +124,15 @@ class Upstream:
     ca_pem: Path
     hosts_file: Path
     process: subprocess.Popen
+    requests_log: Path
 
-    def url(self, name: str, tls: bool = True) -> str:
-        return f"https://{name}:{HTTPS_PORT}/" if tls else f"http://{name}:{HTTP_PORT}/"
+    def url(self, name: str, tls: bool = True, port: int | None = None) -> str:
+        port = port or (HTTPS_PORT if tls else HTTP_PORT)
+        return f"{'https' if tls else 'http'}://{name}:{port}/"
+
+    def requests_seen(self) -> str:
+        """Every request line the upstream has read, one a line."""
+        return self.requests_log.read_text() if self.requests_log.exists() else ""
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -158,10 +183,13 @@ def start_upstream(directory: Path) -> Upstream:
         ca_pem.chmod(0o644)
         hosts = directory / "hosts"
         hosts.write_text(f"{address} {' '.join(NAMES)}\n127.0.0.1 loop.test\n"
-                         "10.9.8.7 private.test\n")
+                         "10.9.8.7 private.test\n" + "".join(
+                             f"{ip} {name}\n" for name, ip in NOT_GLOBAL_V6.items()))
+        requests_log = directory / "requests.log"
         process = subprocess.Popen(
-            ["ip", "netns", "exec", netns, sys.executable, "-c", SERVER, str(HTTPS_PORT),
-             str(HTTP_PORT), str(cert_pem), str(BODY_SIZE)],
+            ["ip", "netns", "exec", netns, sys.executable, "-c", SERVER,
+             ",".join(map(str, HTTPS_PORTS)), ",".join(map(str, HTTP_PORTS)), str(cert_pem),
+             str(BODY_SIZE), str(requests_log)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert process.stdout.readline().strip() == "serving"
     except BaseException:
@@ -169,12 +197,12 @@ def start_upstream(directory: Path) -> Upstream:
         subprocess.run(["ip", "netns", "del", netns], capture_output=True)
         raise
     return Upstream(netns, ifname, host_address, address, ca_pem, hosts_file=hosts,
-                    process=process)
+                    process=process, requests_log=requests_log)
 
 
 def configure(host: Host, upstream: Upstream, header_timeout: float = 1.0) -> None:
     host.configure(f'[network]\nhosts_file = "{upstream.hosts_file}"\n'
-                   f"header_timeout_s = {header_timeout}\n")
+                   f"header_timeout_s = {header_timeout}\nallow_ports = {TEST_PORTS}\n")
 
 
 def proxy_policy(upstream: Upstream, *names: str) -> dict:

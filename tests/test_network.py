@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,7 @@ from sandbox_fixture import RUNTIMES, new_host, python_agent, require_runtime, u
 from tappass_host import network
 from tappass_host.network import policy as egress
 from tappass_host.network.denials import DenialLog
-from tappass_host.network.proxy import BadRequest, parse_head
+from tappass_host.network.http1 import BadRequest, BadResponse, ResponseHeads, parse_head
 from tappass_host.oci import invariants
 
 SLEEPER = "import time\nprint('agent up', flush=True)\ntime.sleep(3600)\n"
@@ -193,8 +194,27 @@ context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
 try:
     with context.wrap_socket(sock, server_hostname=sys.argv[3]):
         print("HANDSHAKE OK")
+except ssl.SSLError as e:
+    print("CLOSED", type(e).__name__, e.reason)
 except OSError as e:
     print("CLOSED", type(e).__name__)
+"""
+
+# Run inside a sandbox: several requests on one client connection to the
+# proxy (http.client reuses it unless the answer says `Connection: close`).
+PERSISTENT = """
+import http.client, os, sys, urllib.parse
+proxy = urllib.parse.urlsplit(os.environ["HTTP_PROXY"])
+conn = http.client.HTTPConnection(proxy.hostname, proxy.port, timeout=10)
+answers = []
+try:
+    for url in sys.argv[1:]:
+        conn.request("GET", url)
+        response = conn.getresponse()
+        answers.append(f"{response.status} {len(response.read())} {response.getheader('Connection')}")
+except OSError as e:
+    answers.append(f"ERROR {type(e).__name__}")
+print(" | ".join(answers))
 """
 
 
@@ -209,11 +229,124 @@ def test_tls_inside_a_tunnel_must_ask_for_an_allowed_name(net, upstream):
         "HANDSHAKE OK"  # another name the policy allows
     # The upstream's certificate covers denied.test too: only the proxy stands in the way.
     fronted = world.in_sandbox(net, name, FRONTED, "allowed.test", port, "denied.test")
-    assert fronted.startswith("CLOSED"), fronted
+    assert fronted == "CLOSED SSLError TLSV1_ALERT_ACCESS_DENIED", fronted
     reasons = {(e["details"]["host"], e["details"]["reason"])
                for e in audit(net, "network.denied", name)}
     assert ("denied.test", egress.SNI_NOT_ALLOWED) in reasons
     assert fetch(net, name, upstream.url("allowed.test")) == "STATUS 200 1024"
+
+
+# Run inside a sandbox: each argument (hex) sent on a connection of its own
+# to the proxy; prints the first line of each answer.
+HEADS = """
+import os, socket, sys, urllib.parse
+proxy = urllib.parse.urlsplit(os.environ["HTTP_PROXY"])
+for data in sys.argv[1:]:
+    with socket.create_connection((proxy.hostname, proxy.port), timeout=10) as sock:
+        sock.sendall(bytes.fromhex(data))
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    print(answer.split(b"\\r\\n")[0].decode())
+"""
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_one_exchange_per_connection_said_and_smuggled_heads_refused(net, upstream, runtime):
+    """RFC 9112 §9.6: the proxy closes after one exchange, so the answer says
+    `Connection: close` and a client's second request on its connection opens
+    a new one (was RemoteDisconnected). A head another parser would split
+    differently — bare LF, bare CR, obs-fold, control characters, ambiguous
+    framing — is refused (400) and never reaches the upstream."""
+    import uuid
+
+    name = start_proxy_sandbox(net, upstream, runtime, "h11", "allowed.test")
+    url = upstream.url("allowed.test", tls=False)
+    assert world.in_sandbox(net, name, PERSISTENT, url, url + "again", url) == \
+        "200 1024 close | 200 1024 close | 200 1024 close"
+
+    marker = uuid.uuid4().hex
+    target = f"GET http://allowed.test:{world.HTTP_PORT}/{marker}".encode()
+    smuggled = [
+        target + b"-lf HTTP/1.1\r\nX-A: 1\nHost: other.test\r\n\r\n",
+        target + b"-cr HTTP/1.1\r\nX-A: 1\rHost: other.test\r\n\r\n",
+        target + b"-fold HTTP/1.1\r\nX-A: 1\r\n Host: other.test\r\n\r\n",
+        target + b"-nul HTTP/1.1\r\nX-A: 1\x00\r\n\r\n",
+        target + b"-vt HTTP/1.1\r\nX-A: \x0b1\r\n\r\n",
+        target + b"-del HTTP/1.1\r\nX-A: 1\x7f\r\n\r\n",
+        target + b"-esc\x1b HTTP/1.1\r\n\r\n",
+        target + b"-tab\tx HTTP/1.1\r\n\r\n",
+        target + b"-clte HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+        target + b"-clcl HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 4\r\n\r\n",
+    ]
+    answers = world.in_sandbox(net, name, HEADS, *(h.hex() for h in smuggled)).splitlines()
+    assert len(answers) == len(smuggled)
+    for head, answer in zip(smuggled, answers):
+        assert answer.startswith("HTTP/1.1 400 "), (head, answer)
+    # The same request, well formed, does reach the upstream: the check can fail.
+    fine = target + b"-fine HTTP/1.1\r\nX-A: 1\r\n\r\n"
+    assert world.in_sandbox(net, name, HEADS, fine.hex()).startswith("HTTP/1.1 200 ")
+    seen = [line for line in upstream.requests_seen().splitlines() if marker in line]
+    assert seen == [f"GET /{marker}-fine HTTP/1.1"], seen
+
+
+# Run inside a sandbox: curl with these arguments (it reads https_proxy);
+# prints its exit status and what it wrote.
+CURL = """
+import subprocess, sys
+result = subprocess.run(["curl", *sys.argv[1:]], capture_output=True, text=True, timeout=30)
+print(result.returncode, (result.stdout + result.stderr).strip())
+"""
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_refused_server_name_gets_a_tls_access_denied_alert(net, upstream, runtime):
+    """curl through the proxy, CONNECT to an allowed name, SNI of another:
+    a TLS alert access_denied, not a connection closed without a word."""
+    name = start_proxy_sandbox(net, upstream, runtime, "alert", "allowed.test")
+    port = world.HTTPS_PORT
+
+    def curl(url: str, *args: str) -> str:
+        return world.in_sandbox(net, name, CURL, "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+                                "--cacert", "/workspace/ca.pem", *args, url)
+
+    fronted = curl(f"https://denied.test:{port}/", "--connect-to",
+                   f"denied.test:{port}:allowed.test:{port}")
+    assert fronted.startswith("35 ") and "alert access denied" in fronted, fronted
+    assert curl(f"https://allowed.test:{port}/") == "0 200"
+    reasons = {(e["details"]["host"], e["details"]["reason"])
+               for e in audit(net, "network.denied", name)}
+    assert reasons == {("denied.test", egress.SNI_NOT_ALLOWED)}
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_only_allowed_ports_and_globally_routable_addresses(net, upstream, runtime):
+    """An allowed name's SSH and SMTP ports are not reachable (config
+    network.allow_ports: 443 and 80 by default, the test's own added here);
+    names resolving into IPv6 ranges that lead to private IPv4 addresses
+    (NAT64, 6to4, SIIT, IPv4-compatible) or nowhere (site-local) are refused."""
+    import uuid
+
+    name = start_proxy_sandbox(net, upstream, runtime, "ports", "allowed.test",
+                               *world.NOT_GLOBAL_V6)
+    for port in (443, world.HTTPS_PORT):
+        assert fetch(net, name, upstream.url("allowed.test", port=port)) == "STATUS 200 1024"
+    for port in (80, world.HTTP_PORT):
+        assert fetch(net, name, upstream.url("allowed.test", tls=False, port=port)) == \
+            "STATUS 200 1024"
+    marker = uuid.uuid4().hex
+    for port in (22, 25):
+        url = upstream.url("allowed.test", tls=False, port=port) + marker
+        assert fetch(net, name, url) == "STATUS 403 0"
+        connect = f"CONNECT allowed.test:{port} HTTP/1.1\r\n\r\n".encode()
+        assert world.in_sandbox(net, name, HEADS, connect.hex()).startswith("HTTP/1.1 403 ")
+    assert marker not in upstream.requests_seen()
+    for v6name in world.NOT_GLOBAL_V6:
+        assert fetch(net, name, f"http://{v6name}/") == "STATUS 403 0", v6name
+    denied = [e["details"] for e in audit(net, "network.denied", name)]
+    assert sorted((d["host"], d["reason"], d["port"]) for d in denied) == sorted(
+        [("allowed.test", egress.PORT_NOT_ALLOWED, port) for port in (22, 22, 25, 25)]
+        + [(v6name, egress.PRIVATE_ADDRESS, 80) for v6name in world.NOT_GLOBAL_V6])
 
 
 def test_proxy_survives_abuse_without_leaking(net, upstream):
@@ -404,8 +537,10 @@ def test_destination_refuses_private_unless_listed():
     p = policy_of("a.example", "169.254.1.2")
     for private in ("127.0.0.1", "10.1.1.1", "192.168.0.1", "172.16.0.1", "169.254.9.9",
                     "0.0.0.0", "224.0.0.1", "::1", "fe80::1", "fc00::1", "100.64.0.1",
-                    "::ffff:127.0.0.1"):
+                    "::ffff:127.0.0.1", *world.NOT_GLOBAL_V6.values(), "64:ff9b::5db8:d822",
+                    "2002:5db8:d822::1", "::5db8:d822", "fec0:1::1"):
         assert egress.pick_destination(p, [ip(private)]) == egress.PRIVATE_ADDRESS, private
+    assert egress.pick_destination(p, [ip("2606:2800:220:1::1")]) == ip("2606:2800:220:1::1")
     assert egress.pick_destination(p, [ip("127.0.0.1"), ip("93.184.216.34")]) == \
         ip("93.184.216.34")
     assert egress.pick_destination(p, [ip("169.254.1.2")]) == ip("169.254.1.2")
@@ -420,9 +555,66 @@ def test_request_parsing():
     for bad in (b"CONNECT a.example HTTP/1.1\r\n\r\n", b"GET /x HTTP/1.1\r\n\r\n",
                 b"GET http://u:p@a.example/ HTTP/1.1\r\n\r\n",
                 b"CONNECT a.example:443 HTTP/2\r\n\r\n", b"CONNECT a.example:0 HTTP/1.1\r\n\r\n",
-                b"CONNECT a.example:443 HTTP/1.1\r\nno colon\r\n\r\n"):
+                b"CONNECT a.example:443 HTTP/1.1\r\nno colon\r\n\r\n",
+                b"GET http://a.example/ HTTP/1.1\r\nA: 1\nB: 2\r\n\r\n",
+                b"GET http://a.example/ HTTP/1.1\r\nA: 1\rB: 2\r\n\r\n",
+                b"GET http://a.example/ HTTP/1.1\r\nA: 1\r\n\tB: 2\r\n\r\n",
+                b"GET http://a.example/\x0c HTTP/1.1\r\n\r\n",
+                "GET http://a.example/\u00e9 HTTP/1.1\r\n\r\n".encode(),
+                b"GET http://a.example/ HTTP/1.1\r\nContent-Length: 1x\r\n\r\n",
+                b"GET http://a.example/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+                b"Content-Length: 1\r\n\r\n"):
         with pytest.raises(BadRequest):
             parse_head(bad)
+    # Field values may hold HTAB and UTF-8; the Connection header's options are hop-by-hop.
+    request = parse_head("GET http://a.example/ HTTP/1.1\r\nX-A:\tcafé \r\n"
+                         "Connection: keep-alive, X-Secret\r\nX-Secret: s\r\n\r\n".encode())
+    assert request.headers == ("X-A:\tcafé ".encode(),)
+
+
+def test_response_heads_say_close():
+    answer = ResponseHeads()
+    assert answer.feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nConn") == \
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert not answer.done and answer.forwarded
+    out = answer.feed(b"ection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n"
+                      b"Content-Length: 4\r\n\r\nbo")
+    assert out == b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbo"
+    assert answer.done and answer.feed(b"dy\r\n\r\n") == b"dy\r\n\r\n"
+    bare = ResponseHeads()
+    assert bare.feed(b"HTTP/1.0 404 Not Found\nServer: x\n\nbody") == \
+        b"HTTP/1.0 404 Not Found\r\nServer: x\r\nConnection: close\r\n\r\nbody"
+    for bad in (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", b"HTTP/1.1 200 OK\r\nA: 1\r\n folded\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nA: " + b"a" * 70000):
+        with pytest.raises(BadResponse):
+            ResponseHeads().feed(bad)
+    assert not ResponseHeads().forwarded
+
+
+def test_tls_alert_record():
+    from tappass_host.network import client_hello as ch
+
+    assert ch.alert(ch.ACCESS_DENIED) == bytes([21, 3, 3, 0, 2, 2, 49])
+
+
+def test_allowed_ports_setting(tmp_path):
+    from tappass_host import config
+    from tappass_host.errors import ConfigError
+    from tappass_host.network.settings import Settings, parse
+    from tappass_host.paths import HostPaths
+
+    assert config.DEFAULTS["network"]["allow_ports"] == [443, 80]
+    assert egress.check_port(egress.DEFAULT_PORTS, 443) is None
+    assert egress.check_port(frozenset({443, 80}), 22) == egress.PORT_NOT_ALLOWED
+    paths = HostPaths(state=Path("/s"), runtime=Path("/r"))
+    settings = Settings(port=3128, pool="169.254.64.0/18", allow_ports=(443, 8443))
+    assert parse(settings.argv(paths)) == (paths, settings)
+    assert parse(Settings(port=1, pool="p", allow_ports=()).argv(paths))[1].allow_ports == ()
+    assert Settings.from_config(config.load(None)).allow_ports == (443, 80)
+    for bad in ("[0]", "[65536]", '["443"]', "[true]", "443"):
+        (tmp_path / "config.toml").write_text(f"[network]\nallow_ports = {bad}\n")
+        with pytest.raises(ConfigError, match="'network.allow_ports' must be"):
+            config.load(tmp_path / "config.toml")
 
 
 def test_denials_are_rate_limited():
@@ -481,7 +673,8 @@ def test_published_allowlist_takes_effect_live_and_daemon_cleans_up(devplane, tm
     from devplane_fixture import new_host_state, run_host
 
     host = new_host_state(tmp_path, "host")
-    host.config.write_text(SYNC_CONFIG + f'[network]\nhosts_file = "{upstream.hosts_file}"\n')
+    host.config.write_text(SYNC_CONFIG + f'[network]\nhosts_file = "{upstream.hosts_file}"\n'
+                           f"allow_ports = {world.TEST_PORTS}\n")
     name = "netd-" + uuid.uuid4().hex[:6]
     daemon = None
     try:

@@ -22,6 +22,10 @@ SERVER_NAME = 0
 HOST_NAME = 0
 RECORD_HEADER = 5
 MAX_HELLO = 16 * 1024  # bytes of first flight the proxy will hold to read it
+ALERT = 21
+FATAL = 2
+ACCESS_DENIED = 49     # alert descriptions, RFC 8446 §6.2
+DECODE_ERROR = 50
 
 
 class Malformed(ValueError):
@@ -30,6 +34,15 @@ class Malformed(ValueError):
 
 def is_tls(first_byte: int) -> bool:
     return first_byte == HANDSHAKE
+
+
+def alert(description: int) -> bytes:
+    """A fatal TLS alert record, the proxy's answer to a ClientHello it
+    refuses: the client reports it (e.g. OpenSSL's "tlsv1 alert access
+    denied") instead of a connection closed without a word. Sent before
+    any ServerHello, so in plaintext, with the record version TLS 1.2 and
+    1.3 both use there (RFC 8446 §5.1)."""
+    return struct.pack("!BHHBB", ALERT, 0x0303, 2, FATAL, description)
 
 
 def needed(data: bytes) -> int:

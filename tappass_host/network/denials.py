@@ -25,7 +25,7 @@ class DenialLog:
         self._clock = clock
         self._windows: dict[str, _Window] = {}
 
-    def admit(self, sandbox: str, host: str, reason: str) -> dict | None:
+    def admit(self, sandbox: str, host: str, reason: str, port: int | None = None) -> dict | None:
         """The details to audit for this denial, or None when it is suppressed."""
         now = self._clock()
         window = self._windows.get(sandbox)
@@ -37,12 +37,14 @@ class DenialLog:
             return None
         window.written += 1
         details = {"host": host[:255], "reason": reason}
+        if port is not None:
+            details["port"] = port
         if window.suppressed:
             details["suppressed"] = window.suppressed
             window.suppressed = 0
         return details
 
-    def denied(self, sandbox: str, host: str, reason: str) -> None:
-        details = self.admit(sandbox, host, reason)
+    def denied(self, sandbox: str, host: str, reason: str, port: int | None = None) -> None:
+        details = self.admit(sandbox, host, reason, port)
         if details is not None:
             self._append("network.denied", sandbox, details)

@@ -6,7 +6,8 @@ may then connect is decided on the resolved addresses: a destination that is
 not globally routable (loopback, private, link-local, multicast, reserved,
 unspecified…) is refused unless the policy lists that very address — so a
 public-looking name cannot be pointed at the host or its LAN through DNS. An
-IP literal as the target is allowed only when listed.
+IP literal as the target is allowed only when listed. Only the ports of config
+`network.allow_ports` are reached at all, so an allowed name's SSH or SMTP is not.
 """
 
 import ipaddress
@@ -21,6 +22,17 @@ IP_NOT_LISTED = "ip_not_listed"
 PROXY_OFF = "proxy_off"
 SNI_NOT_ALLOWED = "sni_not_allowed"
 TLS_MALFORMED = "tls_malformed"
+PORT_NOT_ALLOWED = "port_not_allowed"
+
+DEFAULT_PORTS = frozenset({443, 80})
+# IPv6 ranges Python's ipaddress counts as global that lead elsewhere: to an
+# IPv4 address of a translator's choosing (NAT64 64:ff9b::/96 RFC 6052,
+# local-use 64:ff9b:1::/48 RFC 8215; SIIT ::ffff:0:0:0/96 RFC 2765; 6to4
+# 2002::/16 RFC 3056; IPv4-compatible ::/96, deprecated) or nowhere routable
+# (site-local fec0::/10, deprecated by RFC 3879). An IPv4-mapped address is
+# judged as the IPv4 address it is.
+_NOT_GLOBAL_V6 = tuple(ipaddress.IPv6Network(n) for n in (
+    "64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0:0/96", "2002::/16", "::/96", "fec0::/10"))
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -90,8 +102,15 @@ def check_server_name(policy: Policy, host: str, server_name: str | None) -> str
     return SNI_NOT_ALLOWED
 
 
+def check_port(allowed: frozenset[int], port: int) -> str | None:
+    """None if `port` may be reached (config network.allow_ports), else the reason."""
+    return None if port in allowed else PORT_NOT_ALLOWED
+
+
 def is_public(ip: Address) -> bool:
     ip = _unmapped(ip)
+    if ip.version == 6 and any(ip in net for net in _NOT_GLOBAL_V6):
+        return False
     return ip.is_global and not ip.is_multicast
 
 

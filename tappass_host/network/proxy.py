@@ -1,107 +1,33 @@
 """The egress proxy's connection handling: HTTP CONNECT tunnels and
-plain-HTTP forwarding (absolute-form URIs), for one sandbox per listening
-address. In a tunnel, a TLS ClientHello must ask for a name the policy
-allows (client_hello.py: no domain fronting by SNI). Every connection re-reads the sandbox's current keyring (cached by
-the identity of the file `keyring.json` points at), so a flipped keyring
-decides the very next connection. Answers: 403 denied, 502 upstream failure,
-400 malformed, 408 a request head too slow, 431 a request head too big.
+plain-HTTP forwarding (absolute-form URIs, one exchange per connection:
+http1.py), for one sandbox per listening address. In a tunnel, a TLS
+ClientHello must ask for a name the policy allows (client_hello.py: no
+domain fronting by SNI), else it gets a TLS alert. Every connection re-reads
+the sandbox's current keyring (cached by the identity of the file
+`keyring.json` points at), so a flipped keyring decides the very next
+connection. Answers: 403 denied (name, port or address), 502 upstream
+failure, 400 malformed, 408 a request head too slow, 431 a request head too big.
 """
 
 import asyncio
 import json
 import os
-import re
 import sys
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tappass_host.network import client_hello
 from tappass_host.network import policy as egress
+from tappass_host.network.http1 import BadRequest, BadResponse, Request, ResponseHeads, parse_head
 from tappass_host.network.resolver import Resolver
 
 HEAD_LIMIT = 16 * 1024
 MAX_CONNECTIONS = 1024      # open at once per sandbox; more are closed at once
 CONNECT_TIMEOUT_S = 10.0
 FIRST_FLIGHT_TIMEOUT_S = 60.0  # a tunnel where neither side speaks is closed
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_HOST = re.compile(r"[A-Za-z0-9._~%!$&'()*+,;=:\[\]-]{1,255}|[^\x00-\x20/?#@]{1,255}")
-_HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization",
-               b"proxy-authenticate", b"te", b"trailer", b"upgrade"}
 _REASONS = {200: "Connection established", 400: "Bad Request", 403: "Forbidden",
             408: "Request Timeout", 431: "Request Header Fields Too Large", 502: "Bad Gateway"}
 DENY_ALL = egress.Policy((), frozenset(), enabled=False)
-
-
-class BadRequest(Exception):
-    pass
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    host: str
-    port: int
-    path: str = ""                  # plain HTTP: origin-form target
-    headers: tuple[bytes, ...] = ()  # plain HTTP: end-to-end header lines
-
-    @property
-    def tunnel(self) -> bool:
-        return self.method == "CONNECT"
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise BadRequest(f"bad port {text[:16]!r}")
-    return int(text)
-
-
-def _split_authority(authority: str) -> tuple[str, int]:
-    if authority.startswith("["):
-        host, sep, rest = authority[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise BadRequest("bad authority")
-        return host, _port(rest[1:])
-    host, sep, port = authority.rpartition(":")
-    if not sep or not host:
-        raise BadRequest("CONNECT needs host:port")
-    return host, _port(port)
-
-
-def parse_head(head: bytes) -> Request:
-    """The request in a head ending with CRLF CRLF; BadRequest if malformed."""
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequest("not UTF-8") from None
-    lines = text[:-4].split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or \
-            parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
-        raise BadRequest("bad request line")
-    method, target, _ = parts
-    headers = []
-    for line in lines[1:]:
-        name, sep, _ = line.partition(":")
-        if not sep or not _TOKEN.fullmatch(name):
-            raise BadRequest("bad header line")
-        if name.lower().encode() not in _HOP_BY_HOP:
-            headers.append(line.encode("utf-8"))
-    if method == "CONNECT":
-        host, port = _split_authority(target)
-        path = ""
-    else:
-        url = urllib.parse.urlsplit(target)
-        if url.scheme.lower() != "http" or not url.netloc or "@" in url.netloc:
-            raise BadRequest("plain requests need an absolute http:// URI")
-        try:
-            host, port = url.hostname or "", url.port or 80
-        except ValueError:
-            raise BadRequest("bad port") from None
-        path = urllib.parse.urlunsplit(("", "", url.path or "/", url.query, ""))
-    if not host or not _HOST.fullmatch(host):
-        raise BadRequest("bad host")
-    return Request(method, host, port, path, tuple(headers))
 
 
 @dataclass
@@ -143,11 +69,13 @@ def _response(code: int, message: str = "") -> bytes:
 
 
 class EgressProxy:
-    def __init__(self, sandbox_at, resolver: Resolver, denials, header_timeout: float):
+    def __init__(self, sandbox_at, resolver: Resolver, denials, header_timeout: float,
+                 allow_ports: frozenset[int] = egress.DEFAULT_PORTS):
         self._sandbox_at = sandbox_at    # local address -> SandboxPolicy | None
         self._resolver = resolver
         self._denials = denials          # DenialLog
         self._header_timeout = header_timeout
+        self._allow_ports = allow_ports  # config network.allow_ports
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sandbox = self._sandbox_at((writer.get_extra_info("sockname") or ("",))[0])
@@ -189,7 +117,8 @@ class EgressProxy:
         try:
             if request.tunnel:
                 writer.write(_response(200))
-                opening = await self._first_flight(sandbox, policy, request, reader, upstream)
+                opening = await self._first_flight(sandbox, policy, request, reader, writer,
+                                                   upstream)
                 if opening is None:
                     return
                 upstream.transport.write(opening)
@@ -201,10 +130,13 @@ class EgressProxy:
             upstream.transport.close()
 
     async def _first_flight(self, sandbox: SandboxPolicy, policy: egress.Policy,
-                            request: Request, reader, upstream: "_Relay") -> bytes | None:
+                            request: Request, reader, writer,
+                            upstream: "_Relay") -> bytes | None:
         """What the agent sends first through the tunnel, to pass on; None
         (close) when it is a TLS ClientHello for a name the policy does not
-        allow. A server that speaks first is not TLS: nothing to read then."""
+        allow, after a TLS alert saying so (access_denied; decode_error for
+        a hello that cannot be read). A server that speaks first is not TLS:
+        nothing to read then."""
         taken = bytearray()
 
         async def read_hello() -> None:
@@ -224,25 +156,29 @@ class EgressProxy:
         try:
             reading.result()
         except client_hello.Malformed as exc:
-            self._denials.denied(sandbox.name, request.host, egress.TLS_MALFORMED)
+            self._denials.denied(sandbox.name, request.host, egress.TLS_MALFORMED, request.port)
             print(f"egress: {sandbox.name}: {request.host}: {exc}", file=sys.stderr)
+            writer.write(client_hello.alert(client_hello.DECODE_ERROR))
             return None
         if not client_hello.is_tls(taken[0]):
             return bytes(taken)
         try:
             name = client_hello.server_name(bytes(taken))
         except client_hello.Malformed:
-            self._denials.denied(sandbox.name, request.host, egress.TLS_MALFORMED)
+            self._denials.denied(sandbox.name, request.host, egress.TLS_MALFORMED, request.port)
+            writer.write(client_hello.alert(client_hello.DECODE_ERROR))
             return None
         reason = egress.check_server_name(policy, request.host, name)
         if reason is not None:
-            self._denials.denied(sandbox.name, name or request.host, reason)
+            self._denials.denied(sandbox.name, name or request.host, reason, request.port)
+            writer.write(client_hello.alert(client_hello.ACCESS_DENIED))
             return None
         return bytes(taken)
 
     async def _connect(self, sandbox: SandboxPolicy, policy: egress.Policy, request: Request,
                        writer, done: asyncio.Future) -> "_Relay | None":
-        reason = egress.check_name(policy, request.host)
+        reason = egress.check_name(policy, request.host) or \
+            egress.check_port(self._allow_ports, request.port)
         if reason is None:
             addresses = await self._resolver.resolve(request.host, request.port)
             if not addresses:
@@ -252,12 +188,14 @@ class EgressProxy:
             if isinstance(destination, str):
                 reason = destination
         if reason is not None:
-            self._denials.denied(sandbox.name, request.host, reason)
+            self._denials.denied(sandbox.name, request.host, reason, request.port)
             writer.write(_response(403, f"{request.host} is not allowed ({reason})"))
             return None
         try:
             _, relay = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
-                lambda: _Relay(done, upstream=True), str(destination), request.port),
+                lambda: _Relay(done, upstream=True,
+                               answer=None if request.tunnel else ResponseHeads()),
+                str(destination), request.port),
                 CONNECT_TIMEOUT_S)
             return relay
         except (OSError, asyncio.TimeoutError) as exc:
@@ -285,9 +223,10 @@ class _Relay(asyncio.Protocol):
     written to the other side's, with flow control both ways. Callbacks, not
     coroutines: the relay is the proxy's hot path."""
 
-    def __init__(self, done: asyncio.Future, upstream: bool):
+    def __init__(self, done: asyncio.Future, upstream: bool, answer: ResponseHeads | None = None):
         self.done = done
         self.upstream = upstream
+        self.answer = answer            # plain HTTP: the upstream's response, head rewritten
         self.spoke = done.get_loop().create_future()  # data arrived before join()
         self.transport: asyncio.Transport | None = None
         self.peer: asyncio.Transport | None = None
@@ -303,6 +242,17 @@ class _Relay(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if self.answer is not None:
+            try:
+                data = self.answer.feed(data)
+            except BadResponse as exc:
+                self._bad_answer(str(exc))
+                return
+            if not data:
+                return
+        self._pass_on(data)
+
+    def _pass_on(self, data: bytes) -> None:
         if self.peer is None:
             self._early.append(data)
             if not self.spoke.done():
@@ -310,7 +260,18 @@ class _Relay(asyncio.Protocol):
         else:
             self.peer.write(data)
 
+    def _bad_answer(self, problem: str) -> None:
+        """The upstream's answer cannot be passed on: 502 if the agent has
+        had none of it, then close."""
+        if not self.answer.forwarded:
+            self._pass_on(_response(502, problem))
+        self.answer = None
+        self.transport.close()
+
     def eof_received(self) -> bool:
+        if self.answer is not None and not self.answer.done:
+            self._bad_answer("the upstream closed before a complete response head")
+            return True
         if self.upstream:
             return False  # the answer is complete: close, which closes the agent's side
         if self.peer.can_write_eof():

@@ -61,7 +61,8 @@ class EgressService:
         self._idle: asyncio.TimerHandle | None = None
         self._stopped = asyncio.Event()
         self.proxy = EgressProxy(self._by_address.get, Resolver(settings.hosts_file),
-                                 DenialLog(self._append_audit), settings.header_timeout)
+                                 DenialLog(self._append_audit), settings.header_timeout,
+                                 frozenset(settings.allow_ports))
 
     # --- the process ---------------------------------------------------------
 
