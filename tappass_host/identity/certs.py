@@ -198,12 +198,17 @@ def _renew(paths: HostPaths, name: str, record, timeout: float, now) -> x509.Cer
                                                f"unusable identity files ({exc})") from None
     url = f"{record.sync_url}/v1/sandboxes/{record.sandbox_id}/certificate"
     failed = f"certificate renewal for {name!r} failed"
+    from tappass_host import responses
+
     try:
         with httpx.Client(verify=context, timeout=timeout) as client:
-            response = client.post(url, json={"csr_pem": build_csr(key, name).decode("ascii")})
+            response = responses.fetch(client, "POST", url,
+                                       json={"csr_pem": build_csr(key, name).decode("ascii")})
     except httpx.HTTPError as exc:
         raise RenewalError("unreachable", f"{failed}: cannot reach {record.sync_url}: "
                                           f"{exc or type(exc).__name__}") from None
+    except responses.TooLarge as exc:
+        raise RenewalError("too_large", f"{failed}: {exc}") from None
     if response.status_code != 200:
         raise RenewalError("rejected", f"{failed}: the control plane answered "
                                        f"{response.status_code}")

@@ -170,9 +170,11 @@ def fetch_ca(bootstrap: bootstraps.BootstrapURL, timeout: float) -> bytes:
     """Step 2: the one request made without verifying TLS, checked against the signed pin."""
     import httpx
 
+    from tappass_host import responses
+
     try:
         with httpx.Client(verify=False, timeout=timeout) as client:
-            response = client.get(bootstrap.origin + CA_PATH)
+            response = responses.fetch(client, "GET", bootstrap.origin + CA_PATH)
     except httpx.HTTPError as exc:
         raise _transport_error(bootstrap.host, exc) from None
     if response.status_code != 200:
@@ -222,8 +224,10 @@ _REFUSALS = {
 def _post(client, host: str, path: str, body: dict) -> dict:
     import httpx
 
+    from tappass_host import responses
+
     try:
-        response = client.post(path, json=body)
+        response = responses.fetch(client, "POST", path, json=body)
     except httpx.HTTPError as exc:
         raise _transport_error(host, exc) from None
     if response.status_code == 410:

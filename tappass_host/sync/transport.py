@@ -5,7 +5,9 @@ with the sandbox's mTLS identity. Every call loads the sandbox record and
 builds a fresh TLS context, so a renewed certificate is used from the next
 connection on. Failures are typed: `Unreachable` (network, TLS, timeouts),
 `Refused` (an HTTP status we did not expect), `Stalled` (no byte, not even a
-keepalive, within the keepalive timeout). The event stream is read as raw
+keepalive, within the keepalive timeout), `AnswerTooLarge` (an ack's answer
+over its limit). Answers are read within a size and a time budget, never
+inflated past it (tappass_host.responses). The event stream is read as raw
 bytes through `sse.EventReader`, which never buffers an event over the
 keyring size limit: such an event comes out as `TooLarge`.
 """
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Protocol
 
+from tappass_host import responses
 from tappass_host import sandbox as sandbox_record
 from tappass_host.errors import TappassError
 from tappass_host.keyring import MAX_ENVELOPE_BYTES
@@ -27,6 +30,7 @@ REQUEST_TIMEOUT_S = 10.0
 # An envelope travels as one `data:` line; the slack covers the other
 # fields (`event:`, `id:`) and line ends. Anything bigger is dropped unread.
 MAX_EVENT_BYTES = MAX_ENVELOPE_BYTES + 4096
+MAX_ACK_ANSWER_BYTES = 64 * 1024  # an ack's answer is 204, empty
 
 
 class SyncError(TappassError):
@@ -49,6 +53,12 @@ class Refused(SyncError):
 
 class Stalled(SyncError):
     reason = "stalled"
+
+
+class AnswerTooLarge(SyncError):
+    """An answer over its size limit, not read past it."""
+
+    reason = "too_large"
 
 
 @dataclass(frozen=True)
@@ -99,9 +109,11 @@ def _event_id(text: str) -> int | None:
 class SyncClient:
     """`SyncTransport` over HTTPS + SSE, for one daemon worker (one stream at a time)."""
 
-    def __init__(self, paths: HostPaths, *, keepalive_timeout: float = 45.0):
+    def __init__(self, paths: HostPaths, *, keepalive_timeout: float = 45.0,
+                 answer_deadline: float = responses.DEADLINE_S):
         self.paths = paths
         self.keepalive_timeout = keepalive_timeout
+        self.answer_deadline = answer_deadline
         self._lock = threading.Lock()
         self._socket: socket.socket | None = None
         self._aborted = False
@@ -142,7 +154,8 @@ class SyncClient:
     def _request(self, sandbox: str, method: str, url: str, **kwargs):
         try:
             with _translated(url):
-                return self._request_client(sandbox).request(method, url, **kwargs)
+                return responses.fetch(self._request_client(sandbox), method, url,
+                                       deadline_s=self.answer_deadline, **kwargs)
         except SyncError:
             self._drop_request_client()  # never reuse a connection that failed
             raise
@@ -152,9 +165,14 @@ class SyncClient:
         return f"{record.sync_url}/v1/sandboxes/{record.sandbox_id}/{endpoint}"
 
     def pull_latest(self, sandbox: str) -> bytes | None:
-        """The latest envelope the control plane holds, or None if it has none yet."""
+        """The latest envelope the control plane holds, or None if it has none yet.
+
+        An envelope over the size limit comes back cut one byte past it, never
+        read further: the verifier's first rule rejects it as `too_large`,
+        audited and acked like any rejection.
+        """
         url = self._url(sandbox, "keyring")
-        response = self._request(sandbox, "GET", url)
+        response = self._request(sandbox, "GET", url, limit=MAX_ENVELOPE_BYTES, cut=True)
         if response.status_code == 404:
             return None
         _expect(response, 200, url)
@@ -203,7 +221,7 @@ class SyncClient:
         body = {"policy_version": policy_version, "status": status, "reason": reason,
                 "applied_at": applied_at
                 or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
-        response = self._request(sandbox, "POST", url, json=body)
+        response = self._request(sandbox, "POST", url, limit=MAX_ACK_ANSWER_BYTES, json=body)
         _expect(response, 204, url)
 
     def close(self) -> None:
@@ -255,6 +273,8 @@ class _translated:
 
         if exc is None or isinstance(exc, (SyncError, GeneratorExit)):
             return False
+        if isinstance(exc, responses.TooLarge):
+            raise AnswerTooLarge(str(exc)) from None
         if isinstance(exc, httpx.ReadTimeout) and self.keepalive_timeout is not None:
             raise Stalled(f"{self.url}: nothing received for {self.keepalive_timeout:g} s") \
                 from None
