@@ -77,6 +77,15 @@ class AuditLogBroken(AuditError):
         self.problem = problem
 
 
+class AuditWriteFailed(AuditError):
+    """An event could not be written (the filesystem is full, read-only...)."""
+
+    def __init__(self, log_path: Path, cause: OSError):
+        super().__init__(f"cannot write the audit log {log_path}: "
+                         f"{cause.strerror or cause}")
+        self.errno = cause.errno
+
+
 @dataclass(frozen=True)
 class VerifyReport:
     ok: bool
@@ -225,7 +234,12 @@ class AuditLog:
         if sandbox is not None:
             check_sandbox_name(sandbox)
         details = self._plain_details(details)
+        try:
+            return self._append(event, sandbox, details)
+        except OSError as exc:  # e.g. ENOSPC: nothing partial stays behind (_write_line)
+            raise AuditWriteFailed(self.log_path, exc) from exc
 
+    def _append(self, event: str, sandbox: str | None, details: dict) -> dict:
         self.log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(self.log_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:

@@ -41,6 +41,11 @@ DEFAULTS: dict[str, Any] = {
         "backoff_initial_s": 0.5,
         "backoff_max_s": 30.0,
     },
+    "filesystem": {
+        # each sandbox's workspace is a filesystem of this size (root mode; 0: a plain
+        # directory on the state filesystem, no limit); tappass_host/workspace.py
+        "workspace_mb": 1024,
+    },
     "supervision": {  # the daemon's restarts per the agent's restart policy
         "backoff_initial_s": 1.0,
         "backoff_max_s": 60.0,
@@ -71,6 +76,7 @@ BOUNDS = {
     "sync.keepalive_timeout_s": (1.0, None),
     "sync.backoff_initial_s": (0.01, None),
     "sync.backoff_max_s": (0.01, None),
+    "filesystem.workspace_mb": (0, None),
     "supervision.backoff_initial_s": (0.01, None),
     "supervision.backoff_max_s": (0.01, None),
     "supervision.stable_after_s": (0.0, None),

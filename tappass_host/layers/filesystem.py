@@ -1,9 +1,14 @@
 """The sandbox's filesystem: host /usr and /etc read-only, the agent package
 at /opt/agent, the workspace, a size-limited /tmp, and the keyring's
-`filesystem` aspect (extra read-only paths, denied paths)."""
+`filesystem` aspect (extra read-only paths, denied paths).
+
+The workspace is a filesystem of its own, of config `filesystem.workspace_mb`
+(tappass_host/workspace.py, mounted by `start`); where it cannot be (rootless,
+or the limit turned off) this layer says so: warning, `layer.unavailable`."""
 
 import os
 
+from tappass_host import workspace
 from tappass_host.layers import LayerInputs, LayerResult
 
 HOST_DIRS = ("/usr", "/etc")
@@ -40,4 +45,14 @@ def apply(inputs: LayerInputs) -> LayerResult:
     }
     warnings = tuple(f"filesystem.read_only path {p} does not exist on this host; skipped"
                      for p in fs.get("read_only", []) if not os.path.exists(p))
-    return LayerResult(oci=oci, restart=frozenset({"filesystem"}), warnings=warnings)
+    unavailable = ()
+    size_mb = inputs.config["filesystem.workspace_mb"]
+    if not workspace.limited(size_mb, inputs.host.rootless):
+        why = ("rootless: a user cannot mount the workspace's own filesystem"
+               if size_mb else "config filesystem.workspace_mb = 0")
+        warnings += (f"filesystem layer degraded: the workspace has no size limit ({why}); "
+                     "an agent filling it fills the filesystem of the keyrings and the audit "
+                     "log",)
+        unavailable = ("workspace size limit",)
+    return LayerResult(oci=oci, restart=frozenset({"filesystem"}), warnings=warnings,
+                       unavailable=unavailable)

@@ -118,6 +118,7 @@ def exit_hook(paths: HostPaths, name: str) -> dict | None:
     failed, i.e. when no agent ever ran (and `start` has undone itself): it
     then has no exit code, and there is no exit to record."""
     _detach_network(paths, name)
+    release_workspace(paths, name)
     if monitor_files(paths.sandbox(name)).exit_code() is None:
         return None
     return record_exit_from_monitor(paths, name)
@@ -160,15 +161,54 @@ def stop(paths: HostPaths, name: str, runtime, timeout: float = 10,
     wait_until(lambda: not process_alive(state.get("conmon_pid"), "conmon"), 10)
     hook_ran = wait_until(lambda: (read_json(sandbox.exit_record) or {}).get("finished_at", "")
                      >= state["started_at"], 10)
-    exit_record = (read_json(sandbox.exit_record) if hook_ran
-                   else record_exit_from_monitor(paths, name))
+    unrecorded = []
+    try:
+        exit_record = (read_json(sandbox.exit_record) if hook_ran
+                       else record_exit_from_monitor(paths, name))
+    except (OSError, TappassError) as exc:
+        files = monitor_files(sandbox)
+        exit_record = _exit_details(files.exit_code(), files.oom_killed(), _now())
+        unrecorded.append(("its exit", exc))
     runtime.delete(cid)
     _detach_network(paths, name)
+    release_workspace(paths, name)
     from tappass_host.audit import AuditLog
 
-    AuditLog.for_host(paths).append("sandbox.stopped", sandbox=name,
-                                    details={"code": exit_record.get("code"), "by": intent})
+    try:
+        AuditLog.for_host(paths).append("sandbox.stopped", sandbox=name,
+                                        details={"code": exit_record.get("code"), "by": intent})
+    except (OSError, TappassError) as exc:
+        unrecorded.append(("the stop", exc))
+    if unrecorded:
+        what = " and ".join(w for w, _ in unrecorded)
+        raise StopNotRecorded(f"sandbox {name!r} stopped (exit code {exit_record.get('code')}), "
+                              f"but {what} could not be recorded: {describe(unrecorded[0][1])}")
     return exit_record
+
+
+class StopNotRecorded(LifecycleError):
+    """The sandbox was stopped; its exit record or audit event was not written
+    (e.g. the state filesystem is full)."""
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an error: an OSError as its message and file."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)
+
+
+def release_workspace(paths: HostPaths, name: str) -> None:
+    """After a run: unmount the workspace's filesystem (tappass_host.workspace),
+    unless a new run of the sandbox has started meanwhile."""
+    from tappass_host import workspace
+
+    sandbox = paths.sandbox(name)
+    if not workspace.image_of(sandbox).exists():
+        return
+    with host_lock(paths):
+        if not is_running(sandbox):
+            workspace.release(sandbox)
 
 
 def not_running(paths: HostPaths, name: str) -> LifecycleError:
@@ -227,13 +267,6 @@ def current_keyring(paths: HostPaths, name: str, limits=None) -> dict:
     return keyring
 
 
-def prepare_workspace(sandbox: SandboxPaths, uid: int, gid: int) -> None:
-    sandbox.workspace.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        os.chown(sandbox.workspace, uid, gid)
-    os.chmod(sandbox.workspace, 0o700)
-
-
 @dataclass(frozen=True)
 class Started:
     name: str
@@ -248,7 +281,7 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
           foreground_run: bool = False, remove: bool = False, warn=None) -> Started:
     """Start `name`'s agent. `warn` gets each warning of the layers as soon as
     the sandbox is up (before a foreground agent runs, not after it ends)."""
-    from tappass_host import agent, ids
+    from tappass_host import agent, ids, workspace
     from tappass_host import sandbox as sandbox_record
     from tappass_host.audit import AuditLog
     from tappass_host.keyring.store import store_for
@@ -282,15 +315,19 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
         store = store_for(paths, record)
         with store.transaction():
             store.adopt_group()
-        prepare_workspace(sandbox, agent_ids.owner_uid, agent_ids.owner_gid)
-        host = _with_egress(paths, name, keyring, config,
-                            oci_bundle.host_capabilities(agent_ids, rootless, runtime.name))
-        inputs = oci_bundle.layer_inputs(paths, name, record, keyring, manifest, config, host)
+        workspace_warnings = workspace.attach(
+            sandbox, config["filesystem.workspace_mb"], agent_ids.owner_uid,
+            agent_ids.owner_gid, rootless)
         try:
+            host = _with_egress(paths, name, keyring, config,
+                                oci_bundle.host_capabilities(agent_ids, rootless, runtime.name))
+            inputs = oci_bundle.layer_inputs(paths, name, record, keyring, manifest, config, host)
             built = oci_bundle.build(paths, inputs, rootless)
         except BaseException:
             _detach_network(paths, name)
+            workspace.release(sandbox)
             raise
+        warnings = built.rendered.warnings + workspace_warnings
         if runtime.has_state(cid):
             runtime.delete(cid)  # a stopped container of an earlier run
         if (record.agent, record.runtime) != (str(manifest.directory), runtime.name):
@@ -301,7 +338,7 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
                  "agent": str(manifest.directory), "restart_policy": manifest.restart,
                  "foreground": foreground_run,
                  "restart_aspects": _aspects(keyring, built.rendered.restart),
-                 "warnings": list(built.rendered.warnings),
+                 "warnings": list(warnings),
                  "degraded": bool(built.rendered.unavailable)}
         had_log = sandbox.agent_log.exists()
         try:
@@ -321,6 +358,7 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
         except BaseException:
             _undo_start(sandbox, runtime, cid)
             _detach_network(paths, name)
+            workspace.release(sandbox)
             if not had_log:
                 sandbox.agent_log.unlink(missing_ok=True)  # conmon's, for nothing
             raise
@@ -330,11 +368,10 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
         "agent": manifest.name, "foreground": foreground_run})
     for layer, feature in built.rendered.unavailable:
         audit.append("layer.unavailable", sandbox=name, details={"layer": layer, "feature": feature})
-    for warning in built.rendered.warnings if warn else ():
+    for warning in warnings if warn else ():
         warn(warning)
     if not foreground_run:
-        return Started(name, pid, runtime.name, keyring["policy_version"],
-                       built.rendered.warnings)
+        return Started(name, pid, runtime.name, keyring["policy_version"], warnings)
     try:
         ended = foreground(runtime, cid, built.directory)
         code = ended.code
@@ -345,11 +382,12 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
             runtime.delete(cid)
         _detach_network(paths, name)
         state_file(sandbox).unlink(missing_ok=True)
+        workspace.release(sandbox)
         if remove:
             import shutil
 
             shutil.rmtree(sandbox.runtime, ignore_errors=True)
-    return Started(name, 0, runtime.name, keyring["policy_version"], built.rendered.warnings,
+    return Started(name, 0, runtime.name, keyring["policy_version"], warnings,
                    exit_code=code)
 
 

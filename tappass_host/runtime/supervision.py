@@ -124,8 +124,8 @@ class Supervisor:
                 self._check(name)
             except TappassError as exc:
                 self._complain(name, str(exc))
-            except (OSError, KeyError, TypeError, ValueError) as exc:
-                # one sandbox's odd state must not take the daemon down
+            except Exception as exc:
+                # one sandbox's odd state (or a full disk) must not take the daemon down
                 self._complain(name, f"supervision failed: {type(exc).__name__}: {exc}")
 
     # -- one sandbox --
@@ -220,12 +220,12 @@ class Supervisor:
         from tappass_host.runtime import lifecycle
 
         attempt = self._backoff[name].failures if name in self._backoff else 0
-        AuditLog.for_host(self.paths).append("sandbox.restarted", sandbox=name, details={
-            "reason": why, "attempt": attempt, "previous_start": state.get("started_at")})
         try:
+            AuditLog.for_host(self.paths).append("sandbox.restarted", sandbox=name, details={
+                "reason": why, "attempt": attempt, "previous_start": state.get("started_at")})
             started = lifecycle.start(self.paths, name, state["agent"], self.config,
                                       state.get("runtime"))
-        except TappassError as exc:
+        except (OSError, TappassError) as exc:
             # No run, no exit hook: try again after the next backoff step.
             backoff = self._backoff.setdefault(name, self._new_backoff())
             delay = backoff.next_delay()

@@ -24,7 +24,7 @@ from tappass_host.keyring import Limits
 from tappass_host.paths import HostPaths
 from tappass_host.sync.backoff import Backoff
 from tappass_host.sync.notify import sd_notify, watchdog_interval
-from tappass_host.sync.receive import APPLIED, is_current, receive
+from tappass_host.sync.receive import APPLIED, Outcome, is_current, receive
 from tappass_host.sync.renewal import RenewalSchedule
 from tappass_host.sync.transport import (Keepalive, SyncClient, SyncError, SyncTransport,
                                          TooLarge)
@@ -79,6 +79,10 @@ class SandboxWorker:
         self._thread = threading.Thread(target=self._run, name=f"sync-{name}", daemon=True)
         self._last_rejected: bytes | None = None
         self._trouble: str | None = None
+        # retries of an envelope that failed to apply (not rejected: e.g. on
+        # a full disk); reset once one is applied or rejected
+        self._retry = Backoff(settings.backoff_initial, settings.backoff_max)
+        self._applying = False
 
     def start(self) -> None:
         self._thread.start()
@@ -91,18 +95,32 @@ class SandboxWorker:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
+        """Ends only when stopped: whatever fails is logged (and audited when
+        it is not the stream's) and tried again after a backoff."""
+        reconnect = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
         while not self.stopping.is_set():
             try:
-                self._session(backoff)
-            except SyncError as exc:
-                self._troubled(exc.reason, str(exc))
-            except TappassError as exc:
-                self._troubled("error", str(exc))
+                delay = self._attempt(reconnect)
+            except Exception:  # reporting the failure failed (stderr gone?): carry on
+                delay = reconnect.next_delay()
             self.settled.set()
-            if self.stopping.wait(backoff.next_delay()):
+            if self.stopping.wait(delay):
                 break
         self.transport.close()
+
+    def _attempt(self, reconnect: Backoff) -> float:
+        """One session; the delay before the next."""
+        self._applying = False
+        try:
+            self._session(reconnect)
+        except SyncError as exc:
+            self._troubled(exc.reason, str(exc))
+        except Exception as exc:  # e.g. ENOSPC from a flip: a later try may work
+            if isinstance(exc, TappassError) and not self._applying:
+                self._troubled("error", str(exc))
+            else:
+                self._failed(exc)
+        return (self._retry if self._applying else reconnect).next_delay()
 
     def _session(self, backoff: Backoff) -> None:
         data = self.transport.pull_latest(self.name)
@@ -136,24 +154,62 @@ class SandboxWorker:
                      f"keeping policy_version {self._version_text()}")
         self._trouble = reason
 
+    def _failed(self, exc: Exception) -> None:
+        """An unexpected failure (not the stream's): logged and audited once
+        per kind of failure, not per retry; the keyring in place stays."""
+        from tappass_host.runtime.lifecycle import describe
+
+        if self.stopping.is_set():
+            return
+        message = describe(exc)
+        reason = f"failed:{type(exc).__name__}:{getattr(exc, 'errno', None)}"
+        if reason == self._trouble:
+            return
+        self._trouble = reason
+        line = (f"{self.name}: {type(exc).__name__}: {message}; retrying with backoff, "
+                f"keeping policy_version {self._version_text()}")
+        try:
+            from tappass_host.audit import AuditLog
+
+            AuditLog.for_host(self.paths).append("sync.failed", sandbox=self.name, details={
+                "error": type(exc).__name__, "message": message})
+        except Exception as audit_failure:  # the same full disk, most likely
+            line += f" (not audited: {describe(audit_failure)})"
+        self.log(line)
+
     def _version_text(self) -> str:
         try:
             return str(current_version(self.paths, self.name))
-        except TappassError:
+        except (OSError, TappassError):
             return "None"
 
     def _handle(self, data: bytes, event_id: int | None) -> None:
         if data == self._last_rejected:
             return  # resent on reconnect: rejected, audited and acked already
-        outcome = receive(self.paths, self.name, data, limits=self.settings.limits,
-                          claimed_version=event_id)
+        self._applying = True
+        try:
+            outcome = receive(self.paths, self.name, data, limits=self.settings.limits,
+                              claimed_version=event_id)
+        except Exception as exc:
+            if not is_current(self.paths, self.name, data):
+                raise
+            # flipped, and then something failed (its audit, on a full disk): the
+            # agent has it, so the control plane learns it is applied
+            from tappass_host.runtime.lifecycle import describe
+
+            outcome = Outcome(APPLIED, current_version(self.paths, self.name),
+                              live_error=f"after the flip: {describe(exc)}")
+        self._applying = False
+        self._retry.reset()
+        if self._trouble and self._trouble.startswith("failed:"):
+            self._trouble = None  # the next failure is logged again
         if outcome.status == APPLIED:
             self._last_rejected = None
             line = f"{self.name}: applied policy_version {outcome.policy_version}"
             if outcome.resources is not None:
                 line += f"; process limits updated live (pids {outcome.resources['pids']['limit']})"
             if outcome.live_error:
-                line += f"; live limits NOT applied: {outcome.live_error}"
+                line += f"; NOT done: {outcome.live_error}"
         else:
             self._last_rejected = data
             line = f"{self.name}: rejected policy_version {outcome.policy_version}: " \

@@ -1,0 +1,207 @@
+"""The agent's workspace (`<state>/sandboxes/<name>/workspace`, DESIGN §4): a
+filesystem of its own, so that an agent filling it fills nothing else — not
+the filesystem that holds the keyrings and the audit log.
+
+Root mode: `workspace.img` beside it is an ext4 image of config
+`filesystem.workspace_mb`, loop-mounted (nosuid, nodev) on `workspace/` when
+a run starts. Its whole size is reserved on the state filesystem
+(fallocate) while mounted, so the agent's writes never allocate there: a full
+workspace is ENOSPC inside the sandbox, and a start that cannot reserve the
+space fails. When the run ends the unused part is given back (fstrim punches
+it out of the image) and the image is unmounted; its contents persist. A
+plain workspace directory from before is copied into the image once.
+
+Rootless (no loop mounts for a user) and `workspace_mb = 0` keep a plain
+directory with no size limit; the filesystem layer says so (warning,
+`layer.unavailable`, `degraded`).
+"""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from tappass_host.errors import TappassError
+from tappass_host.paths import SandboxPaths
+
+IMAGE = "workspace.img"
+MOUNT_OPTIONS = "loop,nosuid,nodev"
+MIB = 1024 * 1024
+
+
+class WorkspaceError(TappassError):
+    """The workspace cannot be made, mounted or reserved."""
+
+
+def image_of(sandbox: SandboxPaths) -> Path:
+    return sandbox.root / IMAGE
+
+
+def limited(size_mb: int, rootless: bool) -> bool:
+    """Whether the workspace gets a filesystem of its own."""
+    return size_mb > 0 and not rootless
+
+
+def attach(sandbox: SandboxPaths, size_mb: int, uid: int, gid: int,
+           rootless: bool) -> tuple[str, ...]:
+    """Make the workspace ready for a run, owned by the agent (uid, gid on the
+    host); returns warnings."""
+    workspace = sandbox.workspace
+    if not limited(size_mb, rootless):
+        workspace.mkdir(parents=True, exist_ok=True)
+        _give(workspace, uid, gid)
+        return ()
+    image = image_of(sandbox)
+    if not _mounted_here(sandbox):
+        if not image.exists():
+            _create(sandbox, size_mb)
+        elif _has_entries(workspace):
+            raise WorkspaceError(
+                f"{workspace} holds files outside its image {image}: move them away "
+                "(they would be hidden under the workspace's mount)")
+        workspace.mkdir(parents=True, exist_ok=True)
+        _mount(image, workspace)
+    try:
+        _reserve(image)
+        _give(workspace, uid, gid)
+    except BaseException:
+        release(sandbox)
+        raise
+    have = image.stat().st_size // MIB
+    if have != size_mb:
+        return (f"the workspace keeps its size of {have} MiB (config filesystem.workspace_mb "
+                f"is {size_mb}; an existing workspace is not resized: remove {image} to "
+                "start afresh)",)
+    return ()
+
+
+def release(sandbox: SandboxPaths) -> None:
+    """After a run: give the image's unused space back and unmount it. A
+    workspace still busy stays mounted (the next start uses it as it is)."""
+    if not _mounted_here(sandbox):
+        return
+    _run(["fstrim", str(sandbox.workspace)], check=False)
+    _run(["umount", str(sandbox.workspace)], check=False)
+
+
+def _give(workspace: Path, uid: int, gid: int) -> None:
+    if os.geteuid() == 0:
+        os.chown(workspace, uid, gid)
+    os.chmod(workspace, 0o700)
+
+
+def _has_entries(directory: Path) -> bool:
+    try:
+        with os.scandir(directory) as entries:
+            return next(entries, None) is not None
+    except FileNotFoundError:
+        return False
+
+
+def _create(sandbox: SandboxPaths, size_mb: int) -> None:
+    """A new image; a plain workspace directory's contents are copied in
+    before the image takes its name, so a crash half-way loses nothing."""
+    image = image_of(sandbox)
+    staging = image.with_name(IMAGE + ".tmp")
+    staging.unlink(missing_ok=True)
+    try:
+        with open(staging, "xb") as f:
+            os.fchmod(f.fileno(), 0o600)
+            os.ftruncate(f.fileno(), size_mb * MIB)
+        # nodiscard: mkfs would punch the image's blocks out again.
+        _run([_mkfs(), "-q", "-F", "-t", "ext4", "-m", "0",
+              "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1", str(staging)])
+        mountpoint = sandbox.root / ".workspace-new"
+        mountpoint.mkdir(mode=0o700, exist_ok=True)
+        _mount(staging, mountpoint)
+        try:
+            os.rmdir(mountpoint / "lost+found")
+            if _has_entries(sandbox.workspace):
+                _run(["cp", "-a", "--", f"{sandbox.workspace}/.", f"{mountpoint}/"])
+        finally:
+            _run(["umount", str(mountpoint)], check=False)
+            mountpoint.rmdir()
+        os.rename(staging, image)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    if _has_entries(sandbox.workspace):  # copied into the image above
+        for entry in list(sandbox.workspace.iterdir()):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+def _mkfs() -> str:
+    found = shutil.which("mkfs.ext4") or shutil.which("mkfs.ext4", path="/usr/sbin:/sbin")
+    if not found:
+        raise WorkspaceError("mkfs.ext4 is not installed (apt-get install -y e2fsprogs); "
+                             "it makes the workspace's filesystem")
+    return found
+
+
+def _mount(image: Path, mountpoint: Path) -> None:
+    """`mount -o loop` attaches a loop device, or reuses the one already
+    attached to this image (mounted in another mount namespace): one image is
+    never behind two loop devices, which would corrupt it."""
+    _run(["mount", "-t", "ext4", "-o", MOUNT_OPTIONS, str(image), str(mountpoint)])
+
+
+def _reserve(image: Path) -> None:
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        raise WorkspaceError(
+            f"cannot reserve {os.fstat(fd).st_size // MIB} MiB for the workspace {image}: "
+            f"{exc.strerror} (config filesystem.workspace_mb sets the size)") from None
+    finally:
+        os.close(fd)
+
+
+def _mounted_here(sandbox: SandboxPaths) -> bool:
+    """Whether the workspace is the mount of this sandbox's own image (a
+    filesystem an operator mounted there is never unmounted by us)."""
+    image = image_of(sandbox)
+    try:
+        workspace_dev = os.stat(sandbox.workspace).st_dev
+        backing = os.stat(image)
+    except FileNotFoundError:
+        return False
+    return workspace_dev in _loop_devices_of(backing)
+
+
+def _loop_devices_of(backing: os.stat_result) -> set[int]:
+    """The device numbers of the loop devices whose backing file is `backing`."""
+    import json
+
+    listed = _run(["losetup", "--list", "--json",
+                   "--output", "MAJ:MIN,BACK-INO,BACK-MAJ:MIN"], check=False)
+    try:
+        rows = json.loads(listed)["loopdevices"] if listed.strip() else []
+    except (ValueError, KeyError, TypeError):
+        return set()
+    devices = set()
+    for row in rows:
+        own, back = str(row.get("maj:min", "")).strip(), str(row.get("back-maj:min", "")).strip()
+        if str(row.get("back-ino", "")).strip() == str(backing.st_ino) and \
+                back == _maj_min(backing.st_dev) and ":" in own:
+            major, minor = own.split(":")
+            devices.add(os.makedev(int(major), int(minor)))
+    return devices
+
+
+def _maj_min(dev: int) -> str:
+    return f"{os.major(dev)}:{os.minor(dev)}"
+
+
+def _run(argv: list[str], check: bool = True) -> str:
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise WorkspaceError(f"{argv[0]} is not installed (util-linux, e2fsprogs)") from None
+    if check and result.returncode != 0:
+        detail = (result.stderr.strip().splitlines() or ["failed"])[-1]
+        raise WorkspaceError(f"workspace: {Path(argv[0]).name}: {detail}")
+    return result.stdout

@@ -1,0 +1,220 @@
+"""A full disk (issue 10, item 3): an agent cannot fill the filesystem that
+holds the keyrings and the audit log, and nothing that fills it stops good
+updates for good. Real sandboxes under crun and runc, a real daemon, the real
+devplane over HTTPS.
+
+The host's `sandboxes/` and `audit/` live on one small tmpfs the test mounts,
+as /var/lib/tappass-host would on a small disk (the runtime dir stays apart,
+as /run does).
+"""
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from daemon_fixture import *  # noqa: F403
+from daemon_fixture import (AGENT, POLICY, SYNC_CONFIG, acks, agent_log, audit_events, enroll,
+                            keyring_version, publish, wait_agent_sees)
+from devplane_fixture import run_host, wait_for
+from tappass_host import workspace
+
+DISK_MB = 48
+WORKSPACE_MB = 16
+MIB = 1024 * 1024
+
+FILLER = """
+import errno, json, os, time
+written = 0
+try:
+    fd = os.open("/workspace/fill", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    chunk = b"x" * (1 << 20)
+    while True:
+        written += os.write(fd, chunk)
+except OSError as exc:
+    print(json.dumps({"error": errno.errorcode.get(exc.errno), "written": written}), flush=True)
+seen = None
+while True:
+    try:
+        with open(os.environ["TAPPASS_KEYRING_PATH"]) as f:
+            version = json.load(f)["policy_version"]
+    except (OSError, ValueError):
+        version = None
+    if version != seen:
+        print(f"policy_version={version}", flush=True)
+        seen = version
+    time.sleep(0.05)
+"""
+
+
+@pytest.fixture
+def small_disk(host, tmp_path):
+    """`sandboxes/` and `audit/` of `host` on one DISK_MB tmpfs; yields its mount point."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = []
+
+    def mount(*argv):
+        subprocess.run(["mount", *argv], check=True, capture_output=True)
+        mounted.append(Path(argv[-1]))
+
+    try:
+        mount("-t", "tmpfs", "-o", f"size={DISK_MB}m,mode=0755", "tappass-test-disk", str(disk))
+        for target, mode in ((host.paths.sandboxes, 0o755), (host.paths.audit_log.parent, 0o700)):
+            (disk / target.name).mkdir(mode=mode)
+            target.mkdir(mode=mode, parents=True, exist_ok=True)
+            mount("--bind", str(disk / target.name), str(target))
+        host.config.write_text(SYNC_CONFIG + f"[filesystem]\nworkspace_mb = {WORKSPACE_MB}\n")
+        yield disk
+    finally:
+        for target in reversed(mounted):
+            subprocess.run(["umount", "-R", "-l", str(target)], capture_output=True)
+
+
+@pytest.fixture
+def filler_agent():
+    root = Path(tempfile.mkdtemp(prefix="tp-filler-", dir="/tmp"))
+    root.chmod(0o755)
+    (root / "tappass-agent.toml").write_text(
+        'name = "filler"\nversion = "0.1.0"\nentrypoint = ["python3", "/opt/agent/main.py"]\n')
+    (root / "main.py").write_text(FILLER)
+    for path in root.iterdir():
+        path.chmod(0o644)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def free_bytes(disk: Path) -> int:
+    st = os.statvfs(disk)
+    return st.f_bavail * st.f_frsize
+
+
+def fill(disk: Path) -> Path:
+    """Fill `disk` to the last byte, as some process on the host might."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for size in (MIB, 4096, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    assert free_bytes(disk) == 0
+    return filler
+
+
+def applied_and_acked(devplane, host, name, version) -> None:
+    wait_agent_sees(host, name, version)
+    assert keyring_version(host, name) == version
+    wait_for(lambda: any(e["event"] == "keyring.applied" and e["sandbox"] == name
+                         and e["details"]["policy_version"] == version
+                         for e in audit_events(host)))
+    wait_for(lambda: any(a["policy_version"] == version and a["status"] == "applied"
+                         for a in acks(devplane, name)))
+
+
+@pytest.mark.parametrize("runtime", ["crun", "runc"])
+def test_an_agent_filling_its_workspace_leaves_room_for_policy_updates(
+        devplane, host, small_disk, tmp_path, sandboxes, daemons, name, runtime, filler_agent):
+    enroll(devplane, host, name)
+    assert publish(devplane, tmp_path, POLICY, name) == 1
+    sandboxes(name, runtime, filler_agent)
+
+    def filled():
+        for line in agent_log(host, name).splitlines():
+            if line.startswith("{"):
+                return json.loads(line)
+        return None
+    outcome = wait_for(filled, 30)
+    # The agent hit the end of its own filesystem, not of the host's.
+    assert outcome["error"] in ("ENOSPC", "EDQUOT"), outcome
+    assert WORKSPACE_MB * MIB // 2 < outcome["written"] <= WORKSPACE_MB * MIB, outcome
+    assert free_bytes(small_disk) > 8 * MIB, free_bytes(small_disk)
+    sandbox = host.paths.sandbox(name)
+    assert os.stat(sandbox.workspace).st_dev != os.stat(sandbox.keyring).st_dev
+
+    daemon = daemons(host)
+    daemon.wait_line(f"{name}: stream open (policy_version 1)")
+    assert publish(devplane, tmp_path, {**POLICY, "secrets": {"DEMO_TOKEN": "two"}}, name) == 2
+    applied_and_acked(devplane, host, name, 2)
+    assert run_host(host, "audit", "verify").returncode == 0
+
+    # The workspace persists across runs; stopped, it holds only what it uses.
+    stopped = run_host(host, "stop", name, "--timeout", "2")
+    assert stopped.returncode == 0, stopped.stderr
+    assert not os.path.ismount(sandbox.workspace)
+    image = workspace.image_of(sandbox)
+    assert image.stat().st_blocks * 512 >= outcome["written"]
+
+
+@pytest.mark.parametrize("runtime", ["crun", "runc"])
+def test_the_daemon_survives_a_full_disk_and_applies_what_it_missed(
+        devplane, host, small_disk, tmp_path, sandboxes, daemons, name, runtime):
+    enroll(devplane, host, name)
+    assert publish(devplane, tmp_path, POLICY, name) == 1
+    sandboxes(name, runtime, AGENT)
+    wait_agent_sees(host, name, 1)
+    daemon = daemons(host)
+    daemon.wait_line(f"{name}: stream open (policy_version 1)")
+    keyring_file = host.paths.sandbox(name).keyring / "keyring.json"
+    good = keyring_file.read_bytes()
+
+    filler = fill(small_disk)
+    assert publish(devplane, tmp_path, {**POLICY, "secrets": {"DEMO_TOKEN": "two"}}, name) == 2
+    log = daemon.wait_line("No space left on device; retrying with backoff, "
+                           "keeping policy_version 1")
+    assert "Traceback" not in log
+    # The last good keyring stays whole; the worker keeps trying (the event is
+    # gone: only a retry's pull can still bring v2).
+    assert keyring_file.read_bytes() == good
+    assert "policy_version=2" not in agent_log(host, name)
+
+    filler.unlink()
+    applied_and_acked(devplane, host, name, 2)
+    # audited where the full disk let it be (an append within the log's last page)
+    failures = [e["details"] for e in audit_events(host)
+                if e["event"] == "sync.failed" and e["sandbox"] == name]
+    assert failures == [{"error": "OSError", "message": "No space left on device"}] or \
+        "(not audited: cannot write the audit log" in daemon.text(), (failures, daemon.text())
+    assert publish(devplane, tmp_path, {**POLICY, "secrets": {"DEMO_TOKEN": "three"}}, name) == 3
+    applied_and_acked(devplane, host, name, 3)
+    assert daemon.proc.poll() is None
+
+    # Full again: `stop` still stops the sandbox, in one line at worst.
+    fill(small_disk)
+    stopped = run_host(host, "stop", name, "--timeout", "2")
+    assert "internal error" not in stopped.stderr and "Traceback" not in stopped.stderr
+    if stopped.returncode != 0:
+        assert stopped.stderr.count("\n") == 1, stopped.stderr
+        assert "No space left on device" in stopped.stderr
+    status = json.loads(run_host(host, "--json", "status", name).stdout)
+    assert status["state"] == "exited", status
+    assert run_host(host, "audit", "verify").returncode == 0
+
+
+@pytest.mark.parametrize("runtime", ["crun", "runc"])
+def test_stop_on_a_full_disk_stops_and_says_what_was_not_recorded(
+        devplane, host, small_disk, tmp_path, sandboxes, name, runtime):
+    """Without a workspace of its own (workspace_mb = 0) nothing is given back
+    at the end of the run: the exit cannot be recorded, and stop says so in one line."""
+    host.config.write_text(SYNC_CONFIG + "[filesystem]\nworkspace_mb = 0\n")
+    enroll(devplane, host, name)
+    assert publish(devplane, tmp_path, POLICY, name) == 1
+    sandboxes(name, runtime, AGENT)
+    wait_agent_sees(host, name, 1)
+
+    fill(small_disk)
+    stopped = run_host(host, "stop", name, "--timeout", "2")
+    assert stopped.returncode == 1
+    assert stopped.stderr.count("\n") == 1 and "Traceback" not in stopped.stderr, stopped.stderr
+    assert f"sandbox '{name}' stopped (exit code " in stopped.stderr
+    assert "could not be recorded: " in stopped.stderr
+    assert "No space left on device" in stopped.stderr
+    status = json.loads(run_host(host, "--json", "status", name).stdout)
+    assert status["state"] != "running", status
+    assert run_host(host, "audit", "verify").returncode == 0
