@@ -98,3 +98,21 @@ def test_an_envelope_made_by_securesystemslib_reaches_the_agent(
     wait_for(lambda: any(a["policy_version"] == 3 and a["status"] == "applied"
                          for a in acks(devplane, name)))
     assert "policy_version=2" not in agent_log(host, name)
+
+
+def test_bootstrap_times_out_of_range_are_malformed_not_a_crash(host_state):
+    """A bootstrap is signed input too: with --trust-on-first-use its key is
+    the token's own. An `exp` of -10**400 once crashed `init` (OverflowError)."""
+    from tappass_host.identity import bootstrap
+
+    key = signing.generate()
+    for iat, exp in ((-10**400 - 100, -10**400), (2**64, 2**64 + 100)):
+        claims = {"v": 1, "jti": f"j{exp}"[:20], "org_id": "org", "sandbox_spec_ref": "demo",
+                  "iat": iat, "exp": exp, "sign_key": signing.public_key_to_text(key.public_key()),
+                  "tls_ca_sha256": "0" * 64}
+        url = "https://127.0.0.1:1" + bootstrap.ENROLL_PATH + bootstrap.encode(claims, key)
+        result = run_host(host_state, "init", "demo", "--enroll-url", url,
+                          "--trust-on-first-use")
+        assert result.returncode != 0
+        assert result.stderr.count("\n") == 1 and "is out of range" in result.stderr, \
+            result.stderr

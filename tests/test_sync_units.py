@@ -144,6 +144,16 @@ def test_sse_reader_scans_a_trickled_line_once():
     assert scanned <= 4 * small + 64
 
 
+def test_an_sse_id_is_a_policy_version_only_when_it_looks_like_one():
+    """The id of an event whose envelope cannot be read is what gets audited
+    and acked: a hostile one must not become a huge or odd version."""
+    from tappass_host.sync.transport import _event_id
+
+    assert [_event_id(t) for t in ("7", "0", "9999999999")] == [7, 0, 9999999999]
+    for text in ("", "+7", " 7", "7 ", "-1", "1_0", "\u0663", "1e3", "99999999999", "9" * 5000):
+        assert _event_id(text) is None, text
+
+
 # --- acks that fail are kept (the latest) and retried ------------------------------------
 
 

@@ -103,6 +103,8 @@ def _claims(doc: object) -> Claims:
     for name in ("v", "iat", "exp"):
         if type(doc.get(name)) is not int:
             raise _malformed(f"claim {name!r} is missing or not an integer")
+        if not 0 <= doc[name] < 2**53:  # compared with float seconds later: keep them exact
+            raise _malformed(f"claim {name!r} is out of range")
     if doc["v"] != VERSION:
         raise BadBootstrap("malformed", f"bootstrap token has version {doc['v']}; "
                                         f"this host understands version {VERSION}")

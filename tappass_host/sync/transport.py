@@ -100,10 +100,12 @@ KEEPALIVE = Keepalive()
 
 
 def _event_id(text: str) -> int | None:
-    try:
+    """An SSE id as the policy_version it claims: up to ten ASCII digits, as
+    the keyring schema allows, else unknown (int() would take '+7', ' 7',
+    '1_0', non-ASCII digits and a number of any size)."""
+    if isinstance(text, str) and text.isascii() and text.isdigit() and len(text) <= 10:
         return int(text)
-    except (TypeError, ValueError):
-        return None
+    return None
 
 
 class SyncClient:
