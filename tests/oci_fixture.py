@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tappass_host import shipped
+from tappass_host.layers import Host
 from tappass_host.layers.filesystem import BIND_RO, host_dirs
 from tappass_host.oci import rootfs as rootfs_module
 
@@ -115,14 +116,23 @@ def write_bundle(tmp_path: Path, config: dict) -> Path:
     return paths.bundle_dir
 
 
+# Rootless: container 0 is the user, 1.. its subordinate ids (tappass_host.ids).
+ROOTLESS_MAPPINGS = ({"containerID": 0, "hostID": 0, "size": 1},
+                     {"containerID": 1, "hostID": 1, "size": AGENT_UID + 10})
+
+
 def invariant_args(tmp_path: Path, *, rootless: bool = False) -> dict:
     """The keyword arguments of invariants.check for the fixture's sandbox."""
     paths = layout(tmp_path)
+    mappings = ROOTLESS_MAPPINGS if rootless else ()
     return {
         "state_dir": paths.state_dir,
         "keyring_dir": paths.keyring_dir,
         "workspace_dir": paths.workspace_dir,
         "rootless": rootless,
+        "host": Host(rootless=rootless, agent_uid=AGENT_UID, agent_gid=AGENT_GID,
+                     uid_mappings=mappings, gid_mappings=mappings),
+        "rootfs": paths.rootfs,
     }
 
 

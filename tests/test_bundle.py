@@ -12,10 +12,10 @@ with the layer named, and nothing started.
 import json
 import os
 import subprocess
-import textwrap
 
 import pytest
 
+from applier_fixture import install_applier
 from audit_records import read_audit
 from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
     HELLO_AGENT,
@@ -60,6 +60,28 @@ def apply(inputs):
         "host_netns": {"linux": {"namespaces": [{"type": "network", "path": "/proc/1/ns/net"}]}},
         "writable_root": {"root": {"readonly": False}},
         "schema_bad": {"hostname": 5},
+        # (a)-(h): each passes the OCI schema, and widened the agent until refused
+        "keep_original_groups": {"annotations": {"run.oci.keep_original_groups": "1"}},
+        "systemd_property": {"annotations": {"org.systemd.property.CPUQuota": "400%"}},
+        "other_uid": {"process": {"user": {"uid": inputs.host.agent_uid + 1}}},
+        "shadow_group": {"process": {"user": {"additionalGids": [42]}}},
+        "idmapped_mount": {"mounts": [{"destination": "/opt/idmapped", "type": "bind",
+                                       "source": "/usr", "options": ["rbind", "ro", "idmap"]}]},
+        "mount_mappings": {"mounts": [{"destination": "/opt/idmapped", "type": "bind",
+                                       "source": "/usr", "options": ["rbind", "ro"],
+                                       "uidMappings": [{"containerID": 0, "hostID": 0,
+                                                        "size": 65536}]}]},
+        "host_root_fs": {"root": {"path": "/"}},
+        "cgroups_path": {"linux": {"cgroupsPath": "/system.slice"}},
+        "dotdot_mount": {"mounts": [{"destination": "/.." * 40 + os.environ.get(
+            "TAPPASS_TEST_ROOT", "/nonexistent") + "/escaped/dir", "type": "tmpfs",
+            "source": "tmpfs", "options": ["ro", "size=1k"]}]},
+        "userns_host_root": {"linux": {"namespaces": [{"type": "user"}],
+                                       "uidMappings": [{"containerID": 0, "hostID": 0,
+                                                        "size": 65536}],
+                                       "gidMappings": [{"containerID": 0, "hostID": 0,
+                                                        "size": 65536}]}},
+        "oom_score": {"process": {"oomScoreAdj": -1000}},
     }[mode]
     return LayerResult(oci=oci)
 '''
@@ -78,6 +100,17 @@ FORBIDDEN = {
     "no_new_privs_false": "process.noNewPrivileges",
     "host_netns": "linux.namespaces[",
     "writable_root": "root.readonly",
+    "keep_original_groups": "annotations.run.oci.keep_original_groups",
+    "systemd_property": "annotations.org.systemd.property.CPUQuota",
+    "other_uid": "process.user.uid",
+    "shadow_group": "process.user.additionalGids[0]",
+    "idmapped_mount": "mounts[",
+    "mount_mappings": "mounts[",
+    "host_root_fs": "root.path",
+    "cgroups_path": "linux.cgroupsPath",
+    "dotdot_mount": "mounts[",
+    "userns_host_root": "linux.uidMappings[0]",
+    "oom_score": "process.oomScoreAdj",
 }
 APPLIERS_WITH_EVIL = [*DEFAULTS["appliers"], "evil"]
 
@@ -86,18 +119,12 @@ APPLIERS_WITH_EVIL = [*DEFAULTS["appliers"], "evil"]
 def evil(host):
     """Install the `evil` applier (entry point group tappass_host.appliers) and
     configure it last; returns the environment that sees it."""
-    site = host.root / "site"
-    dist = site / "tappass_test_evil-0.1.dist-info"
-    dist.mkdir(parents=True)
-    (site / "tappass_test_evil.py").write_text(textwrap.dedent(EVIL_APPLIER))
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tappass-test-evil\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(
-        "[tappass_host.appliers]\nevil = tappass_test_evil:apply\n")
+    base = install_applier(host.root / "site", "evil", EVIL_APPLIER)
     host.configure(f"appliers = {json.dumps(APPLIERS_WITH_EVIL)}\n")
 
     def env(mode: str) -> dict:
-        return {**os.environ, "PYTHONPATH": str(site), "TAPPASS_TEST_EVIL": mode,
-                "TAPPASS_TEST_STATE": str(host.state)}
+        return {**base, "TAPPASS_TEST_EVIL": mode, "TAPPASS_TEST_STATE": str(host.state),
+                "TAPPASS_TEST_ROOT": str(host.root)}
 
     return env
 
@@ -130,6 +157,32 @@ def test_a_forbidden_layer_is_refused_naming_it(runtime, host, evil, mode):
     assert "layer 'evil' broke invariant" in error, error
     assert FORBIDDEN[mode] in error, error
     nothing_started(host, runtime, name)
+    assert not (host.root / "escaped").exists()  # dotdot_mount: no directory made outside
+
+
+GROUPS_PROBE = ["/bin/sh", "-c", "grep '^Groups:' /proc/self/status; id -G; "
+                "cat /etc/shadow >/dev/null 2>&1 && echo shadow=readable || echo shadow=denied"]
+
+
+def test_the_agent_has_no_supplementary_groups(runtime, host, evil):
+    """What `shadow_group` (additionalGids [42]) and, under crun,
+    `keep_original_groups` (the caller's supplementary groups) widened before they
+    were refused: the agent read /etc/shadow through the read-only /etc. Started
+    by a caller in groups 0 and 42 (a root login, a shadow member), the agent of
+    the default layers (and a benign third-party one) has its own gid only."""
+    name = host.enroll(unique_name("groups", runtime))
+    agent = write_agent(host.root / "agent", GROUPS_PROBE)
+    result = subprocess.run(host.argv("start", name, "--agent", str(agent), "--runtime", runtime,
+                                      "--foreground"),
+                            capture_output=True, text=True, timeout=30, env=evil("benign"),
+                            preexec_fn=lambda: os.setgroups([0, 42]))
+    host.started.append(name)
+    assert result.returncode == 0, result.stderr
+    gid = json.loads(host.paths.sandbox(name).record.read_text())["agent_gid"]
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["Groups:"], result.stdout
+    assert lines[1].split() == [str(gid)], result.stdout
+    assert lines[2] == "shadow=denied", result.stdout
 
 
 def test_a_layer_that_breaks_the_oci_schema_is_refused_naming_it(runtime, host, evil):
@@ -160,14 +213,16 @@ def test_the_entry_point_applier_really_runs(runtime, host, evil):
     assert result.returncode == 0, result.stderr
     assert "evil=1 home=/tmp" in result.stdout
     inspected = json.loads(host.run("inspect", name).stdout)
-    env, provenance = inspected["config"]["process"]["env"], inspected["provenance"]
-    assert provenance[f"process.env[{env.index('EVIL_WAS_HERE=1')}]"] == "evil"
+    # The agent's environment, which the Landlock launcher applies (tappass_host.landlock)
+    env, provenance = inspected["agent_env"], inspected["provenance"]
+    assert provenance[f"agent_env[{env.index('EVIL_WAS_HERE=1')}]"] == "evil"
     # HOME was the identity layer's; the later layer's value won, and so did its name
     assert [e for e in env if e.startswith("HOME=")] == ["HOME=/tmp"]
-    assert provenance[f"process.env[{env.index('HOME=/tmp')}]"] == "evil"
-    assert provenance[f"process.env[{env.index('TAPPASS_SANDBOX=' + name)}]"] == "identity"
-    indices = [int(k[len("process.env["):-1]) for k in provenance if k.startswith("process.env[")]
+    assert provenance[f"agent_env[{env.index('HOME=/tmp')}]"] == "evil"
+    assert provenance[f"agent_env[{env.index('TAPPASS_SANDBOX=' + name)}]"] == "identity"
+    indices = [int(k[len("agent_env["):-1]) for k in provenance if k.startswith("agent_env[")]
     assert max(indices) < len(env)
+    assert not any(k.startswith("process.env[") for k in provenance)  # the launcher's: fixed
 
 
 def test_an_unknown_applier_is_a_clear_error(runtime, host):
@@ -207,9 +262,9 @@ def test_inspect_shows_the_config_and_which_layer_set_what(runtime, host):
     assert provenance[f"mounts[{keyring_mount}]"] == "keyring"
     assert config["mounts"][keyring_mount]["source"] == str(host.paths.sandbox(name).keyring)
     assert config["linux"]["resources"]["pids"]["limit"] == 64  # the keyring's process.pids_max
-    env = config["process"]["env"]
-    assert "process.env[0]" not in provenance  # PATH: the template's
-    assert provenance[f"process.env[{env.index('TAPPASS_KEYRING_PATH=/run/tappass/keyring/keyring.json')}]"] == "keyring"
+    env = inspected["agent_env"]  # process.env is the Landlock launcher's own, fixed
+    assert "agent_env[0]" not in provenance  # PATH: the template's
+    assert provenance[f"agent_env[{env.index('TAPPASS_KEYRING_PATH=/run/tappass/keyring/keyring.json')}]"] == "keyring"
     assert "hooks" not in config
     assert set(inspected["hot_reload"]) >= {"process", "secrets", "gateway"}
     # the secret stays in the keyring, out of the config

@@ -34,12 +34,12 @@ def version_dirs(paths):
 
 
 def test_layout_links_and_modes(paths, sandbox, signer):
-    apply_update(paths, "demo", envelope_for(1, signer), render_harness=lambda k: {
-        "claude-code/settings.json": b"{}"})
+    apply_update(paths, "demo", envelope_for(1, signer), render_files=lambda k: {
+        "harness/claude-code/settings.json": b"{}", "layers/extra/a/b.txt": b"b"})
     top = keyring_dir(paths)
     current = os.readlink(top / "..data")
     assert current.startswith("..v0000000001-") and "/" not in current
-    for name in ("keyring.json", "keyring.dsse.json", "harness"):
+    for name in ("keyring.json", "keyring.dsse.json", "harness", "layers"):
         assert os.readlink(top / name) == f"..data/{name}"
     assert stat.S_IMODE(top.stat().st_mode) == 0o750
     for dirpath, dirnames, filenames in os.walk(top / current):
@@ -47,6 +47,7 @@ def test_layout_links_and_modes(paths, sandbox, signer):
         for name in filenames:
             assert stat.S_IMODE(os.stat(os.path.join(dirpath, name)).st_mode) == 0o440
     assert (top / "harness" / "claude-code" / "settings.json").read_bytes() == b"{}"
+    assert (top / "layers" / "extra" / "a" / "b.txt").read_bytes() == b"b"
     assert json.loads((top / "keyring.json").read_bytes())["policy_version"] == 1
     dsse = json.loads((top / "keyring.dsse.json").read_bytes())
     assert dsse["payloadType"] == "application/vnd.tappass.keyring+json"

@@ -24,6 +24,7 @@ from oci_fixture import AGENT_GID, AGENT_UID, invariant_args, layout, locked_dow
 from tappass_host import shipped
 from tappass_host.errors import TappassError
 from tappass_host.oci import field_path, invariants, parent_field, schema
+from tappass_host.oci import rootfs as rootfs_module
 from tappass_host.oci.invariants import InvariantViolation
 
 PROBES = Path(__file__).parent / "probes"
@@ -72,12 +73,15 @@ def test_rootless_config_needs_and_passes_with_a_user_namespace(tmp_path):
         check(config, tmp_path, rootless=True)
     assert refused.value.field == "linux.namespaces"
     config["linux"]["namespaces"].append({"type": "user"})
-    uid, gid = config["process"]["user"]["uid"], config["process"]["user"]["gid"]
-    config["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 0, "size": 1},
-                                      {"containerID": 1, "hostID": 1, "size": uid + 10}]
-    config["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 0, "size": 1},
-                                      {"containerID": 1, "hostID": 1, "size": gid + 10}]
+    config["linux"]["uidMappings"] = [dict(m) for m in oci_fixture.ROOTLESS_MAPPINGS]
+    config["linux"]["gidMappings"] = [dict(m) for m in oci_fixture.ROOTLESS_MAPPINGS]
     check(config, tmp_path, rootless=True)
+    # a mapping beyond the ids allocated to the sandbox's namespace
+    config["linux"]["uidMappings"].append({"containerID": AGENT_UID + 20, "hostID": AGENT_UID + 20,
+                                           "size": 5})
+    with pytest.raises(InvariantViolation) as refused:
+        check(config, tmp_path, rootless=True)
+    assert refused.value.field == "linux.uidMappings[2]"
 
 
 def _set_uid_0(c, _):
@@ -96,8 +100,81 @@ def _drop_uid(c, _):
 
 
 def _additional_gid_0(c, _):
-    c["process"]["user"]["additionalGids"] = [100, 0]
-    return "process.user.additionalGids[1]", "process.user.additionalGids"
+    c["process"]["user"]["additionalGids"] = [0]
+    return "process.user.additionalGids[0]", "process.user.additionalGids"
+
+
+def _additional_gid_shadow(c, _):
+    c["process"]["user"]["additionalGids"] = [42]  # shadow: /etc/shadow through the ro /etc
+    return "process.user.additionalGids[0]", "process.user.additionalGids"
+
+
+def _other_uid(c, _):
+    c["process"]["user"]["uid"] = AGENT_UID + 1  # another sandbox's agent
+    return "process.user.uid", "process.user.uid"
+
+
+def _other_gid(c, _):
+    c["process"]["user"]["gid"] = 42
+    return "process.user.gid", "process.user.gid"
+
+
+def _annotation(key):
+    def mutate(c, _):
+        c["annotations"] = {"org.tappass.fine": "x", key: "1"}
+        return f"annotations.{key}", "annotations"
+    mutate.__name__ = f"_annotation_{key}"
+    return mutate
+
+
+def _mount_id_mapping(key):
+    def mutate(c, _):
+        i = mount_index(c, "/usr")
+        c["mounts"][i][key] = [{"containerID": 0, "hostID": 0, "size": 65536}]
+        return f"mounts[{i}]", f"mounts[{i}]"
+    mutate.__name__ = f"_mount_{key}"
+    return mutate
+
+
+def _mount_option(option):
+    def mutate(c, _):
+        i = mount_index(c, "/etc")
+        c["mounts"][i]["options"] = [*c["mounts"][i]["options"], option]
+        return f"mounts[{i}]", f"mounts[{i}]"
+    mutate.__name__ = f"_mount_option_{option.split('=')[0]}"
+    return mutate
+
+
+def _root_path(path):
+    def mutate(c, _):
+        c["root"]["path"] = path
+        return "root.path", "root.path"
+    mutate.__name__ = f"_root_path_{path.strip('/').replace('/', '_') or 'slash'}"
+    return mutate
+
+
+def _cgroups_path(c, _):
+    c["linux"]["cgroupsPath"] = "/system.slice"
+    return "linux.cgroupsPath", "linux.cgroupsPath"
+
+
+def _dotdot_destination(c, _):
+    return add_mount(c, {"destination": "/tmp/../../../../etc/cron.d", "type": "tmpfs",
+                         "source": "tmpfs", "options": ["size=1k", "ro"]}), "mounts"
+
+
+def _user_namespace_mapping(mapping, key="uidMappings"):
+    def mutate(c, _):
+        c["linux"]["namespaces"].append({"type": "user"})
+        c["linux"][key] = [{"containerID": AGENT_UID, "hostID": AGENT_UID, "size": 1}, mapping]
+        return f"linux.{key}[1]", f"linux.{key}"
+    mutate.__name__ = f"_userns_{key}_host_{mapping['hostID']}"
+    return mutate
+
+
+def _negative_oom_score(c, _):
+    c["process"]["oomScoreAdj"] = -1000
+    return "process.oomScoreAdj", "process.oomScoreAdj"
 
 
 def _no_new_privileges_false(c, _):
@@ -349,6 +426,26 @@ FORBIDDEN = [
     _set_gid_0,
     _drop_uid,
     _additional_gid_0,
+    _additional_gid_shadow,
+    _other_uid,
+    _other_gid,
+    _annotation("run.oci.keep_original_groups"),
+    _annotation("org.systemd.property.DelegateSubgroup"),
+    _annotation("org.tappass."),
+    _mount_id_mapping("uidMappings"),
+    _mount_id_mapping("gidMappings"),
+    _mount_option("idmap"),
+    _mount_option("ridmap"),
+    _mount_option("idmap=uids=0-0-10;gids=0-0-10"),
+    _root_path("/"),
+    _root_path("/tmp/elsewhere/rootfs"),
+    _root_path("rootfs/../../x"),
+    _cgroups_path,
+    _dotdot_destination,
+    _user_namespace_mapping({"containerID": 0, "hostID": 0, "size": 1}),
+    _user_namespace_mapping({"containerID": 0, "hostID": 0, "size": 1}, "gidMappings"),
+    _user_namespace_mapping({"containerID": 1, "hostID": 1000, "size": 1}),
+    _negative_oom_score,
     _no_new_privileges_false,
     _no_new_privileges_missing,
     *(_capability(kind) for kind in invariants.CAPABILITY_SETS),
@@ -416,6 +513,41 @@ def test_forbidden_config_is_refused_naming_the_layer(tmp_path, mutate):
     message = str(refused.value)
     assert message.startswith(f"layer 'evil' broke invariant: {field} ")
     assert "\n" not in message
+
+
+def test_what_the_new_rules_still_allow(tmp_path):
+    """The bundle's rootfs by a relative path, tappass's own annotation namespace, a
+    positive oomScoreAdj, empty additionalGids, a root-mode user namespace mapping
+    only the agent's own ids."""
+    config = locked_down_config(tmp_path)
+    config["root"]["path"] = "rootfs"
+    config["annotations"] = {"org.tappass.sandbox": "probe"}
+    config["process"]["oomScoreAdj"] = 500
+    config["process"]["user"]["additionalGids"] = []
+    config["linux"]["namespaces"].append({"type": "user"})
+    config["linux"]["uidMappings"] = [{"containerID": AGENT_UID, "hostID": AGENT_UID, "size": 1}]
+    config["linux"]["gidMappings"] = [{"containerID": AGENT_GID, "hostID": AGENT_GID, "size": 1}]
+    check(config, tmp_path)
+
+
+def test_rootfs_prepare_never_makes_a_directory_outside_the_rootfs(tmp_path):
+    """Behind the invariants, as root on the host: a destination with '..' or one
+    through a symlink leading out of the rootfs is refused before any mkdir."""
+    rootfs = tmp_path / "bundle" / "rootfs"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    rootfs_module.prepare(rootfs, ["/workspace", "//opt/./agent/"])
+    assert (rootfs / "workspace").is_dir() and (rootfs / "opt" / "agent").is_dir()
+    (rootfs / "opt" / "out").symlink_to(outside)
+    (rootfs / "rel").symlink_to("../../outside")
+    for destination in ["/../../outside/made", "/opt/../../../outside/made",
+                        "/opt/out/made", "/rel/made", "/rel", "relative/made"]:
+        with pytest.raises(rootfs_module.MountPointOutsideRootfs):
+            rootfs_module.prepare(rootfs, ["/tmp", destination])
+    assert list(outside.iterdir()) == []
+    assert not (rootfs / "tmp").exists()  # refused before any mount point was made
+    rootfs_module.prepare(rootfs, ["/usr", "/bin/inside"])  # the merged-usr link stays inside
+    assert (rootfs / "usr" / "bin" / "inside").is_dir()
 
 
 def test_a_field_no_layer_set_is_blamed_on_the_template(tmp_path):

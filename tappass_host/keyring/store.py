@@ -3,8 +3,10 @@
 The scheme is the kubelet's atomic writer. Invariants:
   * `..data` is absent (no keyring yet) or a relative link to a complete,
     fsynced version directory; it is the only name that ever flips.
-  * `keyring.json`, `keyring.dsse.json` and `harness` are relative links
-    through `..data`, so every open of them sees exactly one version.
+  * `keyring.json`, `keyring.dsse.json`, `harness` and `layers` are
+    relative links through `..data`, so every open of them sees exactly one
+    version. `harness/` and `layers/` hold the appliers' files
+    (tappass_host.layers.files), rendered for that version.
   * a new version is always newer than `..data` (the verifier refuses
     rollback and replay), so a version directory newer than `..data` is the
     leftover of an interrupted write, as are `..data_tmp` and `..tmp-*`:
@@ -19,23 +21,34 @@ Sequence of `flip`:
   3. create the top-level links if missing (first flip only);
   4. remove every version directory but the new one and the previous one.
 
+`complete` replaces the appliers' files of the current version (a start
+whose inputs render other files than the last flip did): the whole version
+is written again under a staging name and exchanged with the current one in
+one renameat2(RENAME_EXCHANGE), so `..data` never changes nor dangles.
+
 All of this runs under an exclusive lock on a file outside the directory.
 """
 
+import ctypes
+import errno
 import os
 import re
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from tappass_host.clock import parse_timestamp
+from tappass_host.errors import TappassError
 from tappass_host.keyring import KeyringVersion, VerifiedKeyring
 from tappass_host.statefile import fsync_dir, fsync_path, locked, write_file_durably
 
 DATA = "..data"
 DATA_TMP = "..data_tmp"
 STAGING_PREFIX = "..tmp-"
-LINKS = ("keyring.json", "keyring.dsse.json", "harness")
+KEYRING_FILES = ("keyring.json", "keyring.dsse.json")
+FILE_DIRS = ("harness", "layers")  # the appliers' files (tappass_host.layers.files)
+LINKS = (*KEYRING_FILES, *FILE_DIRS)
 _VERSION_DIR = re.compile(r"\.\.v(\d{10})-(\d{8}T\d{6}Z)")
 
 FILE_MODE = 0o440
@@ -50,6 +63,33 @@ def _version_of(dirname: str) -> KeyringVersion | None:
     stamp = m.group(2)
     iso = f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:8]}T{stamp[9:11]}:{stamp[11:13]}:{stamp[13:15]}Z"
     return KeyringVersion(int(m.group(1)), parse_timestamp(iso))
+
+
+class ExchangeUnsupported(TappassError):
+    """The state filesystem cannot exchange two directories atomically."""
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise ExchangeUnsupported(f"the filesystem of {a.parent} cannot exchange directories "
+                                      "atomically (renameat2 RENAME_EXCHANGE): keep the state "
+                                      "directory on a local filesystem (ext4, xfs, btrfs, tmpfs)")
+        raise OSError(code, os.strerror(code), str(b))
+
+
+def _applier_path(relpath: str) -> PurePosixPath:
+    """A path the appliers' files may take (tappass_host.layers.files checked it)."""
+    path = PurePosixPath(relpath)
+    if path.is_absolute() or ".." in path.parts or len(path.parts) < 2 or path.parts[0] not in FILE_DIRS:
+        raise ValueError(f"applier file {relpath!r:.100} is not under {' or '.join(FILE_DIRS)}/")
+    return path
 
 
 def _remove_tree(path: Path) -> None:
@@ -131,10 +171,12 @@ class KeyringStore:
         if current is not None:
             self._ensure_links()
 
-    def flip(self, keyring: VerifiedKeyring, harness: dict[str, bytes] | None = None) -> None:
+    def flip(self, keyring: VerifiedKeyring, files: dict[str, bytes] | None = None) -> None:
+        """`files`: the appliers' files, by path in the version directory."""
         previous = self.current_dirname()
         target = keyring.version.dirname
-        self._stage(self.dir / target, keyring, harness or {})
+        self._stage(self.dir / target, {"keyring.json": keyring.payload_bytes,
+                                        "keyring.dsse.json": keyring.envelope_bytes}, files or {})
 
         tmp_link = self.dir / DATA_TMP
         tmp_link.unlink(missing_ok=True)
@@ -145,15 +187,44 @@ class KeyringStore:
         self._ensure_links()
         self._collect_garbage(keep={target, previous})
 
-    def _stage(self, staging: Path, keyring: VerifiedKeyring, harness: dict[str, bytes]) -> None:
-        files = {Path("keyring.json"): keyring.payload_bytes,
-                 Path("keyring.dsse.json"): keyring.envelope_bytes}
-        for relpath, data in harness.items():
-            if ".." in Path(relpath).parts or Path(relpath).is_absolute():
-                raise ValueError(f"harness file {relpath!r} escapes the harness directory")
-            files[Path("harness") / relpath] = data
+    def complete(self, files_for: Callable[[dict], dict[str, bytes]]) -> bool:
+        """Make the current version hold `files_for(its payload)` as its
+        appliers' files; True if they had to change. Call inside `transaction`."""
+        import json
+
+        current = self.current_dirname()
+        if current is None:
+            return False
+        version = self.dir / current
+        keyring = {name: (version / name).read_bytes() for name in KEYRING_FILES}
+        wanted = files_for(json.loads(keyring["keyring.json"]))
+        if self._applier_files(version) == wanted:
+            return False
+        staging = self.dir / f"{STAGING_PREFIX}{os.urandom(6).hex()}"
+        try:
+            self._stage(staging, keyring, wanted)
+            _exchange(staging, version)
+            fsync_dir(self.dir)
+        finally:
+            _remove_tree(staging)  # the old files, once exchanged
+        return True
+
+    def _applier_files(self, version: Path) -> dict[str, bytes]:
+        found = {}
+        for top in FILE_DIRS:
+            for dirpath, _, filenames in os.walk(version / top):
+                for name in filenames:
+                    path = Path(dirpath) / name
+                    found[path.relative_to(version).as_posix()] = path.read_bytes()
+        return found
+
+    def _stage(self, staging: Path, keyring: dict[str, bytes], applier: dict[str, bytes]) -> None:
+        files = {Path(name): keyring[name] for name in KEYRING_FILES}
+        for relpath, data in applier.items():
+            files[Path(_applier_path(relpath))] = data
         staging.mkdir(mode=0o700)
-        (staging / "harness").mkdir(mode=0o700)
+        for top in FILE_DIRS:
+            (staging / top).mkdir(mode=0o700)
         for relpath, data in sorted(files.items()):
             (staging / relpath).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             write_file_durably(staging / relpath, data, FILE_MODE, sync=False)

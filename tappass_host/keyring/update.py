@@ -4,6 +4,11 @@ This is the only way a keyring reaches a sandbox's directory: the daemon and
 `tappass-host sync apply` both call `apply_update`. The lock of the store is
 held from reading the current version to the flip, so two updates to one
 sandbox are serialized and each is checked against the version it replaces.
+
+The appliers' files of the new version are rendered before the flip, with
+the inputs of the sandbox's last start (tappass_host.layers.files): a layer
+whose files are refused rejects the update as `invalid`, naming the layer,
+and the current keyring stays.
 """
 
 from collections.abc import Callable
@@ -24,7 +29,16 @@ from tappass_host.keyring.verify import (
 )
 from tappass_host.paths import HostPaths
 
-HarnessRenderer = Callable[[VerifiedKeyring], dict[str, bytes]]
+FilesRenderer = Callable[[VerifiedKeyring], dict[str, bytes]]
+
+
+class LayerFilesInvalid(KeyringRejected):
+    """The keyring verified, but a layer's files for it are refused: `invalid`."""
+
+    def __init__(self, refused, keyring: VerifiedKeyring):
+        super().__init__("invalid", str(refused), sha256=keyring.sha256,
+                         policy_version=keyring.version.policy_version)
+        self.layer = refused.layer
 
 
 @dataclass(frozen=True)
@@ -33,16 +47,15 @@ class Applied:
     previous: KeyringVersion | None
 
 
-def _harness_files(keyring: VerifiedKeyring) -> dict[str, bytes]:
-    from tappass_host.layers import harness
-
-    return harness.render(keyring.payload)[0]
-
-
 def apply_update(paths: HostPaths, name: str, data: bytes, *, limits: Limits = Limits(),
                  audit: AuditLog | None = None, now: datetime | None = None,
-                 render_harness: HarnessRenderer | None = None) -> Applied:
-    """Apply one envelope to sandbox `name`; raises KeyringRejected on refusal."""
+                 render_files: FilesRenderer | None = None) -> Applied:
+    """Apply one envelope to sandbox `name`; raises KeyringRejected on refusal.
+    `render_files`: the appliers' files of a verified keyring, by path in its
+    version directory (default: every applier, as the last start ran them)."""
+    from tappass_host.layers import files as layer_files
+
+    render_files = render_files or (lambda k: layer_files.files_for_flip(paths, name, k.payload))
     now = now or datetime.now(timezone.utc)
     record = sandbox_record.load(paths, name)
     audit = audit or AuditLog.for_host(paths)
@@ -51,15 +64,20 @@ def apply_update(paths: HostPaths, name: str, data: bytes, *, limits: Limits = L
         previous = store.current_version()
         try:
             keyring = verify(data, Trust.from_record(record), previous, now, limits)
+            try:
+                files = render_files(keyring)
+            except layer_files.LayerFilesRejected as refused:
+                raise LayerFilesInvalid(refused, keyring) from None
         except KeyringRejected as rejection:
             details = {"reason": rejection.reason, "sha256": rejection.sha256
                        or envelope_sha256(data if isinstance(data, bytes) else b"")}
             if rejection.policy_version is not None:
                 details["policy_version"] = rejection.policy_version
+            if isinstance(rejection, LayerFilesInvalid):
+                details["layer"] = rejection.layer
             audit.append("keyring.rejected", sandbox=name, details=details)
             raise
-        harness = (render_harness or _harness_files)(keyring)
-        store.flip(keyring, harness)
+        store.flip(keyring, files)
         audit.append("keyring.applied", sandbox=name, details={
             "policy_version": keyring.version.policy_version,
             "issued_at": keyring.payload["issued_at"],

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tappass_host import landlock, layers, shipped
 from tappass_host.errors import TappassError
+from tappass_host.layers import files as layer_files
 from tappass_host.oci import invariants, parent_field, rootfs
 from tappass_host.oci.render import Rendered, render
 from tappass_host.paths import HostPaths
@@ -63,7 +64,7 @@ def build(paths: HostPaths, inputs: layers.LayerInputs, rootless: bool) -> Bundl
     try:
         invariants.check(rendered.config, state_dir=paths.state, keyring_dir=sandbox.keyring,
                          workspace_dir=sandbox.workspace, rootless=rootless,
-                         provenance=rendered.provenance,
+                         provenance=rendered.provenance, host=inputs.host, rootfs=inputs.rootfs_dir,
                          landlock=landlock.missing(inputs.host.landlock_abi) is None)
     except invariants.InvariantViolation as violation:
         raise _blame(violation, rendered.provenance) from None
@@ -74,6 +75,9 @@ def build(paths: HostPaths, inputs: layers.LayerInputs, rootless: bool) -> Bundl
     directory = sandbox.bundle
     directory.mkdir(parents=True, exist_ok=True)
     rootfs.prepare(inputs.rootfs_dir, [m["destination"] for m in rendered.config["mounts"]])
+    write_runtime_file(directory / layer_files.INPUTS_FILE,
+                       layer_files.record_inputs(inputs, inputs.config["appliers"]), 0o600)
+    layer_files.complete_at_start(paths, inputs, inputs.config["appliers"], rendered.files)
     write_runtime_file(directory / "config.json", config_bytes, 0o600)
     write_runtime_file(directory / "layers.json", json.dumps({
         "provenance": rendered.provenance, "warnings": list(rendered.warnings),

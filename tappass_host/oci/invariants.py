@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tappass_host.errors import TappassError
+from tappass_host.layers import Host
 from tappass_host.oci import parent_field
 
 KEYRING_DESTINATION = "/run/tappass/keyring"
@@ -65,6 +66,13 @@ HOST_RUNTIME_PATHS = (
     "/sys",
 )
 NETNS_DIRS = ("/run/netns", "/var/run/netns")
+
+# Annotations are read by runtimes (crun's `run.oci.*`, runc's `org.systemd.property.*`,
+# `org.criu.config`, …) and can widen the sandbox: only this namespace, which no
+# runtime interprets, is allowed (tappass-host itself sets none).
+ANNOTATION_NAMESPACE = "org.tappass."
+# Per-mount id mapping (idmapped mounts): files would appear owned by other ids.
+IDMAP_OPTIONS = ("idmap", "ridmap")
 HOST_NETNS = ("/proc/1/ns/net", "/proc/self/ns/net", "/proc/thread-self/ns/net")
 
 DENYING_DEFAULT_ACTIONS = ("SCMP_ACT_ERRNO", "SCMP_ACT_KILL", "SCMP_ACT_KILL_PROCESS", "SCMP_ACT_KILL_THREAD")
@@ -103,6 +111,8 @@ class _Sandbox:
     rootless: bool
     provenance: dict[str, str]
     landlock: bool
+    host: Host
+    rootfs: str
 
     def layer_of(self, field: str) -> str:
         while field:
@@ -123,10 +133,14 @@ def check(
     workspace_dir: Path,
     rootless: bool,
     provenance: dict[str, str],
+    host: Host,
+    rootfs: Path,
     landlock: bool = False,
 ) -> None:
-    """`landlock`: the host can confine the agent with Landlock, so the kernel
-    layer's launcher must be in the config."""
+    """`host`: the agent's allocated ids (and rootless, its user namespace's
+    mappings); `rootfs`: the bundle's own root filesystem (`root.path` must be
+    it, absolute or relative to the bundle). `landlock`: the host can confine
+    the agent with Landlock, so the kernel layer's launcher must be in the config."""
     sandbox = _Sandbox(
         state_dir=_host_path(state_dir),
         keyring_dir=_host_path(keyring_dir),
@@ -134,6 +148,8 @@ def check(
         rootless=rootless,
         provenance=dict(provenance),
         landlock=landlock,
+        host=host,
+        rootfs=posixpath.normpath(os.path.abspath(os.fspath(rootfs))),
     )
     if not isinstance(config, dict):
         raise sandbox.violation("", "the config must be a JSON object")
@@ -173,16 +189,80 @@ def _is_int(value: Any) -> bool:
 
 
 def _check_user(config: dict, sandbox: _Sandbox) -> None:
+    """The agent runs as the ids allocated to this sandbox, with no supplementary
+    group (`additionalGids` 42 would read /etc/shadow through the read-only /etc)."""
     user = _obj(_obj(config.get("process")).get("user"))
     for key in ("uid", "gid"):
         value = user.get(key)
         if not _is_int(value) or value == 0:
             raise sandbox.violation(f"process.user.{key}", "must be set and not 0")
-    for i, gid in enumerate(_list(user.get("additionalGids"))):
-        if not _is_int(gid) or gid == 0:
-            raise sandbox.violation(f"process.user.additionalGids[{i}]", "must not be 0")
-    if not sandbox.rootless:
-        _check_not_mapped_to_host_root(config, sandbox, user)
+    allocated = {"uid": sandbox.host.agent_uid, "gid": sandbox.host.agent_gid}
+    for key, value in allocated.items():
+        if user[key] != value:
+            raise sandbox.violation(f"process.user.{key}", f"must be the sandbox's agent {key} ({value})")
+    extra = user.get("additionalGids")
+    if extra not in (None, []):
+        field = "process.user.additionalGids" + ("[0]" if isinstance(extra, list) else "")
+        raise sandbox.violation(field, "must be empty: the agent has no supplementary groups")
+
+
+def _check_id_mappings(config: dict, sandbox: _Sandbox) -> None:
+    """A user namespace's mappings reach only the agent's own host ids: in root
+    mode its one uid and gid (never host 0), rootless the ids tappass-host
+    allocated to the sandbox's namespace, each translated as allocated."""
+    linux = _obj(config.get("linux"))
+    host = sandbox.host
+    for key, name in (("uid", "uidMappings"), ("gid", "gidMappings")):
+        if sandbox.rootless:
+            allowed = [dict(m) for m in (host.uid_mappings if key == "uid" else host.gid_mappings)]
+        else:
+            own = host.agent_uid if key == "uid" else host.agent_gid
+            allowed = [{"containerID": own, "hostID": own, "size": 1}]
+        value = linux.get(name)
+        if value is not None and not isinstance(value, list):
+            raise sandbox.violation(f"linux.{name}", "must be a list of mappings")
+        for i, m in enumerate(_list(value)):
+            m = _obj(m)
+            field = f"linux.{name}[{i}]"
+            if not all(_is_int(m.get(k)) and m.get(k) >= 0 for k in ("containerID", "hostID", "size")):
+                raise sandbox.violation(field, "must have integer containerID, hostID and size")
+            if not sandbox.rootless and m["hostID"] == 0:
+                raise sandbox.violation(field, f"must not map a {key} to host root")
+            if not any(_translates_within(m, a) for a in allowed):
+                raise sandbox.violation(field, f"must map only the agent's own {key}s")
+
+
+def _translates_within(mapping: dict, allowed: dict) -> bool:
+    offset = mapping["containerID"] - allowed["containerID"]
+    return (mapping["hostID"] - allowed["hostID"] == offset and offset >= 0
+            and offset + mapping["size"] <= allowed["size"])
+
+
+def _check_oom_score(config: dict, sandbox: _Sandbox) -> None:
+    score = _obj(config.get("process")).get("oomScoreAdj")
+    if score is not None and (not _is_int(score) or score < 0):
+        raise sandbox.violation("process.oomScoreAdj", "must not be negative (the OOM killer would spare the agent)")
+
+
+def _check_annotations(config: dict, sandbox: _Sandbox) -> None:
+    annotations = config.get("annotations")
+    if annotations is None:
+        return
+    if not isinstance(annotations, dict):
+        raise sandbox.violation("annotations", "must be an object")
+    for key in annotations:
+        if not (isinstance(key, str) and key.startswith(ANNOTATION_NAMESPACE)
+                and len(key) > len(ANNOTATION_NAMESPACE)):
+            raise sandbox.violation(f"annotations.{key}", f"is not allowed: only {ANNOTATION_NAMESPACE}* "
+                                    "annotations (runtimes act on the others)")
+
+
+def _check_cgroups_path(config: dict, sandbox: _Sandbox) -> None:
+    """tappass-host sets no cgroupsPath: the runtime derives the sandbox's cgroup
+    from its container id. Any other path would join (and rewrite the limits of)
+    an existing cgroup of the host."""
+    if _obj(config.get("linux")).get("cgroupsPath") not in (None, ""):
+        raise sandbox.violation("linux.cgroupsPath", "must be unset (the runtime derives the sandbox's own cgroup)")
 
 
 def _check_rootless_mappings(config: dict, sandbox: _Sandbox) -> None:
@@ -197,9 +277,6 @@ def _check_rootless_mappings(config: dict, sandbox: _Sandbox) -> None:
         mappings = [_obj(m) for m in _list(linux.get(name))]
         if not mappings:
             raise sandbox.violation(f"linux.{name}", "must map the agent's ids (rootless)")
-        for i, m in enumerate(mappings):
-            if not all(_is_int(m.get(k)) and m.get(k) >= 0 for k in ("containerID", "hostID", "size")):
-                raise sandbox.violation(f"linux.{name}[{i}]", "must have integer containerID, hostID and size")
         agent = _map_id(user[key], mappings)
         if agent is None:
             raise sandbox.violation(f"linux.{name}", f"must map the agent {key} {user[key]}")
@@ -212,18 +289,6 @@ def _map_id(inner: int, mappings: list[dict]) -> int | None:
         if m["containerID"] <= inner < m["containerID"] + m["size"]:
             return m["hostID"] + inner - m["containerID"]
     return None
-
-
-def _check_not_mapped_to_host_root(config: dict, sandbox: _Sandbox, user: dict) -> None:
-    linux = _obj(config.get("linux"))
-    for key, mappings in (("uid", "uidMappings"), ("gid", "gidMappings")):
-        inner = user[key]
-        for i, m in enumerate(_list(linux.get(mappings))):
-            m = _obj(m)
-            start, host, size = m.get("containerID"), m.get("hostID"), m.get("size")
-            if all(map(_is_int, (start, host, size))) and start <= inner < start + size:
-                if host + inner - start == 0:
-                    raise sandbox.violation(f"linux.{mappings}[{i}]", f"must not map the agent {key} to host root")
 
 
 def _check_no_new_privileges(config: dict, sandbox: _Sandbox) -> None:
@@ -246,8 +311,13 @@ def _check_capabilities(config: dict, sandbox: _Sandbox) -> None:
 
 
 def _check_root(config: dict, sandbox: _Sandbox) -> None:
-    if _obj(config.get("root")).get("readonly") is not True:
+    root = _obj(config.get("root"))
+    if root.get("readonly") is not True:
         raise sandbox.violation("root.readonly", "must be true")
+    path = root.get("path")
+    bundle = posixpath.dirname(sandbox.rootfs)
+    if not isinstance(path, str) or posixpath.normpath(posixpath.join(bundle, path)) != sandbox.rootfs:
+        raise sandbox.violation("root.path", f"must be the bundle's own rootfs ({sandbox.rootfs})")
 
 
 @dataclass(frozen=True)
@@ -285,9 +355,14 @@ def _mounts(config: dict, sandbox: _Sandbox) -> Iterator[_Mount]:
         destination = raw.get("destination")
         if not isinstance(destination, str) or not destination.startswith("/"):
             raise sandbox.violation(field, "destination must be an absolute path")
+        if ".." in destination.split("/"):
+            raise sandbox.violation(field, "destination must not have '..' segments")
         options = raw.get("options") or []
         if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
             raise sandbox.violation(field, "options must be a list of strings")
+        if any(raw.get(key) not in (None, []) for key in ("uidMappings", "gidMappings")) or any(
+                o.split("=", 1)[0] in IDMAP_OPTIONS for o in options):
+            raise sandbox.violation(field, "must not be an idmapped mount (uidMappings, gidMappings, idmap, ridmap)")
         yield _Mount(
             field=field,
             destination=posixpath.normpath(destination),
@@ -516,6 +591,10 @@ def _check_landlock_launcher(config: dict, sandbox: _Sandbox) -> None:
 
 _RULES: tuple[Callable[[dict, _Sandbox], None], ...] = (
     _check_user,
+    _check_id_mappings,
+    _check_oom_score,
+    _check_annotations,
+    _check_cgroups_path,
     _check_no_new_privileges,
     _check_capabilities,
     _check_root,

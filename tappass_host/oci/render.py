@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from tappass_host import shipped
 from tappass_host.layers import LayerResult
+from tappass_host.layers.files import version_files
 from tappass_host.oci import field_path
 
 REPLACED_LISTS = {"process.args"}
@@ -22,7 +23,7 @@ REPLACED_LISTS = {"process.args"}
 class Rendered:
     config: dict
     provenance: dict[str, str]
-    files: dict[str, bytes]
+    files: dict[str, bytes]   # every layer's, by path in the keyring version directory
     warnings: tuple[str, ...]
     hot_reload: frozenset[str]
     restart: frozenset[str]
@@ -80,16 +81,14 @@ def _dedupe_namespaces(config: dict, provenance: dict[str, str]) -> None:
 def render(results: list[tuple[str, LayerResult]], template: str = "base.json") -> Rendered:
     config = shipped.load_json(shipped.template(template))
     provenance: dict[str, str] = {}
-    files: dict[str, bytes] = {}
     for layer, result in results:
         _merge(config, result.oci, layer, (), provenance)
-        files.update(result.files)
     _dedupe_env(config, provenance)
     _dedupe_namespaces(config, provenance)
     return Rendered(
         config=config,
         provenance=provenance,
-        files=files,
+        files=version_files(results),
         warnings=tuple(w for _, r in results for w in r.warnings),
         hot_reload=frozenset().union(*(r.hot_reload for _, r in results)),
         restart=frozenset().union(*(r.restart for _, r in results)),

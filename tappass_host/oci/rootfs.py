@@ -1,11 +1,23 @@
 """The `host` rootfs: an empty directory holding only mount points and the
 merged-/usr symlinks (/bin -> usr/bin …); the layers bind the host's /usr and
-/etc over it read-only."""
+/etc over it read-only.
+
+Mount destinations come from layers, third-party ones included: each is
+normalized, and one that would reach outside the rootfs (a `..` segment, a
+symlink leading out) is refused before any directory is made, since this
+runs as root on the host."""
 
 import os
+import posixpath
 from pathlib import Path
 
+from tappass_host.errors import TappassError
+
 MERGED_USR_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+
+
+class MountPointOutsideRootfs(TappassError):
+    """A mount destination would make a directory outside the bundle's rootfs."""
 
 
 def prepare(rootfs: Path, mount_destinations: list[str]) -> None:
@@ -15,10 +27,28 @@ def prepare(rootfs: Path, mount_destinations: list[str]) -> None:
         target = rootfs / link.lstrip("/")
         if os.path.islink(link) and not target.is_symlink():
             os.symlink(os.readlink(link), target)
-    for destination in mount_destinations:
-        path = rootfs / destination.lstrip("/")
-        if not path.is_symlink():
-            path.mkdir(parents=True, exist_ok=True)
+    for path in [mount_point(rootfs, destination) for destination in mount_destinations]:
+        path.mkdir(parents=True, exist_ok=True)
     tmp = rootfs / "tmp"
     if tmp.is_dir():
         os.chmod(tmp, 0o1777)  # runc gives a tmpfs its mount point's mode
+
+
+def mount_point(rootfs: Path, destination: str) -> Path:
+    """Where `destination` lies under `rootfs`, through the symlinks already
+    there (/bin/x is usr/bin/x); refused if that is outside it."""
+    if not isinstance(destination, str) or not destination.startswith("/") or (
+            ".." in destination.split("/")):
+        raise MountPointOutsideRootfs(
+            f"mount destination {destination!r:.200} must be an absolute path without '..'")
+    path = rootfs / posixpath.normpath(destination).lstrip("/")
+    # Where mkdir would really create it: through the symlinks already there.
+    existing = path
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    real_root = os.path.realpath(rootfs)
+    real = os.path.realpath(existing)
+    if real != real_root and not real.startswith(real_root + "/"):
+        raise MountPointOutsideRootfs(
+            f"mount destination {destination!r:.200} leads outside the sandbox's rootfs")
+    return Path(real) / path.relative_to(existing)
