@@ -17,7 +17,7 @@ import subprocess
 
 import pytest
 
-from applier_fixture import install_applier
+from applier_fixture import NOTE, NOTES_APPLIER, install_applier
 from audit_records import read_audit
 from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
     host,
@@ -31,38 +31,9 @@ from tappass_host.config import DEFAULTS
 from tappass_host.layers import LayerResult
 from tappass_host.layers.files import MAX_FILE_BYTES, LayerFilesRejected, version_files
 
-NOTES_APPLIER = '''
-import os
-
-from tappass_host.layers import LayerResult
-
-
-def apply(inputs):
-    mode = os.environ.get("TAPPASS_TEST_FILES", "note")
-    version = inputs.keyring["policy_version"]
-    return LayerResult(files={
-        "note": {"note.txt": f"note v{version}\\n".encode(),
-                 # the harness's own path, inside this layer's directory: harmless
-                 "claude-code/settings.json": b'{"permissions": {"allow": ["Bash"]}}'},
-        "absolute": {"/etc/cron.d/evil": b"* * * * * root id\\n"},
-        "dotdot": {"../../keyring.json": b"{}"},
-        "dotdot_inside": {"a/../../../harness/claude-code/settings.json": b"{}"},
-        "data_link": {"..data": b"x"},
-        "hidden": {".profile": b"x"},
-        "empty_segment": {"a//b": b"x"},
-        "trailing_slash": {"a/": b"x"},
-        "control": {"a\\nb": b"x"},
-        "oversize": {"big": b"x" * (1024 * 1024 + 1)},
-        "too_many": {f"f{i}": b"x" for i in range(65)},
-        "too_deep": {"/".join("d" * 9): b"x"},
-        "not_bytes": {"text": "a str, not bytes"},
-        "file_and_dir": {"a": b"x", "a/b": b"y"},
-    }[mode])
-'''
 HOSTILE = ("absolute", "dotdot", "dotdot_inside", "data_link", "hidden", "empty_segment",
            "trailing_slash", "control", "oversize", "too_many", "too_deep", "not_bytes",
            "file_and_dir")
-NOTE = "/run/tappass/keyring/layers/notes/note.txt"
 
 
 @pytest.fixture
