@@ -3,8 +3,10 @@
 An applier is a pure, deterministic function `apply(inputs) -> LayerResult`
 of the sandbox record, the verified keyring, the agent manifest and the
 host's capabilities. It returns an OCI fragment (merged over the template by
-`tappass_host.oci.render`), files to render into the keyring's version
-directory, the keyring aspects it can apply live, and warnings. Appliers run
+`tappass_host.oci.render`, then held to `tappass_host.oci.invariants`), files
+to render into the keyring's version directory (`tappass_host.layers.files`:
+under `layers/<layer>/`, the harness layer's under `harness/`), the keyring
+aspects it can apply live, and warnings. Appliers run
 in the order config `appliers` gives; built-ins live beside this module,
 third-party ones register under the entry-point group `tappass_host.appliers`.
 """

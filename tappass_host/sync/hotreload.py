@@ -1,9 +1,10 @@
 """What a flipped keyring changes in a running sandbox (DESIGN §6, hot reload).
 
 Only `process` limits need an action here: `<runtime> update`. Secrets,
-gateway, mcp, tools and budget are read from the keyring by the agent;
-harness files were rendered before the flip; restart-only aspects show as
-`restart-pending` in `status`.
+gateway, mcp, tools and budget are read from the keyring by the agent; every
+applier's files (harness and third-party) were rendered into the new version
+directory before the flip (tappass_host.layers.files); restart-only aspects
+show as `restart-pending` in `status`.
 """
 
 from tappass_host.paths import HostPaths
