@@ -415,3 +415,15 @@ def test_signatures_stuffed_into_an_envelope_cost_a_bounded_number_of_checks(sig
     # each pinned key once through its keyid, then `threshold` hintless signatures
     # against each pinned key: (1 + threshold) x keys at most
     assert sum(k.checks for k in keys.values()) <= (1 + 2) * 3
+
+
+def test_an_issued_at_before_year_1000_keeps_rollback_protection(paths, sandbox, signer):
+    """glibc's %Y does not pad years before 1000: the version directory of such a
+    keyring was named so that the store could not read its version back, and
+    any older version was then accepted over it."""
+    ancient = policy(5, issued_at="0999-06-01T00:00:00Z")
+    applied = apply_update(paths, "demo", sign(ancient, signer))
+    assert applied.keyring.version.dirname == "..v0000000005-09990601T000000Z"
+    before = (paths.sandbox("demo").keyring / "keyring.json").read_bytes()
+    rejected(paths, sign(policy(3), signer), "rollback")
+    assert_untouched(paths, before, "rollback")

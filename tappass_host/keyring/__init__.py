@@ -26,7 +26,9 @@ class KeyringVersion:
 
     @property
     def dirname(self) -> str:
-        return f"..v{self.policy_version:010d}-{self.issued_at:%Y%m%dT%H%M%SZ}"
+        # the year by hand: strftime's %Y does not pad years before 1000 on glibc
+        return f"..v{self.policy_version:010d}-{self.issued_at.year:04d}" \
+               f"{self.issued_at:%m%dT%H%M%SZ}"
 
 
 @dataclass(frozen=True)
