@@ -1,5 +1,14 @@
-"""Landlock, host side: which ABI this kernel offers, and where the sandbox
-launcher that applies the ruleset lives (tappass_host/sandbox_launcher/).
+"""Landlock, host side: which ABI this kernel offers, where the sandbox
+launcher that applies the ruleset lives (tappass_host/sandbox_launcher/), and
+how the agent's environment reaches the agent past it.
+
+The runtime starts the launcher's python3 with process.env, and glibc acts on
+some variables before any ruleset exists (GCONV_PATH + LOCPATH + LC_ALL load
+a gconv module, LD_* the loader's libraries): code of the agent's would run
+unconfined. So with the launcher, process.env is LAUNCHER_ENV, fixed, and
+the environment the layers rendered goes to AGENT_ENV, a file in the
+sandbox's read-only rootfs that the launcher reads as data and applies at its
+final execve, after the ruleset (which does not allow reading it).
 
 `TAPPASS_HOST_LANDLOCK_ABI` is a test hook: read only here, by the
 tappass-host process on the host (never by anything inside a sandbox), it can
@@ -17,7 +26,9 @@ CREATE_RULESET_VERSION = 1
 PYTHON = "/usr/bin/python3"  # the sandbox rootfs's (host rootfs: the host's)
 LAUNCHER_DIR = "/run/tappass/launcher"
 LAUNCHER = f"{LAUNCHER_DIR}/landlock_exec.py"
-LAUNCH = [PYTHON, "-I", "-S", LAUNCHER]
+AGENT_ENV = "/run/tappass/agent.env"
+LAUNCH = [PYTHON, "-I", "-S", LAUNCHER, "--env", AGENT_ENV]
+LAUNCHER_ENV = ("PATH=/usr/bin:/bin",)
 
 
 def kernel_abi() -> int:
@@ -62,3 +73,43 @@ def launch_prefix(args: list[str]) -> list[str]:
     if args[:len(LAUNCH)] != LAUNCH or "--" not in args:
         return []
     return args[:args.index("--") + 1]
+
+
+def separate_env(config: dict, provenance: dict[str, str]) -> list[str] | None:
+    """With the launcher in process.args, take the agent's environment out of
+    process.env (leaving LAUNCHER_ENV) and return it, for AGENT_ENV; its
+    provenance moves from `process.env[i]` to `agent_env[i]`. None: no
+    launcher (no ruleset to get ahead of), process.env is the agent's."""
+    from tappass_host.oci import field_path
+    from tappass_host.oci.invariants import InvariantViolation
+
+    process = config.get("process")
+    if not isinstance(process, dict) or not launch_prefix(process.get("args") or []):
+        return None
+    env = process.get("env") or []
+    for i, entry in enumerate(env):
+        if not _well_formed(entry):
+            where = field_path(("process", "env", i))
+            raise InvariantViolation(where, provenance.get(where, "template"),
+                                     "must be NAME=VALUE in UTF-8 without NUL bytes")
+    process["env"] = list(LAUNCHER_ENV)
+    for i in range(len(env)):
+        layer = provenance.pop(field_path(("process", "env", i)), None)
+        if layer is not None:
+            provenance[f"agent_env[{i}]"] = layer
+    return list(env)
+
+
+def _well_formed(entry) -> bool:
+    if not isinstance(entry, str) or "\0" in entry or "=" not in entry[1:]:
+        return False
+    try:
+        entry.encode()
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
+
+
+def encode_env(env: list[str]) -> bytes:
+    """AGENT_ENV's format (separate_env checked each entry): NAME=VALUE, NUL-ended."""
+    return b"".join(entry.encode() + b"\0" for entry in env)

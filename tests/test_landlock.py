@@ -23,6 +23,7 @@ import pytest
 from audit_records import read_audit
 from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
     HELLO_AGENT,
+    PROBES,
     host,
     one_line_error,
     python_agent,
@@ -170,10 +171,19 @@ def test_hello_agent_runs_and_sees_flips_under_landlock(runtime, host):
     host.wait_log(name, "policy changed: policy_version=2")
     config = json.loads((host.paths.sandbox(name).bundle / "config.json").read_text())
     args = config["process"]["args"]
-    assert args[:4] == landlock.LAUNCH and args[args.index("--") + 1:] == [
+    assert args[:len(landlock.LAUNCH)] == landlock.LAUNCH and args[args.index("--") + 1:] == [
         "python3", "/opt/agent/agent.py"]
     layers = json.loads((host.paths.sandbox(name).bundle / "layers.json").read_text())
     assert layers["provenance"]["process.args"] == "kernel"
+    # The launcher starts with a fixed environment; the agent (and a shell) get theirs.
+    assert config["process"]["env"] == list(landlock.LAUNCHER_ENV)
+    assert f"TAPPASS_SANDBOX={name}" in layers["agent_env"]
+    assert layers["provenance"][f"agent_env[{layers['agent_env'].index('HOME=/workspace')}]"] \
+        == "identity"
+    shell_env = host.run("shell", name, "--", "/usr/bin/env").stdout.splitlines()
+    assert sorted(shell_env) == sorted(layers["agent_env"])
+    unreadable = host.run("shell", name, "--", "/bin/cat", landlock.AGENT_ENV)
+    assert "Permission denied" in unreadable.stderr, unreadable
     # The agent is PID 1 (the launcher exec'd it) and is itself landlocked.
     result = host.run("shell", name, "--", "/bin/sh", "-c",
                       "tr '\\0' ' ' </proc/1/cmdline; echo; cat /proc/1/status >/dev/null && echo ok")
@@ -249,44 +259,117 @@ def test_required_without_landlock_fails_the_start_leaving_nothing(runtime, host
     assert [e["event"] for e in audit(host, name)] == ["keyring.applied"]
 
 
-def test_agent_env_for_the_dynamic_loader_is_refused(runtime, host, tmp_path):
-    """LD_PRELOAD would run the agent's code in the launcher before the ruleset applies."""
-    name = host.enroll(unique_name("llld", runtime))
-    agent = write_agent(tmp_path / "agent", ["python3", "/opt/agent/agent.py"],
-                        files={"agent.py": "print('ran')\n"}, env={"LD_PRELOAD": "/opt/agent/x.so"})
-    host.started.append(name)
-    error = one_line_error(host.start(name, agent, runtime))
-    assert "LD_PRELOAD" in error
-    assert not host.paths.sandbox(name).runtime.exists()
+PAYLOAD_ENV = {
+    # The review's attack: glibc in the launcher's python3 loads a gconv module
+    # for the locale's charset while decoding argv, before the ruleset exists.
+    "gconv": {"GCONV_PATH": "/opt/agent/gconv", "LOCPATH": "/opt/agent/locale",
+              "LC_ALL": "payload"},
+    "preload": {"LD_PRELOAD": "/opt/agent/payload.so"},
+}
 
 
-def test_a_layer_dropping_the_launcher_is_refused(runtime, host):
-    """Identity sets the agent's argv; run after kernel it would drop the launcher."""
-    host.configure('appliers = ["kernel", "identity", "filesystem", "keyring", "network", '
-                   '"resources", "harness", "gateway"]\n')
-    name = host.enroll(unique_name("llord", runtime))
-    host.started.append(name)
-    error = one_line_error(host.start(name, HELLO_AGENT, runtime))
-    assert "layer 'identity' broke invariant: process.args must run the agent through the " \
-        "Landlock launcher" in error
+def payload_agent(directory: Path, env: dict[str, str]) -> Path:
+    """An agent package shipping real agent code that glibc loads on its [env]'s
+    say-so (tests/probes/env_payload.c): as a preloaded library, and as the
+    gconv module serving the charset of a locale it ships too. Its entrypoint
+    runs python3 (which loads the gconv module while decoding its argv)."""
+    agent = write_agent(directory, ["/bin/sh", "/opt/agent/run.sh"], env=env, files={
+        "run.sh": "python3 -I -S -c pass\necho AGENT-DONE\n"})
+    library = directory / "payload.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(library),
+                    str(PROBES / "env_payload.c")], check=True, capture_output=True, timeout=60)
+    (directory / "gconv").mkdir()
+    shutil.copy(library, directory / "gconv" / "PAYLOAD.so")
+    (directory / "gconv" / "gconv-modules").write_text(
+        "module PAYLOAD// INTERNAL PAYLOAD 1\nmodule INTERNAL PAYLOAD// PAYLOAD 1\n")
+    charmap = directory / "payload.charmap"
+    charmap.write_text("<code_set_name> PAYLOAD\n<escape_char> /\n<mb_cur_max> 1\n"
+                       "<mb_cur_min> 1\nCHARMAP\n"
+                       + "".join(f"<U{c:04X}> /x{c:02x}\n" for c in range(128))
+                       + "END CHARMAP\n")
+    source = directory / "payload.locale"
+    source.write_text("LC_CTYPE\nEND LC_CTYPE\n")
+    (directory / "locale").mkdir()
+    # -c: the categories left out are only warnings
+    subprocess.run(["localedef", "-c", "-f", str(charmap), "-i", str(source),
+                    str(directory / "locale" / "payload")], capture_output=True, timeout=60)
+    assert (directory / "locale" / "payload" / "LC_CTYPE").is_file()
+    for path in [directory, *directory.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return agent
+
+
+def payload_reports(log: str) -> list[dict]:
+    reports = []
+    for line in log.splitlines():
+        if line.startswith("PAYLOAD "):
+            reach, _, cmdline = line[len("PAYLOAD "):].partition(" cmdline=")
+            reports.append({**dict(r.split("=") for r in reach.split()), "cmdline": cmdline})
+    return reports
+
+
+@pytest.mark.parametrize("vector", sorted(PAYLOAD_ENV))
+def test_agent_code_loaded_through_its_env_runs_only_under_the_ruleset(runtime, host, vector):
+    """The agent's [env] reaches only the agent, after the ruleset: glibc loading
+    the package's code on its say-so runs it confined, never in the launcher."""
+    name = host.enroll(unique_name(f"llenv{vector[:2]}", runtime))
+    agent = payload_agent(host.root / f"agent-{name}", PAYLOAD_ENV[vector])
+    started = host.start(name, agent, runtime)
+    assert started.returncode == 0, started.stderr
+    host.wait_exited(name, timeout=30)
+    log = host.logs(name)
+    reports = payload_reports(log)
+    assert [r for r in reports if "landlock_exec" in r["cmdline"]] == [], reports
+    assert reports, f"the payload never ran: the agent did not get its [env]\n{log[-2000:]}"
+    assert all(r["sys"] == "denied" and r["root"] == "denied" for r in reports), reports
+    assert "AGENT-DONE" in log, log[-2000:]
 
 
 # --- the launcher and the detection, on their own ---------------------------------
 
 
+def launcher_env_file(directory: Path, data: bytes) -> Path:
+    path = directory / f"agent-{uuid.uuid4().hex[:8]}.env"
+    path.write_bytes(data)
+    return path
+
+
 def test_launcher_fails_closed(tmp_path):
-    """A rule it cannot apply, or no command: the command never runs."""
+    """A rule it cannot apply, no command, an environment it cannot read: the
+    command never runs."""
     marker = tmp_path / "ran"
-    for rules, message in ((["bogus=/usr"], "bad rule"), (["rx=relative"], "bad rule"),
-                           ([], "cannot run /bin/touch: Permission denied")):  # nothing allowed
-        argv = [landlock.PYTHON, "-I", "-S", str(LAUNCHER), *rules, "--", "/bin/touch",
-                str(marker)]
+    env = launcher_env_file(tmp_path, b"PATH=/usr/bin:/bin\0")
+    for env_file, rules, message in (
+            (env, ["bogus=/usr"], "bad rule"), (env, ["rx=relative"], "bad rule"),
+            (env, [], "cannot run /bin/touch: Permission denied"),  # nothing allowed
+            (tmp_path / "missing", ["rx=/"], "cannot read the agent's environment"),
+            (launcher_env_file(tmp_path, b"PATH=/bin\0NOEQUALS\0"), ["rx=/"], "malformed"),
+            (launcher_env_file(tmp_path, b"PATH=/bin"), ["rx=/"], "malformed"),  # unended
+            (launcher_env_file(tmp_path, b"=x\0"), ["rx=/"], "malformed")):
+        argv = [landlock.PYTHON, "-I", "-S", str(LAUNCHER), "--env", str(env_file), *rules, "--",
+                "/bin/touch", str(marker)]
         result = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-        assert result.returncode == 126 and message in result.stderr
+        assert result.returncode == 126 and message in result.stderr, result
         assert not marker.exists()
-    result = subprocess.run([landlock.PYTHON, "-I", "-S", str(LAUNCHER), "rx=/usr", "--"],
-                            capture_output=True, text=True, timeout=10)
-    assert result.returncode == 126 and "no command" in result.stderr
+    for argv in (["--env", str(env), "rx=/usr", "--"], ["rx=/usr", "--", "/bin/true"],
+                 ["--env", str(env)]):
+        result = subprocess.run([landlock.PYTHON, "-I", "-S", str(LAUNCHER), *argv],
+                                capture_output=True, text=True, timeout=10)
+        assert result.returncode == 126, result
+        assert "no command" in result.stderr or "usage" in result.stderr
+
+
+def test_launcher_runs_the_command_with_only_the_agents_environment(tmp_path):
+    """Its own environment (the runtime's process.env) never reaches the command;
+    the file's does, PATH search included."""
+    env = launcher_env_file(tmp_path, b"PATH=/nowhere:/usr/bin\0AGENT=a=b c\0EMPTY=\0")
+    result = subprocess.run(
+        [landlock.PYTHON, "-I", "-S", str(LAUNCHER), "--env", str(env), "rx=/usr", "rx=/lib",
+         "rx=/lib64", "rx=/bin", "r=/etc", "--", "env"],
+        capture_output=True, text=True, timeout=10,
+        env={"PATH": "/usr/bin:/bin", "LAUNCHER_ONLY": "1", "LD_PRELOAD": ""})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["PATH=/nowhere:/usr/bin", "AGENT=a=b c", "EMPTY="]
 
 
 def test_launcher_handles_only_what_each_abi_knows():

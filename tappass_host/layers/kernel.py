@@ -7,7 +7,10 @@ whatever any layer says.)
 Landlock has no OCI field, so this layer makes the agent's argv run through
 a small launcher (tappass_host/sandbox_launcher/landlock_exec.py, mounted
 read-only at /run/tappass/launcher) that restricts itself, then execs the
-entrypoint. What the agent may reach, beyond its open file descriptors:
+entrypoint. The launcher starts with a fixed environment; the agent's
+(its package's [env] included, LD_* and locale variables alike) is applied
+only at that exec, after the ruleset (tappass_host.landlock.separate_env).
+What the agent may reach, beyond its open file descriptors:
 
 - read and execute: the rootfs's /usr, /bin, /sbin, /lib*; /opt/agent
 - read: /etc, /proc (its own pid namespace; the sensitive parts are masked
@@ -22,15 +25,16 @@ entrypoint. What the agent may reach, beyond its open file descriptors:
   (read)
 
 Everything else visible in the sandbox (/sys, /dev/mqueue, the rest of /dev,
-/run/tappass/launcher itself) is refused with EACCES. The launcher fails
-closed: if it cannot apply the ruleset the agent does not start. Without
-Landlock (ABI 0), `kernel_layer = "required"` fails the start and
-`"best-effort"` starts unconfined by Landlock, with a warning, the audit
-event `layer.unavailable` and `degraded` in status.
+/run/tappass/launcher itself, the agent's environment file) is refused with
+EACCES. The launcher fails closed: if it cannot apply the ruleset the agent
+does not start. Without Landlock (ABI 0), `kernel_layer = "required"` fails
+the start and `"best-effort"` starts unconfined by Landlock, with a warning,
+the audit event `layer.unavailable` and `degraded` in status; no launcher
+runs then, and the agent's environment is process.env itself (there is no
+ruleset for it to get ahead of).
 """
 
 from tappass_host import landlock, shipped
-from tappass_host.agent import BadAgent
 from tappass_host.layers import LayerInputs, LayerResult, LayerUnavailable
 from tappass_host.layers.keyring import DESTINATION as KEYRING_DESTINATION
 
@@ -39,8 +43,6 @@ READ = ("/etc", "/proc", KEYRING_DESTINATION)
 READ_WRITE = ("/tmp", "/dev/shm")
 DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/tty", "/dev/ptmx", "/dev/pts")
 READ_DEVICES = ("/dev/random", "/dev/urandom")
-# Read by the dynamic loader of the launcher's python3 before the ruleset applies.
-LOADER_ENV_PREFIX = "LD_"
 
 
 def rules(keyring: dict) -> list[str]:
@@ -58,19 +60,11 @@ def launcher_mount() -> dict:
             "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}
 
 
-def _check_loader_env(manifest) -> None:
-    loader = sorted(k for k in manifest.env if k.startswith(LOADER_ENV_PREFIX))
-    if loader:
-        raise BadAgent(f"agent [env] sets {loader[0]}: the dynamic loader would act on it "
-                       "before the Landlock ruleset applies; not allowed")
-
-
 def apply(inputs: LayerInputs) -> LayerResult:
     seccomp = shipped.load_json(shipped.seccomp_profile(inputs.host.machine))
     oci: dict = {"process": {"noNewPrivileges": True}, "linux": {"seccomp": seccomp}}
     missing = landlock.missing(inputs.host.landlock_abi)
     if missing is None:
-        _check_loader_env(inputs.manifest)
         # A later layer replacing process.args would drop the launcher: the
         # invariants refuse such a config (the launcher mount says it's expected).
         oci["process"]["args"] = landlock.command(rules(inputs.keyring),

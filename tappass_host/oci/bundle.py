@@ -62,6 +62,7 @@ def build(paths: HostPaths, inputs: layers.LayerInputs, rootless: bool) -> Bundl
     rendered = render(layers.run(inputs, inputs.config["appliers"]))
     sandbox = paths.sandbox(inputs.name)
     try:
+        agent_env = landlock.separate_env(rendered.config, rendered.provenance)
         invariants.check(rendered.config, state_dir=paths.state, keyring_dir=sandbox.keyring,
                          workspace_dir=sandbox.workspace, rootless=rootless,
                          provenance=rendered.provenance, host=inputs.host, rootfs=inputs.rootfs_dir,
@@ -75,6 +76,7 @@ def build(paths: HostPaths, inputs: layers.LayerInputs, rootless: bool) -> Bundl
     directory = sandbox.bundle
     directory.mkdir(parents=True, exist_ok=True)
     rootfs.prepare(inputs.rootfs_dir, [m["destination"] for m in rendered.config["mounts"]])
+    _write_agent_env(inputs, agent_env)
     write_runtime_file(directory / layer_files.INPUTS_FILE,
                        layer_files.record_inputs(inputs, inputs.config["appliers"]), 0o600)
     layer_files.complete_at_start(paths, inputs, inputs.config["appliers"], rendered.files)
@@ -82,8 +84,25 @@ def build(paths: HostPaths, inputs: layers.LayerInputs, rootless: bool) -> Bundl
     write_runtime_file(directory / "layers.json", json.dumps({
         "provenance": rendered.provenance, "warnings": list(rendered.warnings),
         "hot_reload": sorted(rendered.hot_reload), "restart": sorted(rendered.restart),
+        **({"agent_env": agent_env} if agent_env is not None else {}),
     }, indent=2).encode(), 0o600)
     return Bundle(directory=directory, rendered=rendered)
+
+
+def _write_agent_env(inputs: layers.LayerInputs, env: list[str] | None) -> None:
+    """The agent's environment for the Landlock launcher, in the read-only
+    rootfs (landlock.AGENT_ENV), readable by the agent's group only; none
+    without the launcher (a stale one would be readable by the agent then)."""
+    from tappass_host.ids import keyring_group
+
+    path = inputs.rootfs_dir / landlock.AGENT_ENV.lstrip("/")
+    if env is None:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_runtime_file(path, landlock.encode_env(env), 0o440)
+    if (group := keyring_group(inputs.record)) is not None:
+        os.chown(path, -1, group)
 
 
 def write_runtime_file(path: Path, data: bytes, mode: int = 0o644) -> None:

@@ -1,15 +1,21 @@
 """Runs inside the sandbox, as the agent, before the agent: puts this process
-under a Landlock ruleset, then execs the agent's argv (which inherits it).
+under a Landlock ruleset, then execs the agent's argv (which inherits it)
+with the agent's environment.
 
-    /usr/bin/python3 -I -S landlock_exec.py CLASS=PATH... -- ARGV...
+    /usr/bin/python3 -I -S landlock_exec.py --env FILE CLASS=PATH... -- ARGV...
 
-CLASS is one of the access classes below; the kernel layer writes the rules
-(tappass_host/layers/kernel.py). Only rights the running kernel's ABI knows
-are handled (best-effort per ABI, as the kernel's Landlock docs advise); a
-path the sandbox lacks is skipped. Anything else that goes wrong fails
-closed: the agent never runs unconfined. Self-contained on purpose (it runs
-on the sandbox's python3, not tappass-host's) and limited to os, ctypes and
-struct, so it adds only a few milliseconds to a start.
+This process starts with a fixed environment of tappass-host's, never the
+agent's: glibc acts on variables (GCONV_PATH, LOCPATH, LC_ALL, LD_*...) while
+python3 starts, before any ruleset. The agent's environment is FILE (entries
+`NAME=VALUE`, each ended by a NUL byte), read here as data and applied only
+at the final execve, after the ruleset. CLASS is one of the access classes
+below; the kernel layer writes the rules (tappass_host/layers/kernel.py).
+Only rights the running kernel's ABI knows are handled (best-effort per ABI,
+as the kernel's Landlock docs advise); a path the sandbox lacks is skipped.
+Anything else that goes wrong fails closed: the agent never runs unconfined.
+Self-contained on purpose (it runs on the sandbox's python3, not
+tappass-host's) and limited to os, ctypes and struct, so it adds only a few
+milliseconds to a start.
 """
 
 import ctypes
@@ -29,6 +35,7 @@ REFER, TRUNCATE, IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
 ABI1_RIGHTS = (1 << 13) - 1          # execute .. make_sym
 FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
 EVERYTHING = (1 << 64) - 1           # masked down to what the ABI handles
+ENV_LIMIT = 1 << 20                  # bytes of environment; Linux allows 2 MiB of argv + env
 
 CLASSES = {
     "rx": READ_FILE | READ_DIR | EXECUTE,        # system and agent code
@@ -54,19 +61,40 @@ def handled_rights(abi: int) -> int:
     return rights
 
 
-def parse(argv: list[str]) -> tuple[list[tuple[int, str]], list[str]]:
-    if "--" not in argv:
-        raise Refused("usage: landlock_exec.py CLASS=PATH... -- ARGV...")
-    split = argv.index("--")
+def parse(argv: list[str]) -> tuple[str, list[tuple[int, str]], list[str]]:
+    if len(argv) < 2 or argv[0] != "--env" or "--" not in argv[2:]:
+        raise Refused("usage: landlock_exec.py --env FILE CLASS=PATH... -- ARGV...")
+    split = argv.index("--", 2)
     rules = []
-    for spec in argv[:split]:
+    for spec in argv[2:split]:
         name, _, path = spec.partition("=")
         if name not in CLASSES or not path.startswith("/"):
             raise Refused(f"bad rule {spec!r}")
         rules.append((CLASSES[name], path))
     if split + 1 == len(argv):
         raise Refused("no command to run")
-    return rules, argv[split + 1:]
+    return argv[1], rules, argv[split + 1:]
+
+
+def read_env(path: str) -> dict[bytes, bytes]:
+    """The agent's environment, as data: nothing here interprets a value."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            data = os.read(fd, ENV_LIMIT + 1)
+        finally:
+            os.close(fd)
+    except OSError as error:
+        raise Refused(f"cannot read the agent's environment {path}: {error.strerror}") from None
+    if len(data) > ENV_LIMIT or data[-1:] not in (b"", b"\0"):
+        raise Refused(f"the agent's environment {path} is malformed")
+    env = {}
+    for entry in data.split(b"\0")[:-1]:
+        name, equals, value = entry.partition(b"=")
+        if not equals or not name:
+            raise Refused(f"the agent's environment {path} is malformed")
+        env[name] = value
+    return env
 
 
 class Kernel:
@@ -125,13 +153,14 @@ def add_rule(kernel: Kernel, ruleset: int, rights: int, path: str) -> None:
 
 def main(argv: list[str]) -> None:
     try:
-        rules, command = parse(argv)
+        env_file, rules, command = parse(argv)
+        env = read_env(env_file)  # before the ruleset, which does not allow it
         restrict(Kernel(), rules)
     except Refused as refusal:
         sys.stderr.write(f"tappass landlock: {refusal}; the agent is not started\n")
         os._exit(126)
     try:
-        os.execvp(command[0], command)
+        os.execvpe(command[0], command, env)  # searches the agent's PATH
     except OSError as error:
         sys.stderr.write(f"tappass landlock: cannot run {command[0]}: {error.strerror}\n")
         os._exit(127 if isinstance(error, FileNotFoundError) else 126)
