@@ -2,6 +2,10 @@
 an installed distribution declaring an entry point in group `tappass.agents`
 whose value names a module; the module's directory is the package.
 
+A spec containing '/' is a directory (`./my-agent`, `/opt/agents/x`); a bare
+name is only ever an installed distribution, never a directory of that name
+in the current directory, which whoever controls the cwd could plant.
+
 The package directory is mounted read-only at /opt/agent.
 """
 
@@ -43,11 +47,11 @@ class AgentManifest:
 
 
 def _locate(spec: str) -> Path:
-    path = Path(spec)
-    if path.is_dir():
+    if "/" in spec:
+        path = Path(spec)
+        if not path.is_dir():
+            raise BadAgent(f"agent package {spec!r} is not a directory")
         return path.resolve()
-    if "/" in spec or spec.startswith("."):
-        raise BadAgent(f"agent package {spec!r} is not a directory")
     from importlib.metadata import entry_points
     from importlib.util import find_spec
 
@@ -56,8 +60,8 @@ def _locate(spec: str) -> Path:
             module = find_spec(ep.module)
             if module and module.origin:
                 return Path(module.origin).resolve().parent
-    raise BadAgent(f"agent package {spec!r} is neither a directory nor an installed "
-                   "distribution with a 'tappass.agents' entry point")
+    raise BadAgent(f"agent package {spec!r} is not an installed distribution with a "
+                   f"'tappass.agents' entry point (for a directory, give its path: ./{spec})")
 
 
 def load(spec: str) -> AgentManifest:
@@ -88,8 +92,9 @@ def _parse(doc: dict, directory: Path, where: Path) -> AgentManifest:
         raise BadAgent(f"{where}: 'restart' must be one of {', '.join(RESTART_POLICIES)}")
     env = doc.get("env", {})
     if not isinstance(env, dict) or not all(
-            isinstance(v, str) and _ENV_NAME.fullmatch(k) for k, v in env.items()):
-        raise BadAgent(f"{where}: [env] must map variable names to string values")
+            isinstance(v, str) and "\0" not in v and _ENV_NAME.fullmatch(k)
+            for k, v in env.items()):
+        raise BadAgent(f"{where}: [env] must map variable names to string values (no NUL)")
     table = doc.get("rootfs", {})
     rootfs = table.get("type", "host") if isinstance(table, dict) else None
     if rootfs not in ROOTFS_TYPES:
