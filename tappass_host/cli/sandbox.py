@@ -14,8 +14,9 @@ from tappass_host.cli import pass_host
 @click.command()
 @click.argument("name")
 @click.option("--agent", "agent_spec", metavar="PKG",
-              help="Agent package: a directory with tappass-agent.toml, or an installed "
-                   "distribution with a 'tappass.agents' entry point. Default: the agent "
+              help="Agent package: the path of a directory with tappass-agent.toml "
+                   "(with a '/': ./my-agent), or the name of an installed distribution with a "
+                   "'tappass.agents' entry point. Default: the agent "
                    "(and runtime) of NAME's last start.")
 @click.option("--foreground", is_flag=True, help="Run attached; exit with the agent's code.")
 @click.option("--rm", "remove", is_flag=True, help="With --foreground: remove runtime state after.")
