@@ -186,6 +186,9 @@ def load(path: Path | None, required: bool = False) -> Config:
             path = None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start} is "
+                              "not UTF-8)") from None
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     values = _merge(DEFAULTS, given, "")

@@ -4,6 +4,7 @@ Subcommands live in sibling modules and are imported only when invoked, so
 `tappass-host status` never pays for httpx, jsonschema or cryptography.
 """
 
+import errno
 import importlib
 import json
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from tappass_host.errors import TappassError
+from tappass_host.errors import ConfigError, TappassError
 
 # name -> (module, attribute, one-line help shown by --help without importing)
 _COMMANDS = {
@@ -37,17 +38,25 @@ _COMMANDS = {
 class Host:
     """What every subcommand gets: where state lives, config, output mode."""
 
-    state_dir: str | None
-    config_file: Path | None
-    json: bool
-    verbose: bool
+    state_dir: str | None = None
+    config_file: Path | None = None
+    json: bool = False
+    verbose: bool = False
     _config: object = field(default=None, repr=False)
 
     @cached_property
     def paths(self):
         from tappass_host.paths import HostPaths
 
-        return HostPaths.resolve(self.state_dir)
+        paths = HostPaths.resolve(self.state_dir)
+        existing = paths.state
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f"state directory {paths.state} is not a directory "
+                              f"({existing} is a file)" if existing != paths.state else
+                              f"state directory {paths.state} is not a directory")
+        return paths
 
     @cached_property
     def config(self):
@@ -69,6 +78,39 @@ class Host:
 pass_host = click.make_pass_decorator(Host)
 
 
+def _set_host(ctx, param, value):
+    if value is not None and value is not False:  # given (a flag left off is False)
+        setattr(ctx.ensure_object(Host), param.name, value)
+
+
+def _common_options(envvar: bool) -> list[click.Option]:
+    """The options every command takes, before or after its name (`inspect NAME --json`);
+    each sets the one Host of the invocation."""
+    common = {"expose_value": False, "callback": _set_host}
+    return [
+        click.Option(["--state-dir", "state_dir"], metavar="DIR", **common,
+                     envvar="TAPPASS_HOST_STATE_DIR" if envvar else None,
+                     help="State root (default /var/lib/tappass-host, or XDG state when "
+                          "rootless)."),
+        click.Option(["--config", "config_file"], metavar="FILE", **common,
+                     type=click.Path(dir_okay=False, path_type=Path),
+                     help="Config file (default /etc/tappass-host/config.toml)."),
+        click.Option(["--json", "json"], is_flag=True, **common,
+                     help="Print machine-readable JSON."),
+        click.Option(["-v", "--verbose", "verbose"], is_flag=True, **common,
+                     help="Show tracebacks and debug output."),
+    ]
+
+
+def _with_common_options(command: click.Command) -> click.Command:
+    if not getattr(command, "_tappass_common", False):
+        command.params.extend(_common_options(envvar=False))
+        command._tappass_common = True
+        for sub in getattr(command, "commands", {}).values():
+            _with_common_options(sub)
+    return command
+
+
 class _LazyGroup(click.Group):
     def list_commands(self, ctx):
         return sorted(set(_COMMANDS) | set(self.commands))
@@ -79,7 +121,7 @@ class _LazyGroup(click.Group):
         if name not in _COMMANDS:
             return None
         module, attr, _ = _COMMANDS[name]
-        return getattr(importlib.import_module(module), attr)
+        return _with_common_options(getattr(importlib.import_module(module), attr))
 
     def format_commands(self, ctx, formatter):
         rows = [(name, _COMMANDS[name][2]) for name in sorted(_COMMANDS) if _COMMANDS[name][2]]
@@ -87,31 +129,32 @@ class _LazyGroup(click.Group):
             formatter.write_dl(rows)
 
 
-@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--state-dir", envvar="TAPPASS_HOST_STATE_DIR", metavar="DIR",
-              help="State root (default /var/lib/tappass-host, or XDG state when rootless).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              metavar="FILE", help="Config file (default /etc/tappass-host/config.toml).")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks and debug output.")
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             params=_common_options(envvar=True))
 @click.version_option(package_name="tappass-host")
 @click.pass_context
-def cli(ctx, state_dir, config_file, as_json, verbose):
+def cli(ctx):
     """tappass-host runs AI agents in locked-down sandboxes under signed policy.
 
     It enrolls sandboxes with the TapPass control plane, starts agents under
     crun or runc, and swaps their keyring (policy) atomically while they run.
     """
-    ctx.obj = Host(state_dir=state_dir, config_file=config_file, json=as_json, verbose=verbose)
+    ctx.ensure_object(Host)
 
 
-def run(group: click.Group, prog: str, argv=None) -> None:
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def run(group: click.Group, prog: str, argv=None, host: Host | None = None) -> None:
     """Run a click group the way every tappass command line behaves: errors
     are one line on stderr with a non-zero exit; -v shows the traceback."""
     args = sys.argv[1:] if argv is None else argv
-    verbose = "-v" in args or "--verbose" in args
+
+    def verbose() -> bool:  # the host's own -v, wherever it was given; else any -v
+        return host.verbose if host else "-v" in args or "--verbose" in args
+
     try:
-        group.main(args=argv, prog_name=prog, standalone_mode=False)
+        group.main(args=argv, prog_name=prog, standalone_mode=False, obj=host)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
@@ -121,19 +164,25 @@ def run(group: click.Group, prog: str, argv=None) -> None:
         click.echo(f"{prog}: aborted", err=True)
         sys.exit(130)
     except TappassError as exc:
-        if verbose:
+        if verbose():
             raise
         click.echo(f"{prog}: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
-        if verbose:
+        if verbose():
             raise
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            where = exc.filename or (host and host.__dict__.get("paths") and host.paths.state)
+            click.echo(f"{prog}: error: no space left on the device"
+                       + (f" of {where}" if where else "") + ": free some space and try again",
+                       err=True)
+            sys.exit(1)
         click.echo(f"{prog}: internal error: {type(exc).__name__}: {exc} "
                    "(run with -v for details)", err=True)
         sys.exit(70)
 
 
 def main(argv=None) -> None:
-    run(cli, "tappass-host", argv)
+    run(cli, "tappass-host", argv, Host())

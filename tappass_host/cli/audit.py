@@ -26,15 +26,12 @@ def verify(host):
 @audit.command()
 @click.option("-n", "--lines", "count", type=click.IntRange(min=0), default=20,
               show_default=True, help="How many of the latest events to print.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @pass_host
-def tail(host, count, as_json):
-    """Print the latest events, oldest first."""
+def tail(host, count):
+    """Print the latest events, oldest first (--json: a JSON array)."""
     from tappass_host.audit import AuditLog
 
     events = AuditLog.for_host(host.paths).tail(count)
-    if as_json:
-        host.json = True
     host.emit(events, "\n".join(_describe(e) for e in events) if events else None)
 
 

@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -86,13 +87,11 @@ def _status_line(s: dict) -> str:
 
 @click.command()
 @click.argument("name", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_host
-def status(host, name, as_json):
+def status(host, name):
     """Show the state of one sandbox, or of all."""
     from tappass_host.runtime import lifecycle
 
-    host.json = host.json or as_json
     names = [name] if name else host.paths.sandbox_names()
     rows = [lifecycle.status(host.paths, n) for n in names]
     if host.json:
@@ -125,9 +124,15 @@ def inspect(host, name):
 @click.argument("name")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
 @click.option("--tail", "tail", type=int, default=None, metavar="N", help="Only the last N lines.")
+@click.option("--raw", is_flag=True,
+              help="Pass the agent's bytes through, terminal control sequences included.")
 @pass_host
-def logs(host, name, follow, tail):
-    """Print the agent's stdout/stderr (conmon's k8s-file log)."""
+def logs(host, name, follow, tail, raw):
+    """Print the agent's stdout/stderr (conmon's k8s-file log).
+
+    Control characters the agent printed (escape sequences, carriage returns)
+    are shown as \\xNN unless --raw; --json prints a JSON array (with -f, one
+    JSON string per line)."""
     from tappass_host.runtime import lifecycle
 
     path = lifecycle.ensure_known(host.paths, name).agent_log
@@ -139,8 +144,12 @@ def logs(host, name, follow, tail):
     lines, partial = _k8s_messages(data)
     if partial and not follow:
         lines.append(partial)  # a line still being written
-    for line in lines[-tail:] if tail else lines:
-        click.echo(line)
+    lines = lines[-tail:] if tail else lines
+    if host.json and not follow:
+        host.emit(lines)
+        return
+    for line in lines:
+        _show_line(host, line, raw)
     if not follow:
         return
     position = len(data)
@@ -161,16 +170,39 @@ def logs(host, name, follow, tail):
             lines, partial = _k8s_messages(pending[:cut], partial)
             pending = pending[cut:]
             for line in lines:
-                click.echo(line)
+                _show_line(host, line, raw)
         else:
             time.sleep(0.2)
 
 
+# C0 but tab, DEL, C1, and the bytes that are not UTF-8 (decoded as surrogates)
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\udc80-\udcff]")
+
+
+def printable(text: str) -> str:
+    """`text` with every terminal control character shown as \\xNN."""
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()) & 0xff:02x}", text)
+
+
+def _show_line(host, line: str, raw: bool) -> None:
+    if host.json:
+        click.echo(json.dumps(line))
+    elif raw:
+        sys.stdout.buffer.write(line.encode("utf-8", "surrogateescape") + b"\n")
+        sys.stdout.buffer.flush()
+    else:
+        click.echo(printable(line))
+
+
 def _k8s_messages(data: bytes, partial: str = "") -> tuple[list[str], str]:
     """conmon's k8s-file lines `<ts> <stream> <P|F> <message>` -> whole messages:
-    a long line comes as P (partial) chunks ended by an F (full) one."""
+    a long line comes as P (partial) chunks ended by an F (full) one. Bytes that
+    are not UTF-8 are kept as surrogates (see `printable`, `--raw`)."""
     messages = []
-    for raw in data.decode(errors="replace").splitlines():
+    raws = data.decode(errors="surrogateescape").split("\n")
+    if raws[-1] == "":
+        raws.pop()
+    for raw in raws:
         parts = raw.split(" ", 3)
         if len(parts) < 3 or parts[2] not in ("P", "F"):
             messages.append(partial + raw)  # not k8s-file: shown as is
@@ -185,7 +217,8 @@ def _k8s_messages(data: bytes, partial: str = "") -> tuple[list[str], str]:
     return messages, partial
 
 
-@click.command(context_settings={"ignore_unknown_options": True})
+@click.command(context_settings={"ignore_unknown_options": True,
+                                 "allow_interspersed_args": False})
 @click.argument("name")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @pass_host
@@ -193,7 +226,10 @@ def shell(host, name, command):
     """Run CMD (default /bin/sh) inside NAME's sandbox, as the agent, under the same restrictions."""
     from tappass_host.runtime import lifecycle
 
-    sys.exit(lifecycle.shell(host.paths, name, list(command) or ["/bin/sh"]))
+    command = list(command)
+    if command[:1] == ["--"]:  # `shell NAME -- CMD …`: everything after the name is CMD's
+        command = command[1:]
+    sys.exit(lifecycle.shell(host.paths, name, command or ["/bin/sh"]))
 
 
 @click.command("_exited", hidden=True)

@@ -50,7 +50,10 @@ def install(host, directory, exec_path):
     Then: systemctl daemon-reload && systemctl enable --now tappass-host.service
     """
     from tappass_host import systemd as units
+    from tappass_host.errors import NotFound
 
+    if not directory.exists():
+        raise NotFound(f"--dir {directory} does not exist (create it first)")
     written = units.install(directory, exec_path)
     host.emit({"installed": [str(p) for p in written]},
               "\n".join(f"installed {p}" for p in written)

@@ -2,9 +2,11 @@
 `--root` under tappass-host's runtime directory, driven by its CLI."""
 
 import json
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from tappass_host.errors import TappassError
@@ -14,6 +16,23 @@ RUNTIMES = ("crun", "runc")
 
 class RuntimeError_(TappassError):
     """The OCI runtime is missing or failed."""
+
+
+@cache
+def _check_runtime_binary(name: str, binary: str) -> None:
+    """A configured runtime path (config `runtime_path`) must be `name` itself:
+    an executable whose `--version` says `<name> version …`."""
+    problem = f"runtime_path {binary!r} is not the OCI runtime {name}"
+    if not Path(binary).is_file() or not os.access(binary, os.X_OK):
+        raise RuntimeError_(f"{problem}: not an executable file")
+    try:
+        result = subprocess.run([binary, "--version"], capture_output=True, timeout=10,
+                                stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError_(f"{problem}: it does not run ({type(exc).__name__})") from None
+    first = result.stdout.split(b"\n", 1)[0].decode("ascii", "replace")
+    if result.returncode != 0 or not first.startswith(f"{name} version "):
+        raise RuntimeError_(f"{problem}: its --version does not say '{name} version'")
 
 
 @dataclass(frozen=True)
@@ -27,7 +46,9 @@ class OCIRuntime:
         if name not in RUNTIMES:
             raise RuntimeError_(f"unknown runtime {name!r}: use one of {', '.join(RUNTIMES)}")
         binary = path_override or shutil.which(name)
-        if not binary or not Path(binary).is_file():
+        if path_override:
+            _check_runtime_binary(name, path_override)
+        elif not binary or not Path(binary).is_file():
             raise RuntimeError_(f"the OCI runtime {name!r} is not installed "
                                 f"(apt-get install -y {name})")
         return cls(name=name, binary=binary, root=runtime_dir / "oci" / name)
@@ -37,7 +58,11 @@ class OCIRuntime:
 
     def _call(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
         self.root.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout)
+        try:
+            result = subprocess.run(self.argv(*args), capture_output=True, text=True,
+                                    timeout=timeout)
+        except OSError as exc:
+            raise RuntimeError_(f"cannot run {self.name} ({self.binary}): {exc.strerror}") from None
         if check and result.returncode != 0:
             message = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise RuntimeError_(f"{self.name} {args[0]} failed: {message}")
