@@ -109,7 +109,7 @@ def _schema_error(payload: dict) -> str | None:
 
 
 def _count_valid_signatures(env: envelope.Envelope, trust: Trust) -> int:
-    """Distinct pinned keys with a valid signature, counted up to the threshold.
+    """How many distinct pinned keys made a valid signature.
 
     A keyid is an unauthenticated hint (DSSE). A signature whose keyid names
     a pinned key is checked against that key only, once per key. One whose
