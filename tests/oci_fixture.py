@@ -116,21 +116,25 @@ def write_bundle(tmp_path: Path, config: dict) -> Path:
     return paths.bundle_dir
 
 
-# Rootless: container 0 is the user, 1.. its subordinate ids (tappass_host.ids).
+# Rootless, as tappass_host.ids lays out a user namespace: container 0 is the
+# user, 1.. its subordinate ids; the agent is one of them.
+ROOTLESS_AGENT_ID = 1000
 ROOTLESS_MAPPINGS = ({"containerID": 0, "hostID": 0, "size": 1},
-                     {"containerID": 1, "hostID": 1, "size": AGENT_UID + 10})
+                     {"containerID": 1, "hostID": 1, "size": 65535})
 
 
 def invariant_args(tmp_path: Path, *, rootless: bool = False) -> dict:
-    """The keyword arguments of invariants.check for the fixture's sandbox."""
+    """The keyword arguments of invariants.check for the fixture's sandbox: the
+    agent ids (and rootless, the namespace's mappings) allocated to it."""
     paths = layout(tmp_path)
+    agent = (ROOTLESS_AGENT_ID, ROOTLESS_AGENT_ID) if rootless else (AGENT_UID, AGENT_GID)
     mappings = ROOTLESS_MAPPINGS if rootless else ()
     return {
         "state_dir": paths.state_dir,
         "keyring_dir": paths.keyring_dir,
         "workspace_dir": paths.workspace_dir,
         "rootless": rootless,
-        "host": Host(rootless=rootless, agent_uid=AGENT_UID, agent_gid=AGENT_GID,
+        "host": Host(rootless=rootless, agent_uid=agent[0], agent_gid=agent[1],
                      uid_mappings=mappings, gid_mappings=mappings),
         "rootfs": paths.rootfs,
     }

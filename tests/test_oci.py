@@ -68,17 +68,19 @@ def test_locked_down_config_passes_the_invariants(tmp_path):
 
 
 def test_rootless_config_needs_and_passes_with_a_user_namespace(tmp_path):
-    config = locked_down_config(tmp_path)
+    config = locked_down_config(tmp_path, uid=oci_fixture.ROOTLESS_AGENT_ID,
+                                gid=oci_fixture.ROOTLESS_AGENT_ID)
+    config["linux"]["uidMappings"] = [dict(m) for m in oci_fixture.ROOTLESS_MAPPINGS]
+    config["linux"]["gidMappings"] = [dict(m) for m in oci_fixture.ROOTLESS_MAPPINGS]
     with pytest.raises(InvariantViolation) as refused:
         check(config, tmp_path, rootless=True)
     assert refused.value.field == "linux.namespaces"
     config["linux"]["namespaces"].append({"type": "user"})
-    config["linux"]["uidMappings"] = [dict(m) for m in oci_fixture.ROOTLESS_MAPPINGS]
-    config["linux"]["gidMappings"] = [dict(m) for m in oci_fixture.ROOTLESS_MAPPINGS]
     check(config, tmp_path, rootless=True)
-    # a mapping beyond the ids allocated to the sandbox's namespace
-    config["linux"]["uidMappings"].append({"containerID": AGENT_UID + 20, "hostID": AGENT_UID + 20,
-                                           "size": 5})
+    # the agent's id onto another of the user's ids (another sandbox's agent)
+    config["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 0, "size": 1},
+                                      {"containerID": 1, "hostID": 1, "size": 999},
+                                      {"containerID": 1000, "hostID": 1001, "size": 1}]
     with pytest.raises(InvariantViolation) as refused:
         check(config, tmp_path, rootless=True)
     assert refused.value.field == "linux.uidMappings[2]"

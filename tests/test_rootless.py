@@ -310,9 +310,13 @@ def test_rootless_invariants_refuse_a_bad_user_namespace(tmp_path, change, field
 
 
 def test_rootless_invariants_accept_the_single_id_fallback(tmp_path):
+    from dataclasses import replace
+
     config, args = _rootless_config(tmp_path)
+    fallback = ({"containerID": 1000, "hostID": 0, "size": 1},)
     for key in ("uidMappings", "gidMappings"):
-        config["linux"][key] = [{"containerID": 1000, "hostID": 0, "size": 1}]
+        config["linux"][key] = [dict(m) for m in fallback]
+    args["host"] = replace(args["host"], uid_mappings=fallback, gid_mappings=fallback)
     invariants.check(config, provenance={}, **args)
 
 

@@ -277,6 +277,9 @@ def _check_rootless_mappings(config: dict, sandbox: _Sandbox) -> None:
         mappings = [_obj(m) for m in _list(linux.get(name))]
         if not mappings:
             raise sandbox.violation(f"linux.{name}", "must map the agent's ids (rootless)")
+        for i, m in enumerate(mappings):
+            if not all(_is_int(m.get(k)) and m.get(k) >= 0 for k in ("containerID", "hostID", "size")):
+                raise sandbox.violation(f"linux.{name}[{i}]", "must have integer containerID, hostID and size")
         agent = _map_id(user[key], mappings)
         if agent is None:
             raise sandbox.violation(f"linux.{name}", f"must map the agent {key} {user[key]}")
@@ -591,6 +594,7 @@ def _check_landlock_launcher(config: dict, sandbox: _Sandbox) -> None:
 
 _RULES: tuple[Callable[[dict, _Sandbox], None], ...] = (
     _check_user,
+    _check_rootless_mappings,
     _check_id_mappings,
     _check_oom_score,
     _check_annotations,
@@ -603,7 +607,6 @@ _RULES: tuple[Callable[[dict, _Sandbox], None], ...] = (
     _check_mount_kinds,
     _check_devices,
     _check_namespaces,
-    _check_rootless_mappings,
     _check_seccomp,
     _check_masked_paths,
     _check_hooks,
