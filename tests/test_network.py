@@ -634,6 +634,8 @@ def test_denials_are_rate_limited():
 
 def test_invariants_accept_only_the_sandboxes_own_namespace(tmp_path, monkeypatch):
     """A layer may join tappass-<this sandbox>, never the host's nor another's."""
+    from tappass_host.layers import Host
+
     monkeypatch.setattr(invariants, "_RULES", (invariants._check_namespaces,))
     mine = unique_name("inv")
     state = tmp_path / "state"
@@ -645,7 +647,9 @@ def test_invariants_accept_only_the_sandboxes_own_namespace(tmp_path, monkeypatc
         invariants.check(config, state_dir=state,
                          keyring_dir=state / "sandboxes" / mine / "keyring",
                          workspace_dir=state / "sandboxes" / mine / "workspace",
-                         rootless=False, provenance={"linux.namespaces[4]": "evil"})
+                         rootless=False, provenance={"linux.namespaces[4]": "evil"},
+                         host=Host(rootless=False, agent_uid=200000, agent_gid=200000),
+                         rootfs=state / "bundle" / "rootfs")
 
     check(network.netns_path(mine))
     for path in ("/proc/1/ns/net", "/run/netns/tappass-other", "/run/netns/other",
