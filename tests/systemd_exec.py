@@ -1,0 +1,127 @@
+"""A unit's command as systemd would run it, where systemd is not PID 1:
+the unit's capability bounding set and no_new_privs (setpriv), then, in a
+small launcher, its UMask=, ProtectHostname= (a UTS namespace),
+MemoryDenyWriteExecute= (the kernel's PR_SET_MDWE, which refuses what
+systemd's seccomp rule refuses: writable+executable mappings and mappings
+turning executable) and its SystemCallFilter= with SystemCallErrorNumber=,
+expanded from `systemd-analyze syscall-filter` (this systemd's own groups)
+and loaded with libseccomp. What needs systemd itself (mount namespaces,
+device cgroups, address-family and namespace filters) is not rebuilt here.
+"""
+
+import shutil
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+# Runs as `python -c LAUNCHER UMASK HOSTNAME MDWE ERRNO ALLOW|DENY SYSCALLS -- ARGV...`.
+LAUNCHER = r'''
+import ctypes, errno, os, sys
+umask, own_uts, mdwe, error, mode, names = sys.argv[1:7]
+argv = sys.argv[sys.argv.index("--") + 1:]
+libc = ctypes.CDLL(None, use_errno=True)
+if umask:
+    os.umask(int(umask, 8))
+if own_uts == "yes" and libc.unshare(0x04000000) != 0:       # CLONE_NEWUTS
+    sys.exit(f"unshare(CLONE_NEWUTS): {os.strerror(ctypes.get_errno())}")
+if mdwe == "yes" and libc.prctl(65, 1, 0, 0, 0) != 0:        # PR_SET_MDWE, REFUSE_EXEC_GAIN
+    sys.exit(f"prctl(PR_SET_MDWE): {os.strerror(ctypes.get_errno())}")
+if mode:
+    seccomp = ctypes.CDLL("libseccomp.so.2")
+    seccomp.seccomp_init.restype = ctypes.c_void_p
+    seccomp.seccomp_init.argtypes = [ctypes.c_uint32]
+    seccomp.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    seccomp.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                         ctypes.c_uint]
+    seccomp.seccomp_load.argtypes = [ctypes.c_void_p]
+    allow, refuse = 0x7FFF0000, 0x00050000 | getattr(errno, error or "EPERM")
+    ctx = seccomp.seccomp_init(refuse if mode == "ALLOW" else allow)
+    for name in names.split(","):
+        number = seccomp.seccomp_syscall_resolve_name(name.encode())
+        if number >= 0:   # not a call of this architecture
+            rc = seccomp.seccomp_rule_add(ctx, allow if mode == "ALLOW" else refuse, number, 0)
+            if rc < 0:
+                sys.exit(f"seccomp_rule_add({name}): {os.strerror(-rc)}")
+    rc = seccomp.seccomp_load(ctx)
+    if rc < 0:
+        sys.exit(f"seccomp_load: {os.strerror(-rc)}")
+os.execvp(argv[0], argv)
+'''
+
+
+def directives(text: str) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, value = line.split("=", 1)
+            found.setdefault(key, []).append(value)
+    return found
+
+
+def capabilities(unit: Path) -> str:
+    """The unit's CapabilityBoundingSet= as setpriv's --bounding-set."""
+    caps = directives(unit.read_text())["CapabilityBoundingSet"][0].split()
+    return "-all," + ",".join("+" + c.removeprefix("CAP_").lower() for c in caps)
+
+
+@cache
+def syscall_groups() -> dict[str, list[str]]:
+    """Each @group of this systemd, as `systemd-analyze syscall-filter` lists it."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is missing (scripts/setup installs the systemd package)"
+    out = subprocess.run([analyze, "syscall-filter"], capture_output=True, text=True,
+                         check=True).stdout
+    groups: dict[str, list[str]] = {}
+    current = None
+    for line in out.splitlines():
+        if line.startswith("@"):
+            current = groups.setdefault(line.strip(), [])
+        elif current is not None and line.strip() and not line.strip().startswith("#"):
+            current.append(line.strip())
+    return groups
+
+
+def expand(entries: list[str]) -> set[str]:
+    calls: set[str] = set()
+    for entry in entries:
+        calls |= expand(syscall_groups()[entry]) if entry.startswith("@") else {entry}
+    return calls
+
+
+def syscall_filter(unit: dict[str, list[str]]) -> tuple[str, set[str]]:
+    """("ALLOW", calls) or ("DENY", calls) as systemd combines the unit's
+    SystemCallFilter= lines (an allow list minus `~` lines, or a deny list);
+    ("", set()) without any."""
+    allowed: set[str] | None = None
+    denied: set[str] = set()
+    for value in unit.get("SystemCallFilter", []):
+        if value.startswith("~"):
+            denied |= expand(value[1:].split())
+        else:
+            calls = expand(["@default", *value.split()])
+            allowed = calls if allowed is None else allowed | calls
+    if allowed is not None:
+        return "ALLOW", allowed - denied
+    return ("DENY", denied) if denied else ("", set())
+
+
+def is_confined(pid: int) -> bool:
+    """Does process `pid` run under a seccomp filter and no_new_privs (as a
+    command run through exec_prefix does)?"""
+    fields = dict(line.split(":\t", 1) for line in
+                  Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+    return fields.get("Seccomp") == "2" and fields.get("NoNewPrivs") == "1"
+
+
+def exec_prefix(unit_file: Path, python: str = sys.executable) -> list[str]:
+    """What to put before a command to run it as `unit_file` has systemd run it."""
+    unit = directives(unit_file.read_text())
+    mode, calls = syscall_filter(unit)
+    prefix = ["setpriv", f"--bounding-set={capabilities(unit_file)}"]
+    if unit.get("NoNewPrivileges") == ["yes"]:
+        prefix.append("--no-new-privs")
+    return [*prefix, python, "-c", LAUNCHER, unit.get("UMask", [""])[0],
+            unit.get("ProtectHostname", ["no"])[0],
+            unit.get("MemoryDenyWriteExecute", ["no"])[0],
+            unit.get("SystemCallErrorNumber", [""])[0], mode, ",".join(sorted(calls)), "--"]
