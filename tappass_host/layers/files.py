@@ -159,19 +159,20 @@ def files_for_flip(paths, name: str, keyring: dict) -> dict[str, bytes]:
     sandbox = paths.sandbox(name)
     try:
         recorded = json.loads((sandbox.bundle / INPUTS_FILE).read_bytes())
+        host = recorded["host"]
+        host = Host(**{**host, "uid_mappings": tuple(host["uid_mappings"]),
+                       "gid_mappings": tuple(host["gid_mappings"])})
+        source = recorded["config_source"]
+        config = Config(values=recorded["config"], source=Path(source) if source else None)
+        appliers = list(recorded["appliers"])
         manifest = agent.load(recorded["agent"])
     except (OSError, ValueError, KeyError, TypeError, TappassError):
         return harness_only(keyring)
-    host = recorded["host"]
-    host = Host(**{**host, "uid_mappings": tuple(host["uid_mappings"]),
-                   "gid_mappings": tuple(host["gid_mappings"])})
-    source = recorded["config_source"]
-    config = Config(values=recorded["config"], source=Path(source) if source else None)
     inputs = LayerInputs(
         name=name, record=sandbox_record.load(paths, name), keyring=keyring, manifest=manifest,
         host=host, keyring_dir=sandbox.keyring, workspace_dir=sandbox.workspace,
         rootfs_dir=sandbox.bundle / "rootfs", config=config)
-    return version_files(run(inputs, recorded["appliers"]))
+    return version_files(run(inputs, appliers))
 
 
 def files_for_start(inputs: LayerInputs, appliers: list[str], rendered: dict[str, bytes],
