@@ -552,6 +552,15 @@ def test_rootfs_prepare_never_makes_a_directory_outside_the_rootfs(tmp_path):
     assert (rootfs / "usr" / "bin" / "inside").is_dir()
 
 
+def test_a_hostile_annotation_name_stays_on_one_line(tmp_path):
+    config = locked_down_config(tmp_path)
+    config["annotations"] = {"run.oci.x\n\x1b[2Jfake": "1"}
+    with pytest.raises(InvariantViolation) as refused:
+        check(config, tmp_path, {"annotations": "evil"})
+    message = str(refused.value)
+    assert "\n" not in message and "\x1b" not in message and refused.value.layer == "evil"
+
+
 def test_a_field_no_layer_set_is_blamed_on_the_template(tmp_path):
     config = locked_down_config(tmp_path)
     config["process"]["user"]["uid"] = 0

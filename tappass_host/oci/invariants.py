@@ -8,6 +8,7 @@ path -> layer name; a field no layer set belongs to the template).
 
 import os
 import posixpath
+import re
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ NETNS_DIRS = ("/run/netns", "/var/run/netns")
 ANNOTATION_NAMESPACE = "org.tappass."
 # Per-mount id mapping (idmapped mounts): files would appear owned by other ids.
 IDMAP_OPTIONS = ("idmap", "ridmap")
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9._/-]{1,200}")  # shown as is in a violation; others by repr
 HOST_NETNS = ("/proc/1/ns/net", "/proc/self/ns/net", "/proc/thread-self/ns/net")
 
 DENYING_DEFAULT_ACTIONS = ("SCMP_ACT_ERRNO", "SCMP_ACT_KILL", "SCMP_ACT_KILL_PROCESS", "SCMP_ACT_KILL_THREAD")
@@ -253,7 +255,8 @@ def _check_annotations(config: dict, sandbox: _Sandbox) -> None:
     for key in annotations:
         if not (isinstance(key, str) and key.startswith(ANNOTATION_NAMESPACE)
                 and len(key) > len(ANNOTATION_NAMESPACE)):
-            raise sandbox.violation(f"annotations.{key}", f"is not allowed: only {ANNOTATION_NAMESPACE}* "
+            shown = key if _PLAIN_KEY.fullmatch(key) else repr(key[:80])
+            raise sandbox.violation(f"annotations.{shown}", f"is not allowed: only {ANNOTATION_NAMESPACE}* "
                                     "annotations (runtimes act on the others)")
 
 
