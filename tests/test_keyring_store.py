@@ -191,3 +191,25 @@ def test_a_stray_leftover_alone_is_cleaned(paths, sandbox, entry):
     with store.transaction():
         assert store.current_version() is None
     assert not (top / entry).exists()
+
+
+def test_complete_exchanges_the_current_version_in_place(paths, sandbox, signer):
+    """A start whose layers render other files than the flip did: the version is
+    rewritten and exchanged whole; `..data` and the keyring's bytes never change."""
+    apply_update(paths, "demo", envelope_for(1, signer), render_files=lambda k: {})
+    top = keyring_dir(paths)
+    data, payload = os.readlink(top / "..data"), (top / "keyring.json").read_bytes()
+    store = KeyringStore(top, paths.sandbox("demo").keyring_lock)
+    wanted = {"layers/notes/note.txt": b"v1", "harness/x/settings.json": b"{}"}
+    seen = []
+    with store.transaction():
+        assert store.complete(lambda keyring: seen.append(keyring) or wanted)
+        assert not store.complete(lambda keyring: wanted)  # already there
+    assert seen[0]["policy_version"] == 1
+    assert os.readlink(top / "..data") == data
+    assert (top / "keyring.json").read_bytes() == payload
+    assert (top / "layers" / "notes" / "note.txt").read_bytes() == b"v1"
+    assert sorted(p.name for p in top.iterdir() if p.name.startswith("..")) == ["..data", data]
+    with store.transaction(), pytest.raises(ValueError):
+        store.complete(lambda keyring: {"keyring.json": b"{}"})  # only under harness/, layers/
+    assert (top / "keyring.json").read_bytes() == payload
