@@ -4,12 +4,15 @@ the filesystem that holds the keyrings and the audit log.
 
 Root mode: `workspace.img` beside it is an ext4 image of config
 `filesystem.workspace_mb`, loop-mounted (nosuid, nodev) on `workspace/` when
-a run starts. Its whole size is reserved on the state filesystem
-(fallocate) while mounted, so the agent's writes never allocate there: a full
-workspace is ENOSPC inside the sandbox, and a start that cannot reserve the
-space fails. When the run ends the unused part is given back (fstrim punches
-it out of the image) and the image is unmounted; its contents persist. A
-plain workspace directory from before is copied into the image once.
+a run starts. Its whole size is reserved on the state filesystem (fallocate)
+while mounted, so the agent's writes never allocate there: a full workspace
+is ENOSPC inside the sandbox, and a start that cannot reserve the space
+fails. The image never takes more than its size on the state filesystem,
+whatever the agent does: space it gives back during the run (by punching
+holes) was reserved at the start, and is only the agent's to lose. When the
+run ends the unused part is given back (fstrim punches it out of the image)
+and the image is unmounted; its contents persist. A plain workspace
+directory from before is copied into the image once.
 
 Rootless (no loop mounts for a user) and `workspace_mb = 0` keep a plain
 directory with no size limit; the filesystem layer says so (warning,
@@ -25,7 +28,9 @@ from tappass_host.errors import TappassError
 from tappass_host.paths import SandboxPaths
 
 IMAGE = "workspace.img"
-MOUNT_OPTIONS = "loop,nosuid,nodev"
+# noinit_itable: the kernel would zero the inode tables in the background, and a
+# loop device zeroes by punching holes, giving back reserved space
+MOUNT_OPTIONS = "loop,nosuid,nodev,noinit_itable"
 MIB = 1024 * 1024
 
 

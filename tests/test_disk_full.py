@@ -22,6 +22,8 @@ from daemon_fixture import *  # noqa: F403
 from daemon_fixture import (AGENT, POLICY, SYNC_CONFIG, acks, agent_log, audit_events, enroll,
                             keyring_version, publish, wait_agent_sees)
 from devplane_fixture import run_host, wait_for
+from rootless_fixture import rootless_users  # noqa: F401  (a fixture)
+from sandbox_fixture import python_agent, unique_name
 from tappass_host import workspace
 
 DISK_MB = 48
@@ -163,6 +165,10 @@ def test_the_daemon_survives_a_full_disk_and_applies_what_it_missed(
     daemon.wait_line(f"{name}: stream open (policy_version 1)")
     keyring_file = host.paths.sandbox(name).keyring / "keyring.json"
     good = keyring_file.read_bytes()
+    # The workspace's size is reserved on the state filesystem while it runs.
+    sandbox = host.paths.sandbox(name)
+    image = workspace.image_of(sandbox)
+    assert image.stat().st_blocks * 512 >= WORKSPACE_MB * MIB
 
     filler = fill(small_disk)
     assert publish(devplane, tmp_path, {**POLICY, "secrets": {"DEMO_TOKEN": "two"}}, name) == 2
@@ -195,6 +201,9 @@ def test_the_daemon_survives_a_full_disk_and_applies_what_it_missed(
     status = json.loads(run_host(host, "--json", "status", name).stdout)
     assert status["state"] == "exited", status
     assert run_host(host, "audit", "verify").returncode == 0
+    # stopped, the workspace holds only what it uses
+    assert not os.path.ismount(sandbox.workspace)
+    assert image.stat().st_blocks * 512 < WORKSPACE_MB * MIB // 2
 
 
 @pytest.mark.parametrize("runtime", ["crun", "runc"])
@@ -218,3 +227,22 @@ def test_stop_on_a_full_disk_stops_and_says_what_was_not_recorded(
     status = json.loads(run_host(host, "--json", "status", name).stdout)
     assert status["state"] != "running", status
     assert run_host(host, "audit", "verify").returncode == 0
+
+
+@pytest.mark.parametrize("runtime", ["crun", "runc"])
+def test_a_rootless_workspace_has_no_limit_and_start_says_so(runtime, rootless_users):
+    """A user cannot mount the workspace's own filesystem: a plain directory
+    it is, reported (warning, layer.unavailable, degraded), never silently."""
+    user = rootless_users["subids"]
+    name = user.enroll(unique_name("rlws", runtime))
+    agent = python_agent(user.agent_dir("ws"), 'open("/workspace/w", "w").write("x")\n')
+    result = user.tappass("start", name, "--agent", str(agent), "--runtime", runtime,
+                          "--foreground", "--rm")
+    assert result.returncode == 0, result.stderr
+    assert "warning: filesystem layer degraded: the workspace has no size limit (rootless" \
+        in result.stderr
+    unavailable = [e["details"] for e in user.audit_events()
+                   if e["sandbox"] == name and e["event"] == "layer.unavailable"]
+    assert {"layer": "filesystem", "feature": "workspace size limit"} in unavailable
+    assert not (user.state / "sandboxes" / name / workspace.IMAGE).exists()
+    assert (user.state / "sandboxes" / name / "workspace" / "w").read_text() == "x"

@@ -382,7 +382,7 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
             runtime.delete(cid)
         _detach_network(paths, name)
         state_file(sandbox).unlink(missing_ok=True)
-        workspace.release(sandbox)
+        release_workspace(paths, name)
         if remove:
             import shutil
 
