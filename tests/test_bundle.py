@@ -346,7 +346,7 @@ def test_a_missing_runtime_binary(runtime, host):
     host.configure(f'runtime = "{runtime}"\nruntime_path = "{missing}"\n')
     for extra in ((), ("--runtime", runtime)):
         error = one_line_error(host.run("start", name, "--agent", str(HELLO_AGENT), *extra))
-        assert f"the OCI runtime {runtime!r} is not installed" in error
+        assert f"runtime_path '{missing}' is not the OCI runtime {runtime}" in error, error
     nothing_started(host, runtime, name)
 
     host.configure("")
@@ -377,7 +377,8 @@ def test_a_failing_monitor_or_runtime_leaves_nothing_behind(runtime, host):
     nothing_started(host, runtime, name)
 
     failing = host.root / f"fake-{runtime}"
-    failing.write_text("#!/bin/sh\necho 'this runtime refuses everything' >&2\nexit 1\n")
+    failing.write_text(f"#!/bin/sh\n[ \"$1\" = --version ] && echo '{runtime} version 9' && exit 0\n"
+                       "echo 'this runtime refuses everything' >&2\nexit 1\n")
     failing.chmod(0o755)
     host.configure(f'runtime = "{runtime}"\nruntime_path = "{failing}"\n')
     error = one_line_error(host.start(name, HELLO_AGENT, runtime))
