@@ -213,3 +213,15 @@ def test_complete_exchanges_the_current_version_in_place(paths, sandbox, signer)
     with store.transaction(), pytest.raises(ValueError):
         store.complete(lambda keyring: {"keyring.json": b"{}"})  # only under harness/, layers/
     assert (top / "keyring.json").read_bytes() == payload
+
+
+def test_a_version_from_before_layers_existed_is_completed(paths, sandbox, signer):
+    apply_update(paths, "demo", envelope_for(1, signer), render_files=lambda k: {})
+    top = keyring_dir(paths)
+    version = top / os.readlink(top / "..data")
+    version.chmod(0o750)
+    (version / "layers").rmdir()  # as an older tappass-host wrote it
+    store = KeyringStore(top, paths.sandbox("demo").keyring_lock)
+    with store.transaction():
+        assert store.complete(lambda keyring: {})
+    assert os.listdir(top / "layers") == []

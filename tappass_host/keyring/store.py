@@ -198,7 +198,9 @@ class KeyringStore:
         version = self.dir / current
         keyring = {name: (version / name).read_bytes() for name in KEYRING_FILES}
         wanted = files_for(json.loads(keyring["keyring.json"]))
-        if self._applier_files(version) == wanted:
+        # a version written before `layers/` existed is completed too: no dangling link
+        if self._applier_files(version) == wanted and all(
+                (version / top).is_dir() for top in FILE_DIRS):
             return False
         staging = self.dir / f"{STAGING_PREFIX}{os.urandom(6).hex()}"
         try:
