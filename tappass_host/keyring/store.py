@@ -29,7 +29,6 @@ one renameat2(RENAME_EXCHANGE), so `..data` never changes nor dangles.
 All of this runs under an exclusive lock on a file outside the directory.
 """
 
-import ctypes
 import errno
 import os
 import re
@@ -74,6 +73,8 @@ _AT_FDCWD = -100
 
 
 def _exchange(a: Path, b: Path) -> None:
+    import ctypes  # only when a start must complete a version
+
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
         code = ctypes.get_errno()
