@@ -319,6 +319,7 @@ class Daemon:
         self.renewals = RenewalSchedule(paths, log)
         self.supervisor = supervisor
         self.doorbell = Doorbell(paths)
+        self._step_trouble: dict[str, str] = {}
 
     def stop(self) -> None:
         """Safe from a signal handler: wakes the main loop at once."""
@@ -337,13 +338,28 @@ class Daemon:
         while not self.stopping.is_set():
             self._rescan()
             self._reap_network()
-            self.renewals.tick(sorted(self.workers))
+            self._guarded("renewing certificates", lambda: self.renewals.tick(sorted(self.workers)))
             if self.supervisor is not None:
-                self.supervisor.tick(sorted(self.workers))
+                self._guarded("supervision", lambda: self.supervisor.tick(sorted(self.workers)))
             if watchdog:
                 sd_notify("WATCHDOG=1")
             self.doorbell.wait(self._sleep_for(tick))
         self._shutdown()
+
+    def _guarded(self, what: str, step: Callable[[], None]) -> None:
+        """One step of the main loop; its failure (e.g. a full disk) is logged
+        and the step is taken again on the next tick, the daemon goes on."""
+        from tappass_host.runtime.lifecycle import describe
+
+        try:
+            step()
+        except Exception as exc:
+            line = f"daemon: {what} failed: {type(exc).__name__}: {describe(exc)}"
+            if self._step_trouble.get(what) != line:  # once per trouble, not per tick
+                self.log(line)
+            self._step_trouble[what] = line
+        else:
+            self._step_trouble.pop(what, None)
 
     def _reap_network(self) -> None:
         """Remove the namespaces and veths of sandboxes that died with their
