@@ -22,6 +22,7 @@ from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
     PYTHON,
     host,
     one_line_error,
+    python_agent,
     runtime,
     unique_name,
     wait_for,
@@ -82,6 +83,33 @@ def apply(inputs):
                                        "gidMappings": [{"containerID": 0, "hostID": 0,
                                                         "size": 65536}]}},
         "oom_score": {"process": {"oomScoreAdj": -1000}},
+        # beyond (a)-(h): the resources and kernel layers' fields, and the rest of the spec
+        "pids_raised": {"linux": {"resources": {"pids": {"limit": 1 << 22}}}},
+        "memory_unlimited": {"linux": {"resources": {"memory": {"limit": -1, "swap": -1}}}},
+        "unified_limit": {"linux": {"resources": {"unified": {"pids.max": "max"}}}},
+        "rlimit_raised": {"process": {"rlimits": [{"type": "RLIMIT_NPROC", "hard": 1 << 22,
+                                                   "soft": 1 << 22}]}},
+        "intel_rdt": {"linux": {"intelRdt": {"closID": "host-group"}}},
+        "seccomp_spec_allow": {"linux": {"seccomp": {"flags": ["SECCOMP_FILTER_FLAG_SPEC_ALLOW"]}}},
+        "seccomp_listener": {"linux": {"seccomp": {"listenerPath": "/run/evil/seccomp.sock"}}},
+        "seccomp_i386": {"linux": {"seccomp": {"architectures": ["SCMP_ARCH_X86"]}}},
+        "seccomp_any_socket": {"linux": {"seccomp": {"syscalls": [
+            {"names": ["socket"], "action": "SCMP_ACT_ALLOW"}]}}},
+        "seccomp_fake_success": {"linux": {"seccomp": {"syscalls": [
+            {"names": ["landlock_restrict_self"], "action": "SCMP_ACT_ERRNO", "errnoRet": 0}]}}},
+        "net_device": {"linux": {"netDevices": {"lo": {"name": "evil0"}}}},
+        "vm": {"vm": {"hypervisor": {"path": "/bin/sh"}, "kernel": {"path": "/boot/vmlinuz"}}},
+        "rootfs_shared": {"linux": {"rootfsPropagation": "shared"}},
+        "shared_mount": {"mounts": [{"destination": "/opt/shared", "type": "tmpfs",
+                                     "source": "tmpfs", "options": ["ro", "size=1k", "rshared"]}]},
+        "realtime": {"process": {"scheduler": {"policy": "SCHED_FIFO", "priority": 99}}},
+        "realtime_io": {"process": {"ioPriority": {"class": "IOPRIO_CLASS_RT", "priority": 0}}},
+        "no_aslr": {"linux": {"personality": {"domain": "LINUX", "flags": ["ADDR_NO_RANDOMIZE"]}}},
+        # allowed: a rule that only refuses, added to the kernel layer's profile (socket:
+        # which the profile allows for some families only, all of which this one refuses)
+        "narrowing": {"linux": {"seccomp": {"syscalls": [
+            {"names": ["socket"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}]}},
+                      "process": {"scheduler": {"policy": "SCHED_BATCH", "nice": 5}}},
     }[mode]
     return LayerResult(oci=oci)
 '''
@@ -111,6 +139,23 @@ FORBIDDEN = {
     "dotdot_mount": "mounts[",
     "userns_host_root": "linux.uidMappings[0]",
     "oom_score": "process.oomScoreAdj",
+    "pids_raised": "linux.resources.pids.limit",
+    "memory_unlimited": "linux.resources.memory.limit",
+    "unified_limit": "linux.resources.unified",
+    "rlimit_raised": "process.rlimits[",
+    "intel_rdt": "linux.intelRdt",
+    "seccomp_spec_allow": "linux.seccomp.flags",
+    "seccomp_listener": "linux.seccomp.listenerPath",
+    "seccomp_i386": "linux.seccomp.architectures[",
+    "seccomp_any_socket": "linux.seccomp.syscalls[",
+    "seccomp_fake_success": "linux.seccomp.syscalls[",
+    "net_device": "linux.netDevices",
+    "vm": "vm",
+    "rootfs_shared": "linux.rootfsPropagation",
+    "shared_mount": "mounts[",
+    "realtime": "process.scheduler.policy",
+    "realtime_io": "process.ioPriority.class",
+    "no_aslr": "linux.personality.flags",
 }
 APPLIERS_WITH_EVIL = [*DEFAULTS["appliers"], "evil"]
 
@@ -183,6 +228,30 @@ def test_the_agent_has_no_supplementary_groups(runtime, host, evil):
     assert lines[0].split() == ["Groups:"], result.stdout
     assert lines[1].split() == [str(gid)], result.stdout
     assert lines[2] == "shadow=denied", result.stdout
+
+
+SOCKET_PROBE = """import socket
+try:
+    socket.socket(socket.AF_UNIX).close()
+    print("socket=ok")
+except OSError as e:
+    print(f"socket={e.errno}")
+"""
+
+
+def test_a_layer_may_narrow_the_seccomp_profile(runtime, host, evil):
+    """What the kernel layer's profile may gain from another layer: a rule that
+    refuses. It starts, and the refusal holds in the sandbox."""
+    name = host.enroll(unique_name("narrow", runtime))
+    agent = python_agent(host.root / "agent", SOCKET_PROBE)
+    for mode, expected in (("benign", "socket=ok"), ("narrowing", "socket=13")):
+        result = subprocess.run(host.argv("start", name, "--agent", str(agent), "--runtime",
+                                          runtime, "--foreground"),
+                                capture_output=True, text=True, timeout=30, env=evil(mode))
+        host.started.append(name)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == expected, (mode, result.stdout)
+    assert json.loads(host.run("inspect", name).stdout)["provenance"]["process.scheduler"] == "evil"
 
 
 def test_a_layer_that_breaks_the_oci_schema_is_refused_naming_it(runtime, host, evil):

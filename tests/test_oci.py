@@ -423,6 +423,141 @@ def _uid_mapped_to_host_root(c, _):
     return "linux.uidMappings[0]", "linux.uidMappings"
 
 
+# Fields of the resources and kernel layers, set by another layer (each passes the other rules)
+
+
+def _resource(path, value):
+    def mutate(c, _):
+        target = c["linux"]["resources"]
+        for key in path[:-1]:
+            target = target.setdefault(key, {})
+        target[path[-1]] = value
+        field = "linux.resources." + ".".join(path)
+        return field, field
+
+    mutate.__name__ = f"_resources_{'_'.join(path)}"
+    return mutate
+
+
+def _resources_removed(c, _):
+    c["linux"]["resources"] = None
+    return "linux.resources", "linux.resources"
+
+
+def _device_cgroup_deny_rule_replaced(c, _):
+    c["linux"]["resources"]["devices"] = [{"allow": False, "type": "b", "access": "rwm"}]
+    return "linux.resources.devices", "linux.resources.devices"
+
+
+def _rlimit_added(kind):
+    def mutate(c, _):
+        c["process"]["rlimits"].append({"type": kind, "hard": 1 << 40, "soft": 1 << 40})
+        field = f"process.rlimits[{len(c['process']['rlimits']) - 1}]"
+        return field, field
+
+    mutate.__name__ = f"_rlimit_{kind}"
+    return mutate
+
+
+def _rlimits_removed(c, _):
+    c["process"]["rlimits"] = []
+    return "process.rlimits", "process.rlimits"
+
+
+def _seccomp_field(key, value):
+    def mutate(c, _):
+        c["linux"]["seccomp"][key] = value
+        return f"linux.seccomp.{key}", f"linux.seccomp.{key}"
+
+    mutate.__name__ = f"_seccomp_{key}"
+    return mutate
+
+
+def _seccomp_architecture_added(c, _):
+    c["linux"]["seccomp"]["architectures"].append("SCMP_ARCH_X86")
+    return "linux.seccomp.architectures[1]", "linux.seccomp.architectures[1]"
+
+
+def _seccomp_rule_added(rule):
+    def mutate(c, _):
+        c["linux"]["seccomp"]["syscalls"].append(rule)
+        field = f"linux.seccomp.syscalls[{len(c['linux']['seccomp']['syscalls']) - 1}]"
+        return field, field
+
+    mutate.__name__ = f"_seccomp_rule_{rule['action']}_{rule['names'][0]}"
+    return mutate
+
+
+def _seccomp_replaced_by_an_equal_one(c, _):
+    """Even the same values: the profile is the kernel layer's to choose (and to update)."""
+    c["linux"]["seccomp"] = copy.deepcopy(c["linux"]["seccomp"])
+    return "linux.seccomp", "linux.seccomp"
+
+
+def _field(path, value, expected=None):
+    def mutate(c, _):
+        target = c
+        for key in path[:-1]:
+            target = target.setdefault(key, {})
+        target[path[-1]] = value
+        return expected or ".".join(path), ".".join(path)
+
+    mutate.__name__ = f"_field_{'_'.join(path)}"
+    return mutate
+
+
+FORBIDDEN_BEYOND_THE_LISTED = [
+    _resource(("pids", "limit"), 1 << 22),
+    _resource(("memory", "limit"), -1),
+    _resource(("memory", "swap"), -1),
+    _resource(("cpu", "quota"), -1),
+    _resource(("unified",), {"memory.max": "max"}),
+    _resource(("blockIO", "weight"), 1000),
+    _resource(("hugepageLimits",), [{"pageSize": "2MB", "limit": 1 << 40}]),
+    _resource(("cpu", "realtimeRuntime"), 950000),
+    _resources_removed,
+    _device_cgroup_deny_rule_replaced,
+    _rlimit_added("RLIMIT_NPROC"),
+    _rlimit_added("RLIMIT_NOFILE"),
+    _rlimits_removed,
+    _seccomp_field("flags", ["SECCOMP_FILTER_FLAG_SPEC_ALLOW"]),
+    _seccomp_field("flags", ["SECCOMP_FILTER_FLAG_LOG"]),
+    _seccomp_field("listenerPath", "/run/evil/seccomp.sock"),
+    _seccomp_field("defaultErrnoRet", 0),
+    _seccomp_architecture_added,
+    _seccomp_rule_added({"names": ["socket"], "action": "SCMP_ACT_ALLOW"}),  # any family
+    _seccomp_rule_added({"names": ["landlock_restrict_self"], "action": "SCMP_ACT_ERRNO",
+                         "errnoRet": 0}),  # fakes success: the launcher would run unconfined
+    _seccomp_rule_added({"names": ["kill"], "action": "SCMP_ACT_TRAP"}),
+    _seccomp_replaced_by_an_equal_one,
+    _field(("linux", "intelRdt"), {"closID": "host-group"}),
+    _field(("linux", "netDevices"), {"eth0": {"name": "eth0"}}),
+    _field(("vm",), {"hypervisor": {"path": "/bin/sh"}, "kernel": {"path": "/boot/vmlinuz"}}),
+    _field(("linux", "futureField"), {}),
+    _field(("process", "commandLine"), "x"),
+    _field(("linux", "rootfsPropagation"), "shared"),
+    _field(("linux", "rootfsPropagation"), "rshared"),
+    _mount_option("rshared"),
+    _mount_option("shared"),
+    _field(("process", "scheduler"), {"policy": "SCHED_FIFO", "priority": 99},
+           "process.scheduler.policy"),
+    _field(("process", "scheduler"), {"policy": "SCHED_DEADLINE", "runtime": 10 ** 9,
+                                      "deadline": 10 ** 9, "period": 10 ** 9},
+           "process.scheduler.policy"),
+    _field(("process", "scheduler"), {"policy": "SCHED_OTHER", "nice": -20}, "process.scheduler.nice"),
+    _field(("process", "scheduler"), {"policy": "SCHED_OTHER", "priority": 1},
+           "process.scheduler.priority"),
+    _field(("process", "scheduler"), {"policy": "SCHED_OTHER",
+                                      "flags": ["SCHED_FLAG_UTIL_CLAMP_MIN"]},
+           "process.scheduler.flags"),
+    _field(("process", "ioPriority"), {"class": "IOPRIO_CLASS_RT", "priority": 0},
+           "process.ioPriority.class"),
+    _field(("linux", "personality"), {"domain": "LINUX", "flags": ["ADDR_NO_RANDOMIZE"]},
+           "linux.personality.flags"),
+    _field(("linux", "personality"), {"domain": "PER_SVR4"}, "linux.personality.domain"),
+]
+
+
 FORBIDDEN = [
     _set_uid_0,
     _set_gid_0,
@@ -501,6 +636,7 @@ FORBIDDEN = [
     _readonly_paths_trimmed,
     _sysctl,
     _uid_mapped_to_host_root,
+    *FORBIDDEN_BEYOND_THE_LISTED,
 ]
 
 
@@ -530,6 +666,79 @@ def test_what_the_new_rules_still_allow(tmp_path):
     config["linux"]["uidMappings"] = [{"containerID": AGENT_UID, "hostID": AGENT_UID, "size": 1}]
     config["linux"]["gidMappings"] = [{"containerID": AGENT_GID, "hostID": AGENT_GID, "size": 1}]
     check(config, tmp_path)
+
+
+def test_what_the_owned_fields_and_the_spec_sweep_still_allow(tmp_path):
+    """The resources and kernel layers' own fields (and the template's); rules a
+    later layer adds to the seccomp profile that only refuse; fair scheduling; the
+    LSM labels (they only confine); the spec's harmless fields."""
+    config = locked_down_config(tmp_path)
+    resources = config["linux"]["resources"]
+    resources["memory"] = {"limit": 1 << 29, "swap": 1 << 29}
+    config["process"]["rlimits"].append({"type": "RLIMIT_NPROC", "hard": 256, "soft": 256})
+    syscalls = config["linux"]["seccomp"]["syscalls"]
+    syscalls += [{"names": ["mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13},
+                 {"names": ["kill"], "action": "SCMP_ACT_ERRNO"},
+                 {"names": ["uname"], "action": "SCMP_ACT_KILL_PROCESS"}]
+    process, linux = config["process"], config["linux"]
+    process["scheduler"] = {"policy": "SCHED_IDLE", "nice": 19, "flags": ["SCHED_FLAG_RESET_ON_FORK"]}
+    process["ioPriority"] = {"class": "IOPRIO_CLASS_IDLE", "priority": 7}
+    process["execCPUAffinity"] = {"initial": "0", "final": "0-1"}
+    process["apparmorProfile"] = "tappass-agent"
+    process["selinuxLabel"] = "system_u:system_r:container_t:s0:c1,c2"
+    process["terminal"] = False
+    linux["rootfsPropagation"] = "rslave"
+    linux["personality"] = {"domain": "LINUX32"}
+    linux["mountLabel"] = "system_u:object_r:container_file_t:s0:c1,c2"
+    linux["timeOffsets"] = {"monotonic": {"secs": 1}}
+    linux["memoryPolicy"] = {"mode": "MPOL_PREFERRED", "nodes": "0"}
+    config["domainname"] = "tappass.local"
+    n = len(syscalls)
+    check(config, tmp_path, {
+        "process.args": "harness", "linux.resources.memory": "resources",
+        "process.rlimits[1]": "resources", "linux.seccomp": "kernel",
+        **{f"linux.seccomp.syscalls[{i}]": "evil" for i in range(n - 3, n)},
+        **{f"process.{k}": "evil" for k in ("scheduler", "ioPriority", "execCPUAffinity",
+                                            "apparmorProfile", "selinuxLabel", "terminal")},
+        **{f"linux.{k}": "evil" for k in ("rootfsPropagation", "personality", "mountLabel",
+                                          "timeOffsets", "memoryPolicy")},
+        "domainname": "evil"})
+
+
+def test_a_layer_before_the_owner_cannot_slip_a_field_under_it(tmp_path):
+    """Order does not help: a layer run before the resources (kernel) layer whose
+    fields that layer then merges into keeps its own under them, and is named."""
+    from tappass_host.layers import LayerResult
+    from tappass_host.layers.resources import linux_resources
+    from tappass_host.oci.render import render
+
+    profile = shipped.load_json(shipped.seccomp_profile())
+    cases = [
+        ({"linux": {"resources": {"memory": {"limit": 1 << 29, "swappiness": 100}}}},
+         ("resources", {"linux": {"resources": linux_resources({})}}), "linux.resources.memory"),
+        ({"linux": {"resources": {"unified": {"pids.max": "max"}}}},
+         ("resources", {"linux": {"resources": linux_resources({})}}), "linux.resources.unified"),
+        ({"linux": {"seccomp": {"flags": ["SECCOMP_FILTER_FLAG_SPEC_ALLOW"]}}},
+         ("kernel", {"linux": {"seccomp": profile}}), "linux.seccomp"),
+    ]
+    for early, (owner, fragment), field in cases:
+        rendered = render([("evil", LayerResult(oci=early)), (owner, LayerResult(oci=fragment))])
+        config = locked_down_config(tmp_path)
+        config["linux"]["resources"] = rendered.config["linux"]["resources"]
+        config["linux"]["seccomp"] = rendered.config["linux"].get("seccomp", profile)
+        with pytest.raises(InvariantViolation) as refused:
+            check(config, tmp_path, rendered.provenance)
+        assert (refused.value.field, refused.value.layer) == (field, "evil")
+
+
+def test_a_layer_named_template_is_refused(tmp_path):
+    """Its fields would pass for the template's own (the owned fields' rule trusts those)."""
+    config = locked_down_config(tmp_path)
+    config["linux"]["resources"]["pids"]["limit"] = 1 << 22
+    with pytest.raises(InvariantViolation) as refused:
+        check(config, tmp_path, {"linux.resources.pids.limit": "template"})
+    assert refused.value.field == "linux.resources.pids.limit"
+    assert "named 'template'" in str(refused.value)
 
 
 def test_rootfs_prepare_never_makes_a_directory_outside_the_rootfs(tmp_path):

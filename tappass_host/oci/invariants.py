@@ -77,7 +77,7 @@ IDMAP_OPTIONS = ("idmap", "ridmap")
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9._/-]{1,200}")  # shown as is in a violation; others by repr
 HOST_NETNS = ("/proc/1/ns/net", "/proc/self/ns/net", "/proc/thread-self/ns/net")
 
-DENYING_DEFAULT_ACTIONS = ("SCMP_ACT_ERRNO", "SCMP_ACT_KILL", "SCMP_ACT_KILL_PROCESS", "SCMP_ACT_KILL_THREAD")
+DENYING_ACTIONS = ("SCMP_ACT_ERRNO", "SCMP_ACT_KILL", "SCMP_ACT_KILL_PROCESS", "SCMP_ACT_KILL_THREAD")
 # LOG lets the call through; TRACE and NOTIFY hand the decision to another process.
 PERMISSIVE_ACTIONS = ("SCMP_ACT_ALLOW", "SCMP_ACT_LOG", "SCMP_ACT_TRACE", "SCMP_ACT_NOTIFY")
 ESCALATION_SYSCALLS = frozenset(
@@ -94,6 +94,44 @@ ESCALATION_SYSCALLS = frozenset(
 )
 CLONE_NAMESPACE_FLAGS = 0x7E020000  # NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
 SAFE_PERSONALITIES = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)  # PER_LINUX(32), UNAME26, query
+
+# Fields only their layer may set (the template's own values aside): no other layer
+# may set, replace or add to anything under them, so none can loosen them. The
+# resources layer's limits are also what `<runtime> update` pushes live; the kernel
+# layer's seccomp profile may only gain rules that refuse (_adds_a_refusal).
+OWNED_FIELDS = {
+    "linux.resources": "resources",
+    "process.rlimits": "resources",
+    "linux.seccomp": "kernel",
+}
+TEMPLATE = "template"  # the name violations give a field no layer set
+_SECCOMP_RULE = re.compile(r"linux\.seccomp\.syscalls\[\d+\]")
+
+# The fields a config may have, all others refused: runtimes act on fields added to
+# the runtime spec since (and on their own extensions) before the invariants know them.
+CONFIG_FIELDS = ("ociVersion", "process", "root", "hostname", "domainname", "mounts", "hooks",
+                 "annotations", "linux")
+PROCESS_FIELDS = ("terminal", "consoleSize", "user", "args", "env", "cwd", "capabilities",
+                  "rlimits", "noNewPrivileges", "oomScoreAdj", "apparmorProfile", "selinuxLabel",
+                  "ioPriority", "scheduler", "execCPUAffinity")
+LINUX_FIELDS = ("namespaces", "uidMappings", "gidMappings", "timeOffsets", "devices",
+                "cgroupsPath", "resources", "rootfsPropagation", "seccomp", "sysctl",
+                "maskedPaths", "readonlyPaths", "mountLabel", "personality", "memoryPolicy")
+REFUSED_FIELDS = {
+    "vm": "a VM runtime starts its hypervisor and kernel from these host paths",
+    "linux.intelRdt": "its closID joins (and rewrites) a resctrl group of the host, "
+                      "like a cgroup path",
+    "linux.netDevices": "moves a host network device into the sandbox, past the egress proxy",
+}
+# Propagation: "shared" makes the sandbox's mounts (and the runtime's) appear on the host.
+SAFE_ROOTFS_PROPAGATION = ("private", "rprivate", "slave", "rslave", "unbindable", "runbindable")
+SHARED_PROPAGATION = ("shared", "rshared")
+# Scheduling at or above the host's default only: the runtime (root) could set what
+# the agent itself cannot (SCHED_FIFO/RR/DEADLINE, a negative nice, IOPRIO_CLASS_RT).
+FAIR_SCHEDULER_POLICIES = ("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE")
+FAIR_SCHEDULER_FLAGS = ("SCHED_FLAG_RESET_ON_FORK",)
+FAIR_IO_CLASSES = ("IOPRIO_CLASS_BE", "IOPRIO_CLASS_IDLE")
+PERSONALITY_DOMAINS = ("LINUX", "LINUX32")
 
 
 class InvariantViolation(TappassError):
@@ -121,10 +159,19 @@ class _Sandbox:
             if field in self.provenance:
                 return self.provenance[field]
             field = parent_field(field)
-        return "template"
+        return TEMPLATE
 
     def violation(self, field: str, rule: str) -> InvariantViolation:
         return InvariantViolation(field, self.layer_of(field), rule)
+
+    def set_by_others(self, field: str, owner: str) -> Iterator[str]:
+        """The places at or under `field` that a layer other than `owner` set."""
+        allowed = (owner, TEMPLATE)
+        if self.layer_of(field) not in allowed:
+            yield field
+        for path, layer in self.provenance.items():
+            if layer not in allowed and path.startswith((field + ".", field + "[")):
+                yield path
 
 
 def check(
@@ -185,6 +232,68 @@ def _overlaps(path: str, root: str) -> bool:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown(key: Any) -> str:
+    """A field name as a violation shows it: as is if plain, else by repr, on one line."""
+    if isinstance(key, str) and _PLAIN_KEY.fullmatch(key):
+        return key
+    return repr(key[:80] if isinstance(key, str) else key)[:100]
+
+
+# --- the config's fields and their owners --------------------------------------
+
+
+def _check_layer_names(config: dict, sandbox: _Sandbox) -> None:
+    for field, layer in sandbox.provenance.items():
+        if layer == TEMPLATE:
+            raise sandbox.violation(field, f"was set by a layer named {TEMPLATE!r}, the name "
+                                    "violations give the template's own fields")
+
+
+def _check_known_fields(config: dict, sandbox: _Sandbox) -> None:
+    for prefix, fields in (("", CONFIG_FIELDS), ("process.", PROCESS_FIELDS),
+                           ("linux.", LINUX_FIELDS)):
+        value = _obj(config.get(prefix[:-1])) if prefix else config
+        for key in value:
+            if key in fields:
+                continue
+            path = f"{prefix}{key}"
+            reason = REFUSED_FIELDS.get(path, "tappass-host sets no such field, and runtimes act on it")
+            raise InvariantViolation(prefix + _shown(key), sandbox.layer_of(path),
+                                     f"is not allowed: {reason}")
+
+
+def _check_owned_fields(config: dict, sandbox: _Sandbox) -> None:
+    """Limits and the seccomp profile are their layer's alone: the resources layer
+    derives linux.resources (or rootless without cgroups, process.rlimits) from
+    the keyring's process limits, the kernel layer selects the seccomp profile.
+    A later layer could otherwise raise or remove a limit, add `unified` keys or
+    device rules, or loosen the profile (flags, architectures, a listener, allow rules)."""
+    for field, owner in OWNED_FIELDS.items():
+        for path in sandbox.set_by_others(field, owner):
+            if field == "linux.seccomp" and _adds_a_refusal(config, path):
+                continue
+            rule = f"is the {owner} layer's alone"
+            if field == "linux.seccomp":
+                rule += (" (another layer may only add rules that refuse: SCMP_ACT_KILL*, or "
+                         "SCMP_ACT_ERRNO with an errnoRet other than 0)")
+            raise sandbox.violation(path, rule)
+
+
+def _adds_a_refusal(config: dict, path: str) -> bool:
+    """`path` is one seccomp rule that only refuses (an errnoRet of 0 would fake success,
+    e.g. of the Landlock launcher's landlock_restrict_self)."""
+    if not _SECCOMP_RULE.fullmatch(path):
+        return False
+    index = int(path[path.rindex("[") + 1:-1])
+    rules = _list(_obj(_obj(config.get("linux")).get("seccomp")).get("syscalls"))
+    if index >= len(rules):
+        return False
+    rule = _obj(rules[index])
+    errno = rule.get("errnoRet")
+    return rule.get("action") in DENYING_ACTIONS and (
+        rule["action"] != "SCMP_ACT_ERRNO" or errno is None or (_is_int(errno) and errno > 0))
 
 
 # --- process -----------------------------------------------------------------
@@ -255,8 +364,7 @@ def _check_annotations(config: dict, sandbox: _Sandbox) -> None:
     for key in annotations:
         if not (isinstance(key, str) and key.startswith(ANNOTATION_NAMESPACE)
                 and len(key) > len(ANNOTATION_NAMESPACE)):
-            shown = key if _PLAIN_KEY.fullmatch(key) else repr(key[:80])
-            raise sandbox.violation(f"annotations.{shown}", f"is not allowed: only {ANNOTATION_NAMESPACE}* "
+            raise sandbox.violation(f"annotations.{_shown(key)}", f"is not allowed: only {ANNOTATION_NAMESPACE}* "
                                     "annotations (runtimes act on the others)")
 
 
@@ -369,6 +477,9 @@ def _mounts(config: dict, sandbox: _Sandbox) -> Iterator[_Mount]:
         if any(raw.get(key) not in (None, []) for key in ("uidMappings", "gidMappings")) or any(
                 o.split("=", 1)[0] in IDMAP_OPTIONS for o in options):
             raise sandbox.violation(field, "must not be an idmapped mount (uidMappings, gidMappings, idmap, ridmap)")
+        if any(o in SHARED_PROPAGATION for o in options):
+            raise sandbox.violation(field, "must not be a shared mount (mounts made under it "
+                                           "would propagate out of the sandbox)")
         yield _Mount(
             field=field,
             destination=posixpath.normpath(destination),
@@ -508,7 +619,7 @@ def _check_seccomp(config: dict, sandbox: _Sandbox) -> None:
     seccomp = _obj(config.get("linux")).get("seccomp")
     if not isinstance(seccomp, dict):
         raise sandbox.violation("linux.seccomp", "must be present")
-    if seccomp.get("defaultAction") not in DENYING_DEFAULT_ACTIONS:
+    if seccomp.get("defaultAction") not in DENYING_ACTIONS:
         raise sandbox.violation("linux.seccomp.defaultAction", "must deny (SCMP_ACT_ERRNO or SCMP_ACT_KILL*)")
     for i, rule in enumerate(_list(seccomp.get("syscalls"))):
         rule = _obj(rule)
@@ -577,6 +688,50 @@ def _check_sysctl(config: dict, sandbox: _Sandbox) -> None:
         raise sandbox.violation("linux.sysctl", f"must be empty (sets {name})")
 
 
+def _check_rootfs_propagation(config: dict, sandbox: _Sandbox) -> None:
+    if _obj(config.get("linux")).get("rootfsPropagation") not in (None, "", *SAFE_ROOTFS_PROPAGATION):
+        raise sandbox.violation("linux.rootfsPropagation", "must not be shared (the sandbox's "
+                                "mounts would appear on the host)")
+
+
+def _check_personality(config: dict, sandbox: _Sandbox) -> None:
+    """As the seccomp profile's personality rules: no ADDR_NO_RANDOMIZE,
+    READ_IMPLIES_EXEC… (the runtime sets them before the profile applies)."""
+    personality = _obj(config.get("linux")).get("personality")
+    if personality is None:
+        return
+    personality = _obj(personality)
+    if personality.get("domain") not in PERSONALITY_DOMAINS:
+        raise sandbox.violation("linux.personality.domain", "must be LINUX or LINUX32")
+    if personality.get("flags") not in (None, []):
+        raise sandbox.violation("linux.personality.flags", "must be empty")
+
+
+def _check_scheduling(config: dict, sandbox: _Sandbox) -> None:
+    """The runtime, as root, sets the agent's scheduling before it drops privileges:
+    nothing above what the agent could set itself (a real-time policy or I/O class,
+    a negative nice would starve the host's other work)."""
+    process = _obj(config.get("process"))
+    if (scheduler := process.get("scheduler")) is not None:
+        scheduler = _obj(scheduler)
+        if scheduler.get("policy") not in FAIR_SCHEDULER_POLICIES:
+            raise sandbox.violation("process.scheduler.policy", "must be one of "
+                                    f"{', '.join(FAIR_SCHEDULER_POLICIES)} (not real-time)")
+        nice = scheduler.get("nice", 0)
+        if not _is_int(nice) or nice < 0:
+            raise sandbox.violation("process.scheduler.nice", "must not be negative")
+        if scheduler.get("priority", 0) != 0:
+            raise sandbox.violation("process.scheduler.priority", "must be 0 (a real-time priority)")
+        flags = scheduler.get("flags", [])
+        if not isinstance(flags, list) or any(f not in FAIR_SCHEDULER_FLAGS for f in flags):
+            raise sandbox.violation("process.scheduler.flags",
+                                    f"may only be {', '.join(FAIR_SCHEDULER_FLAGS)}")
+    if (priority := process.get("ioPriority")) is not None:
+        if _obj(priority).get("class") not in FAIR_IO_CLASSES:
+            raise sandbox.violation("process.ioPriority.class",
+                                    f"must be one of {', '.join(FAIR_IO_CLASSES)} (not real-time)")
+
+
 def _check_landlock_launcher(config: dict, sandbox: _Sandbox) -> None:
     """The kernel layer mounted the Landlock launcher: the agent's argv must
     still go through it, with the kernel layer's rules (a later layer
@@ -596,6 +751,7 @@ def _check_landlock_launcher(config: dict, sandbox: _Sandbox) -> None:
 
 
 _RULES: tuple[Callable[[dict, _Sandbox], None], ...] = (
+    _check_layer_names,
     _check_user,
     _check_rootless_mappings,
     _check_id_mappings,
@@ -615,4 +771,9 @@ _RULES: tuple[Callable[[dict, _Sandbox], None], ...] = (
     _check_hooks,
     _check_sysctl,
     _check_landlock_launcher,
+    _check_known_fields,
+    _check_owned_fields,
+    _check_rootfs_propagation,
+    _check_personality,
+    _check_scheduling,
 )
