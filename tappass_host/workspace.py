@@ -9,9 +9,11 @@ while mounted, so the agent's writes never allocate there: a full workspace
 is ENOSPC inside the sandbox, and a start that cannot reserve the space
 fails. The image never takes more than its size on the state filesystem,
 whatever the agent does: space it gives back during the run (by punching
-holes) was reserved at the start, and is only the agent's to lose. When the
-run ends the unused part is given back (fstrim punches it out of the image)
-and the image is unmounted; its contents persist. A plain workspace
+holes) was reserved at the start, and is only the agent's to lose. A
+host-wide fstrim (fstrim.timer) gives free blocks of a mounted image back:
+the daemon's supervision takes them again (keep_reserved). When the
+run ends the image is unmounted and its unused part given back (fstrim
+punches it out of the image); its contents persist. A plain workspace
 directory from before is copied into the image once.
 
 Rootless (no loop mounts for a user) and `workspace_mb = 0` keep a plain
@@ -80,13 +82,37 @@ def attach(sandbox: SandboxPaths, size_mb: int, uid: int, gid: int,
     return ()
 
 
-def release(sandbox: SandboxPaths) -> None:
-    """After a run: give the image's unused space back and unmount it. A
-    workspace still busy stays mounted (the next start uses it as it is)."""
-    if not _mounted_here(sandbox):
+def keep_reserved(sandbox: SandboxPaths) -> None:
+    """Reserve a mounted workspace's image again: a host-wide fstrim (e.g.
+    fstrim.timer's) gives its free blocks back to the state filesystem."""
+    image = image_of(sandbox)
+    try:
+        mounted = os.stat(sandbox.workspace).st_dev != os.stat(sandbox.root).st_dev
+    except FileNotFoundError:
         return
-    _run(["fstrim", str(sandbox.workspace)], check=False)
-    _run(["umount", str(sandbox.workspace)], check=False)
+    if mounted and image.exists():
+        _reserve(image)
+
+
+def release(sandbox: SandboxPaths) -> None:
+    """After a run: unmount the workspace and give the image's unused space
+    back. A workspace still busy stays mounted (the next start uses it as it is)."""
+    if not _mounted_here(sandbox) or not _succeeds(["umount", str(sandbox.workspace)]):
+        return
+    # Trimmed on a mount of its own: ext4 skips block groups it trimmed
+    # before on the same mount, though keep_reserved filled them again.
+    mountpoint = sandbox.root / ".workspace-trim"
+    mountpoint.mkdir(mode=0o700, exist_ok=True)
+    try:
+        if _succeeds(["mount", "-t", "ext4", "-o", MOUNT_OPTIONS, str(image_of(sandbox)),
+                      str(mountpoint)]):
+            _succeeds(["fstrim", str(mountpoint)])
+            _succeeds(["umount", str(mountpoint)])
+    finally:
+        try:
+            mountpoint.rmdir()
+        except OSError:
+            pass  # still mounted (busy): a later release removes it
 
 
 def _give(workspace: Path, uid: int, gid: int) -> None:
@@ -199,6 +225,13 @@ def _loop_devices_of(backing: os.stat_result) -> set[int]:
 
 def _maj_min(dev: int) -> str:
     return f"{os.major(dev)}:{os.minor(dev)}"
+
+
+def _succeeds(argv: list[str]) -> bool:
+    try:
+        return subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL).returncode == 0
+    except FileNotFoundError:
+        return False
 
 
 def _run(argv: list[str], check: bool = True) -> str:

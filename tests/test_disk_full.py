@@ -169,6 +169,10 @@ def test_the_daemon_survives_a_full_disk_and_applies_what_it_missed(
     sandbox = host.paths.sandbox(name)
     image = workspace.image_of(sandbox)
     assert image.stat().st_blocks * 512 >= WORKSPACE_MB * MIB
+    # A host-wide fstrim (fstrim.timer) gives its free blocks back; the daemon takes them again.
+    subprocess.run(["fstrim", str(sandbox.workspace)], check=True, capture_output=True)
+    assert image.stat().st_blocks * 512 < WORKSPACE_MB * MIB
+    wait_for(lambda: image.stat().st_blocks * 512 >= WORKSPACE_MB * MIB)
 
     filler = fill(small_disk)
     assert publish(devplane, tmp_path, {**POLICY, "secrets": {"DEMO_TOKEN": "two"}}, name) == 2
@@ -246,3 +250,33 @@ def test_a_rootless_workspace_has_no_limit_and_start_says_so(runtime, rootless_u
     assert {"layer": "filesystem", "feature": "workspace size limit"} in unavailable
     assert not (user.state / "sandboxes" / name / workspace.IMAGE).exists()
     assert (user.state / "sandboxes" / name / "workspace" / "w").read_text() == "x"
+
+
+@pytest.mark.parametrize("runtime", ["crun", "runc"])
+def test_an_update_flipped_when_its_audit_cannot_be_written_is_acked_applied(
+        devplane, host, small_disk, tmp_path, sandboxes, daemons, name, runtime):
+    """The flip succeeds and only the `keyring.applied` append fails (here the
+    audit directory is read-only; on a full disk, its last page is): the agent
+    has the update, so the control plane learns it is applied, and the daemon
+    says what was not done."""
+    enroll(devplane, host, name)
+    assert publish(devplane, tmp_path, POLICY, name) == 1
+    sandboxes(name, runtime, AGENT)
+    daemon = daemons(host)
+    daemon.wait_line(f"{name}: stream open (policy_version 1)")
+    audit_dir = host.paths.audit_log.parent
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(audit_dir)], check=True)
+    try:
+        assert publish(devplane, tmp_path, {**POLICY, "secrets": {"DEMO_TOKEN": "two"}},
+                       name) == 2
+        log = daemon.wait_line(f"{name}: applied policy_version 2; NOT done: after the flip: "
+                               "cannot write the audit log")
+        assert "Read-only file system" in log and "Traceback" not in log
+        wait_agent_sees(host, name, 2)
+        wait_for(lambda: any(a["policy_version"] == 2 and a["status"] == "applied"
+                             for a in acks(devplane, name)))
+    finally:
+        subprocess.run(["mount", "-o", "remount,bind,rw", str(audit_dir)], check=True)
+    assert publish(devplane, tmp_path, {**POLICY, "secrets": {"DEMO_TOKEN": "three"}}, name) == 3
+    applied_and_acked(devplane, host, name, 3)
+    assert run_host(host, "audit", "verify").returncode == 0

@@ -13,6 +13,8 @@ need a restart (DESIGN §6, §9).
   (`keyring.expired`); with `on_expiry = "stop"` the sandbox is stopped.
 - With `restart_on_policy_change = true`, a sandbox whose keyring changed a
   restart-only aspect (`restart-pending` in status) is restarted.
+- A running sandbox's workspace stays reserved on the state filesystem
+  (tappass_host/workspace.py), even after a host-wide fstrim.
 
 The daemon learns of exits through its doorbell (doorbell.py).
 """
@@ -167,9 +169,11 @@ class Supervisor:
             self._on_exit(name, state)
 
     def _check_running(self, name: str, state: dict, expired: bool) -> None:
+        from tappass_host import workspace
         from tappass_host.runtime import lifecycle
 
         self._due.pop(name, None)
+        workspace.keep_reserved(self.paths.sandbox(name))
         if expired and self.settings.on_expiry == "stop":
             self.log(f"{name}: keyring expired; stopping the sandbox (on_expiry = stop)")
             lifecycle.stop(self.paths, name, self._runtime(state), intent="expiry")
