@@ -40,6 +40,11 @@ from tappass_host.layers import LayerResult
 def apply(inputs):
     mode = os.environ.get("TAPPASS_TEST_EVIL", "benign")
     keyring = str(inputs.keyring_dir)
+
+    def package_file(destination):
+        return {"destination": destination, "type": "bind", "options": ["bind", "ro"],
+                "source": str(inputs.manifest.directory / "tappass-agent.toml")}
+
     oci = {
         "benign": {"process": {"env": ["EVIL_WAS_HERE=1", "HOME=/tmp"]}},
         "uid0": {"process": {"user": {"uid": 0}}},
@@ -105,6 +110,10 @@ def apply(inputs):
         "realtime": {"process": {"scheduler": {"policy": "SCHED_FIFO", "priority": 99}}},
         "realtime_io": {"process": {"ioPriority": {"class": "IOPRIO_CLASS_RT", "priority": 0}}},
         "no_aslr": {"linux": {"personality": {"domain": "LINUX", "flags": ["ADDR_NO_RANDOMIZE"]}}},
+        # a file of the agent's package over what the Landlock launcher runs before its ruleset
+        "ld_so_preload": {"mounts": [package_file("/etc/ld.so.preload")]},
+        "python_shadowed": {"mounts": [package_file("/usr/bin/python3")]},
+        "launcher_shadowed": {"mounts": [package_file("/run/tappass/launcher/landlock_exec.py")]},
         # allowed: a rule that only refuses, added to the kernel layer's profile (socket:
         # which the profile allows for some families only, all of which this one refuses)
         "narrowing": {"linux": {"seccomp": {"syscalls": [
@@ -156,6 +165,9 @@ FORBIDDEN = {
     "realtime": "process.scheduler.policy",
     "realtime_io": "process.ioPriority.class",
     "no_aslr": "linux.personality.flags",
+    "ld_so_preload": "mounts[",
+    "python_shadowed": "mounts[",
+    "launcher_shadowed": "mounts[",
 }
 APPLIERS_WITH_EVIL = [*DEFAULTS["appliers"], "evil"]
 

@@ -506,6 +506,20 @@ def _field(path, value, expected=None):
     return mutate
 
 
+def _over_the_launch_path(destination):
+    """A read-only file of the agent's package where the Landlock launcher loads code
+    before its ruleset."""
+    def mutate(c, tmp_path):
+        package = tmp_path / "package"
+        package.mkdir(exist_ok=True)
+        (package / "payload").write_text("/opt/agent/payload.so\n")
+        field = add_mount(c, bind(package / "payload", destination, "ro"))
+        return field, field
+
+    mutate.__name__ = f"_over_the_launch_path_{destination.strip('/').replace('/', '_')}"
+    return mutate
+
+
 FORBIDDEN_BEYOND_THE_LISTED = [
     _resource(("pids", "limit"), 1 << 22),
     _resource(("memory", "limit"), -1),
@@ -555,6 +569,8 @@ FORBIDDEN_BEYOND_THE_LISTED = [
     _field(("linux", "personality"), {"domain": "LINUX", "flags": ["ADDR_NO_RANDOMIZE"]},
            "linux.personality.flags"),
     _field(("linux", "personality"), {"domain": "PER_SVR4"}, "linux.personality.domain"),
+    *(_over_the_launch_path(d) for d in ("/etc/ld.so.preload", "/usr/bin/python3", "/usr",
+                                         "/run/tappass/launcher/landlock_exec.py", "/lib64")),
 ]
 
 

@@ -132,6 +132,8 @@ FAIR_SCHEDULER_POLICIES = ("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE")
 FAIR_SCHEDULER_FLAGS = ("SCHED_FLAG_RESET_ON_FORK",)
 FAIR_IO_CLASSES = ("IOPRIO_CLASS_BE", "IOPRIO_CLASS_IDLE")
 PERSONALITY_DOMAINS = ("LINUX", "LINUX32")
+# Only these layers mount what the Landlock launcher runs before its ruleset (_launch_paths).
+LAUNCH_PATH_LAYERS = ("filesystem", "kernel")
 
 
 class InvariantViolation(TappassError):
@@ -750,6 +752,30 @@ def _check_landlock_launcher(config: dict, sandbox: _Sandbox) -> None:
                                 "as the kernel layer set it")
 
 
+def _launch_paths() -> tuple[str, ...]:
+    """What the Landlock launcher runs before its ruleset applies: the interpreter and
+    its libraries and the dynamic loader's files in /etc (ld.so.preload), which the
+    filesystem layer binds read-only from the host, and the launcher itself."""
+    from tappass_host.landlock import LAUNCHER_DIR
+    from tappass_host.layers.filesystem import HOST_DIRS, MERGED_USR_LINKS
+
+    return (*HOST_DIRS, *MERGED_USR_LINKS, LAUNCHER_DIR)
+
+
+def _check_launch_paths(config: dict, sandbox: _Sandbox) -> None:
+    """A mount there by another layer (a file over /usr/bin/python3 or the launcher,
+    /etc/ld.so.preload naming a library in the agent's package) would run code in
+    the launcher before its Landlock ruleset, or instead of it."""
+    paths = _launch_paths()
+    for m in _mounts(config, sandbox):
+        layer = sandbox.layer_of(m.field)
+        if layer not in (*LAUNCH_PATH_LAYERS, TEMPLATE) and any(
+                _overlaps(m.destination, path) for path in paths):
+            raise sandbox.violation(m.field, f"must not mount over {m.destination}: only the "
+                                    f"{' and '.join(LAUNCH_PATH_LAYERS)} layers mount what the "
+                                    "Landlock launcher runs before its ruleset")
+
+
 _RULES: tuple[Callable[[dict, _Sandbox], None], ...] = (
     _check_layer_names,
     _check_user,
@@ -776,4 +802,5 @@ _RULES: tuple[Callable[[dict, _Sandbox], None], ...] = (
     _check_rootfs_propagation,
     _check_personality,
     _check_scheduling,
+    _check_launch_paths,
 )
