@@ -222,7 +222,8 @@ def test_a_memory_hog_is_refused_memory_not_oom_killed_rootless(runtime, rootles
     record = json.loads((user.state / "sandboxes" / name / "exit.json").read_text())
     assert (record["code"], record["oom"]) == (result.returncode, False)
     unavailable = [e["details"]["feature"] for e in user.audit_events()
-                   if e["sandbox"] == name and e["event"] == "layer.unavailable"]
+                   if e["sandbox"] == name and e["event"] == "layer.unavailable"
+                   and e["details"]["layer"] == "resources"]
     assert unavailable == ["cgroup memory limit", "cgroup cpu limit"]
 
 
