@@ -598,3 +598,31 @@ def test_staging_left_by_a_killed_enrollment_is_removed_by_the_next(devplane, ho
         live.wait()
         killed.stdout.close()
         live.stdout.close()
+
+
+def test_a_renewal_that_fails_unexpectedly_is_logged_and_retried_on_schedule(devplane, host_state):
+    # A machine key that cannot be read (here: a directory in its place) is an OSError,
+    # not a RenewalError; the daemon's schedule must survive it and keep the old certificate.
+    from tappass_host.sync.renewal import RenewalSchedule
+
+    enroll(host_state, devplane)
+    paths = host_state.paths
+    before = paths.sandbox("demo").cert.read_bytes()
+    key = paths.machine_key.read_bytes()
+    paths.machine_key.unlink()
+    paths.machine_key.mkdir()
+    lines: list[str] = []
+    now = [0.0]
+    schedule = RenewalSchedule(paths, lines.append, retry_s=60.0, clock=lambda: now[0])
+    schedule._due["demo"] = 0.0
+    schedule.tick(["demo"])
+    assert len(lines) == 1 and "certificate renewal failed" in lines[0], lines
+    assert "retrying in 60 s" in lines[0]
+    assert schedule.next_due_in() == 60.0
+    assert paths.sandbox("demo").cert.read_bytes() == before
+    paths.machine_key.rmdir()
+    paths.machine_key.write_bytes(key)
+    now[0] = 61.0
+    schedule.tick(["demo"])
+    assert "certificate renewed" in lines[-1], lines
+    assert paths.sandbox("demo").cert.read_bytes() != before

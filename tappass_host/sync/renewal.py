@@ -56,8 +56,10 @@ class RenewalSchedule:
                 self.log(f"{name}: certificate renewal failed ({exc.reason}); "
                          f"retrying in {self.retry_s:g} s")
                 self._due[name] = self.clock() + self.retry_s
-            except TappassError as exc:
-                self.log(f"{name}: certificate renewal failed ({exc})")
+            except Exception as exc:  # a full disk, a bad file: retried on schedule, never fatal
+                detail = exc if isinstance(exc, TappassError) else f"{type(exc).__name__}: {exc}"
+                self.log(f"{name}: certificate renewal failed ({detail}); "
+                         f"retrying in {self.retry_s:g} s")
                 self._due[name] = self.clock() + self.retry_s
             else:
                 self.log(f"{name}: certificate renewed (serial {cert.serial_number:x})")
