@@ -165,9 +165,9 @@ FORBIDDEN = {
     "realtime": "process.scheduler.policy",
     "realtime_io": "process.ioPriority.class",
     "no_aslr": "linux.personality.flags",
-    "ld_so_preload": "mounts[",
-    "python_shadowed": "mounts[",
-    "launcher_shadowed": "mounts[",
+    "ld_so_preload": "must not mount over /etc/ld.so.preload",
+    "python_shadowed": "must not mount over /usr/bin/python3",
+    "launcher_shadowed": "must not mount over /run/tappass/launcher/landlock_exec.py",
 }
 APPLIERS_WITH_EVIL = [*DEFAULTS["appliers"], "evil"]
 
