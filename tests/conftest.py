@@ -2,6 +2,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tappass_host import signing
 from tappass_host.paths import HostPaths
@@ -11,6 +12,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import keyrings  # noqa: E402
 
 PYTHON = sys.executable
+
+# Timing limits belong in bench/, not in tests: a loaded CI machine must not fail a property.
+settings.register_profile("tappass", deadline=None)
+settings.load_profile("tappass")
 
 
 @pytest.fixture
