@@ -5,8 +5,11 @@ MemoryDenyWriteExecute= (the kernel's PR_SET_MDWE, which refuses what
 systemd's seccomp rule refuses: writable+executable mappings and mappings
 turning executable) and its SystemCallFilter= with SystemCallErrorNumber=,
 expanded from `systemd-analyze syscall-filter` (this systemd's own groups)
-and loaded with libseccomp. What needs systemd itself (mount namespaces,
-device cgroups, address-family and namespace filters) is not rebuilt here.
+and loaded with libseccomp, together with the calls other directives refuse
+by seccomp (ProtectHostname=: sethostname, which a runtime calls to name a
+sandbox). All of it is inherited by whatever the command runs: runtimes,
+conmon, agents. What needs systemd itself (mount namespaces, device
+cgroups, address-family, namespace and argument filters) is not rebuilt here.
 """
 
 import shutil
@@ -89,12 +92,21 @@ def expand(entries: list[str]) -> set[str]:
     return calls
 
 
+# Calls a directive refuses with a seccomp filter of its own (systemd's
+# seccomp_protect_hostname, seccomp_protect_syslog, the @module and @clock
+# filters of ProtectKernelModules= and ProtectClock=).
+IMPLIED_DENIALS = {"ProtectHostname": ["sethostname", "setdomainname"],
+                   "ProtectKernelLogs": ["syslog"], "ProtectKernelModules": ["@module"],
+                   "ProtectClock": ["@clock"]}
+
+
 def syscall_filter(unit: dict[str, list[str]]) -> tuple[str, set[str]]:
     """("ALLOW", calls) or ("DENY", calls) as systemd combines the unit's
-    SystemCallFilter= lines (an allow list minus `~` lines, or a deny list);
-    ("", set()) without any."""
+    SystemCallFilter= lines (an allow list minus `~` lines, or a deny list)
+    and the calls other directives refuse; ("", set()) without any."""
     allowed: set[str] | None = None
-    denied: set[str] = set()
+    denied = expand([call for directive, calls in IMPLIED_DENIALS.items()
+                     if unit.get(directive) == ["yes"] for call in calls])
     for value in unit.get("SystemCallFilter", []):
         if value.startswith("~"):
             denied |= expand(value[1:].split())
