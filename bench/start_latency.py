@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import time
 
 from _sandboxes import PYTHON, ensure_crun_works, ms, new_host, precompile, run, unique_name, write_agent
@@ -39,7 +40,8 @@ def measure(runtime: str, runs: int, cold_runs: int, network: str = "none") -> d
         bundle = host.paths.sandbox(name).bundle
         bare = host.root / "bare"
         bare.mkdir()
-        shutil.copytree(bundle / "rootfs", bare / "rootfs", symlinks=True)
+        # cp -a keeps owners: the agent reads /run/tappass/agent.env through its group
+        subprocess.run(["cp", "-a", str(bundle / "rootfs"), str(bare / "rootfs")], check=True)
         config = json.loads((bundle / "config.json").read_text())
         config["root"]["path"] = str(bare / "rootfs")
         same = host.root / "same"
@@ -58,7 +60,8 @@ def measure(runtime: str, runs: int, cold_runs: int, network: str = "none") -> d
         proxied_argv = proxied and host.argv("start", proxied, "--agent", str(agent), "--runtime",
                                              runtime, "--foreground", "--rm")
         for argv in (ours_argv, bare_argv, same_argv, proxied_argv):  # warm up all
-            assert not argv or run(argv).returncode == 0
+            warm = argv and run(argv)
+            assert not argv or warm.returncode == 0, (argv, warm.stderr)
 
         ours, baseline, same_config, with_proxy = [], [], [], []
         for _ in range(runs):
