@@ -17,6 +17,7 @@ import json
 import os
 import statistics
 import subprocess
+import tempfile
 import time
 
 from _sandboxes import ensure_crun_works, ms, new_host, precompile, run, unique_name, write_agent
@@ -36,7 +37,11 @@ def timed(argv: list[str], env: dict | None = None) -> float:
 def launcher(runs: int) -> dict:
     script = str(landlock.launcher_source() / "landlock_exec.py")
     rules = kernel.rules({})
-    wrapped = [landlock.PYTHON, "-I", "-S", script, *rules, "--", "/bin/true"]
+    env_file = tempfile.NamedTemporaryFile(prefix="agent-env-", delete=False)
+    env_file.write(b"".join(f"{entry}\0".encode() for entry in landlock.LAUNCHER_ENV))
+    env_file.close()
+    wrapped = [landlock.PYTHON, "-I", "-S", script, "--env", env_file.name, *rules,
+               "--", "/bin/true"]
     variants = {"launcher_then_true": wrapped, "true_direct": ["/bin/true"],
                 "python_I_S_pass": [landlock.PYTHON, "-I", "-S", "-c", "pass"]}
     samples: dict[str, list[float]] = {k: [] for k in variants}
@@ -45,6 +50,7 @@ def launcher(runs: int) -> dict:
             samples[key].append(timed(argv))
     added = statistics.median(samples["launcher_then_true"]) - statistics.median(
         samples["true_direct"])
+    os.unlink(env_file.name)
     return {**{k: ms(v) for k, v in samples.items()}, "added_ms": round(added * 1e3, 2)}
 
 
