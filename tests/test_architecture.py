@@ -1,0 +1,209 @@
+"""The import layers of tappass_host (issue 11): no circle among modules, no
+import from a lower layer to a higher one. Every import counts, at module
+level or inside a function (a lazy import is still a dependency), with
+`from . import x` resolved; an import of a package counts as one of its
+__init__.
+
+LAYERS lists the layers from the bottom. A module belongs to the most
+specific entry naming it (a module, else its package, else the package's
+package); a module no entry covers fails the test, so a new one gets a
+layer when it is written."""
+
+import ast
+from pathlib import Path
+
+import tappass_host
+
+PACKAGE = "tappass_host"
+
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    # Values and files: on-disk names, state files, time, the error types,
+    # configuration, JSON and the records of a sandbox; import nothing above.
+    ("values and files", (
+        "tappass_host", "paths", "statefile", "clock", "errors", "config", "strictjson",
+        "unixaddress", "domains", "responses", "shipped", "signing", "sandbox", "ids",
+        "workspace", "agent", "audit", "systemd", "sandbox_launcher")),
+    # The keyring (envelope, verification, the store) and the host's identity.
+    ("keyring and identity", ("keyring", "identity")),
+    # What a keyring turns into: the policy layers (appliers), the Landlock
+    # launcher, and the egress namespace and proxy's client (network.control)
+    # that `start` asks for a sandbox's namespace before crun creates it.
+    ("policy layers and egress", ("layers", "landlock", "network")),
+    # The OCI bundle: render, invariants, rootfs, schema.
+    ("oci bundle", ("oci",)),
+    # The OCI runtime, conmon and the run state; start, stop, shell.
+    ("runtime", ("runtime",)),
+    # Control-plane transport, the SSE reader, receiving and hot-reloading an update.
+    ("sync", ("sync",)),
+    # Long-running host processes; the package `daemon` does not exist yet
+    # (issue 11 item 3), its modules are named here one by one.
+    ("daemon", (
+        "sync.daemon", "sync.renewal", "sync.notify", "runtime.supervision",
+        # the egress service is a daemon of its own (python -m tappass_host.network)
+        "network.service", "network.__main__")),
+    ("cli", ("cli", "__main__")),
+    # The development control plane: may import the host's modules, nothing imports it.
+    ("devplane", ("devplane",)),
+]
+
+# Today's violations, each removed by the issue-11 item noted; the list only
+# shrinks: a violation that is gone must leave it too.
+# ("up", importer, imported) | ("cycle", *sorted members of one import cycle)
+KNOWN_VIOLATIONS: set[tuple[str, ...]] = {
+    # item 5: the keyring core never calls up into layers (harness files are the layer's to render)
+    ("up", "keyring.verify", "layers.harness"),
+    # item 5: the flip writes every applier's files without keyring importing layers
+    ("up", "keyring.update", "layers.files"),
+    # item 6: InvariantViolation joins the error tree in errors.py; field_path goes with it
+    ("up", "landlock", "oci"),
+    ("up", "landlock", "oci.invariants"),
+    # item 2: is_running is run state; network.control gets it from its caller
+    ("up", "network.control", "runtime.lifecycle"),
+    # item 2: process_alive and wait_until are process helpers, not the OCI runtime's
+    ("up", "network.control", "runtime"),
+    # item 2: start takes the keyring as an argument; the CLI pulls a missing one
+    ("up", "runtime.lifecycle", "sync.pull"),
+    # item 2: one circle of two: lifecycle <-> network.control (is_running) and
+    # lifecycle -> sync.pull -> receive -> hotreload -> lifecycle (pulling a keyring)
+    ("cycle", "network.control", "runtime.lifecycle", "sync.hotreload", "sync.pull",
+     "sync.receive"),
+    # item 6: see landlock -> oci.invariants above
+    ("cycle", "landlock", "oci.invariants"),
+}
+
+
+def _modules() -> dict[str, Path]:
+    root = Path(tappass_host.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(parts)] = path
+    return modules
+
+
+def _resolve(name: str, modules: dict[str, Path]) -> str:
+    while name not in modules:
+        name = name.rpartition(".")[0]
+    return name
+
+
+def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {_resolve(a.name, modules) for a in node.names
+                      if a.name.split(".")[0] == PACKAGE}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module
+            if source.split(".")[0] != PACKAGE:
+                continue
+            for alias in node.names:
+                submodule = f"{source}.{alias.name}"
+                found.add(submodule if submodule in modules else _resolve(source, modules))
+    found.discard(module)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {m: imports_of(m, p, modules) for m, p in modules.items()}
+
+
+def _short(module: str) -> str:
+    return module.removeprefix(PACKAGE + ".")
+
+
+def layer_of(module: str) -> int:
+    short = _short(module)
+    candidate = short
+    while True:
+        for index, (_, members) in enumerate(LAYERS):
+            if candidate in members:
+                return index
+        if "." not in candidate:
+            raise AssertionError(f"{module} is in no layer: give it one in LAYERS")
+        candidate = candidate.rpartition(".")[0]
+
+
+def cycles(graph: dict[str, set[str]]) -> list[tuple[str, ...]]:
+    """Tarjan's strongly connected components of more than one module."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(tuple(sorted(_short(m) for m in component)))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def violations(graph: dict[str, set[str]]) -> set[tuple[str, ...]]:
+    upward = {("up", _short(source), _short(target))
+              for source, targets in graph.items() for target in targets
+              if layer_of(target) > layer_of(source)}
+    return upward | {("cycle", *members) for members in cycles(graph)}
+
+
+def _describe(violation: tuple[str, ...]) -> str:
+    kind, *modules = violation
+    if kind == "up":
+        return f"{modules[0]} imports {modules[1]} from a higher layer"
+    return "an import circle among " + ", ".join(modules)
+
+
+def test_every_module_has_a_layer():
+    for module in _modules():
+        layer_of(module)
+
+
+def test_no_import_circle_or_upward_import_beyond_the_known_ones():
+    found = violations(import_graph())
+    new = sorted(found - KNOWN_VIOLATIONS)
+    gone = sorted(KNOWN_VIOLATIONS - found)
+    assert not new, "imports against the layers in tests/test_architecture.py: " + \
+        "; ".join(map(_describe, new))
+    assert not gone, "no longer violated, remove from KNOWN_VIOLATIONS: " + \
+        "; ".join(map(_describe, gone))
+
+
+def test_the_check_sees_lazy_relative_and_upward_imports(tmp_path):
+    """The walker itself: a function-level relative import from a low
+    module to a high one is an upward edge, and a circle is found."""
+    modules = {"tappass_host.paths": tmp_path / "paths.py",
+               "tappass_host.cli": tmp_path / "cli" / "__init__.py",
+               "tappass_host.cli.sandbox": tmp_path / "cli" / "sandbox.py"}
+    modules["tappass_host.cli"].parent.mkdir()
+    modules["tappass_host.paths"].write_text("def f():\n    from .cli import sandbox\n")
+    modules["tappass_host.cli"].write_text("")
+    modules["tappass_host.cli.sandbox"].write_text("from .. import paths\n")
+    graph = {m: imports_of(m, p, modules) for m, p in modules.items()}
+    assert graph["tappass_host.paths"] == {"tappass_host.cli.sandbox"}
+    assert graph["tappass_host.cli.sandbox"] == {"tappass_host.paths"}
+    assert violations(graph) == {("up", "paths", "cli.sandbox"),
+                                 ("cycle", "cli.sandbox", "paths")}
