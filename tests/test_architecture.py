@@ -57,16 +57,12 @@ KNOWN_VIOLATIONS: set[tuple[str, ...]] = {
     # item 6: InvariantViolation joins the error tree in errors.py; field_path goes with it
     ("up", "landlock", "oci"),
     ("up", "landlock", "oci.invariants"),
-    # item 2: is_running is run state; network.control gets it from its caller
-    ("up", "network.control", "runtime.lifecycle"),
     # item 2: process_alive and wait_until are process helpers, not the OCI runtime's
     ("up", "network.control", "runtime"),
     # item 2: start takes the keyring as an argument; the CLI pulls a missing one
     ("up", "runtime.lifecycle", "sync.pull"),
-    # item 2: one circle of two: lifecycle <-> network.control (is_running) and
-    # lifecycle -> sync.pull -> receive -> hotreload -> lifecycle (pulling a keyring)
-    ("cycle", "network.control", "runtime.lifecycle", "sync.hotreload", "sync.pull",
-     "sync.receive"),
+    # item 2: lifecycle -> sync.pull -> receive -> hotreload -> lifecycle (pulling a keyring)
+    ("cycle", "runtime.lifecycle", "sync.hotreload", "sync.pull", "sync.receive"),
     # item 6: see landlock -> oci.invariants above
     ("cycle", "landlock", "oci.invariants"),
 }

@@ -115,18 +115,17 @@ def detach(paths: HostPaths, name: str) -> None:
         pass
 
 
-def leftovers(paths: HostPaths) -> list[str]:
-    """Sandboxes not running whose namespace and link are still on record."""
-    from tappass_host.runtime.lifecycle import is_running
-
+def leftovers(paths: HostPaths, is_running) -> list[str]:
+    """Sandboxes not running whose namespace and link are still on record;
+    `is_running` is the run state's (lifecycle.is_running), from the caller."""
     return [n for n in network.recorded(paths) if not is_running(paths.sandbox(n))]
 
 
-def reap(paths: HostPaths) -> list[str]:
+def reap(paths: HostPaths, is_running) -> list[str]:
     """Remove what crashed sandboxes left behind (namespace, veth, listener):
     through the egress service if one runs, else here (after a crash of
     everything). Call under lifecycle.host_lock, so no start is half-way."""
-    if not leftovers(paths):
+    if not leftovers(paths, is_running):
         return []
     try:
         reply = _ask(paths, {"op": "reap"})
@@ -137,7 +136,7 @@ def reap(paths: HostPaths) -> list[str]:
     from tappass_host.network import netns
 
     namespaces = netns.Namespaces(network.hub_name(paths))
-    removed = leftovers(paths)
+    removed = leftovers(paths, is_running)
     for name in removed:
         namespaces.remove(network.netns_name(name), network.read_link(paths, name))
         network.record_file(paths, name).unlink(missing_ok=True)

@@ -410,7 +410,7 @@ def _with_egress(paths: HostPaths, name: str, keyring: dict, config, host):
     from tappass_host.network import control
 
     if (keyring.get("network") or {}).get("mode") != "proxy" or host.rootless:
-        control.reap(paths)
+        control.reap(paths, is_running)
         return host
     return replace(host, egress_proxy=control.attach(paths, name, config)["proxy_url"])
 

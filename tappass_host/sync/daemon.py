@@ -365,13 +365,13 @@ class Daemon:
         """Remove the namespaces and veths of sandboxes that died with their
         proxy (tappass_host.network); under the start lock, never mid-start."""
         from tappass_host.network import control
-        from tappass_host.runtime.lifecycle import host_lock
+        from tappass_host.runtime.lifecycle import host_lock, is_running
 
-        if not control.leftovers(self.paths):
+        if not control.leftovers(self.paths, is_running):
             return
         try:
             with host_lock(self.paths):
-                removed = control.reap(self.paths)
+                removed = control.reap(self.paths, is_running)
         except (OSError, TappassError) as exc:
             self.log(f"daemon: cleaning up sandbox networks failed: {exc}")
             return
