@@ -59,10 +59,6 @@ KNOWN_VIOLATIONS: set[tuple[str, ...]] = {
     ("up", "landlock", "oci.invariants"),
     # item 2: process_alive and wait_until are process helpers, not the OCI runtime's
     ("up", "network.control", "runtime"),
-    # item 2: start takes the keyring as an argument; the CLI pulls a missing one
-    ("up", "runtime.lifecycle", "sync.pull"),
-    # item 2: lifecycle -> sync.pull -> receive -> hotreload -> lifecycle (pulling a keyring)
-    ("cycle", "runtime.lifecycle", "sync.hotreload", "sync.pull", "sync.receive"),
     # item 6: see landlock -> oci.invariants above
     ("cycle", "landlock", "oci.invariants"),
 }

@@ -43,9 +43,12 @@ def start(host, name, agent_spec, foreground, remove, runtime):
             raise lifecycle.LifecycleError(f"sandbox {name!r} has never been started: "
                                            "give its agent with --agent PKG")
         agent_spec, runtime = record.agent, runtime or record.runtime
+    from tappass_host.sync.pull import pull_once
+
     started = lifecycle.start(host.paths, name, agent_spec, host.config, runtime,
                               foreground_run=foreground, remove=remove,
-                              warn=lambda w: click.echo(f"tappass-host: warning: {w}", err=True))
+                              warn=lambda w: click.echo(f"tappass-host: warning: {w}", err=True),
+                              pull_keyring=pull_once)
     if foreground:
         sys.exit(started.exit_code)
     host.emit({"name": name, "pid": started.pid, "runtime": started.runtime,

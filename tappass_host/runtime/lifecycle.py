@@ -239,20 +239,20 @@ def foreground(runtime, cid: str, bundle: Path):
     return attached.run(runtime, cid, bundle)
 
 
-def current_keyring(paths: HostPaths, name: str, limits=None) -> dict:
+def current_keyring(paths: HostPaths, name: str, pull_keyring, limits=None) -> dict:
     """The sandbox's current keyring payload, which must not have expired.
 
-    Without one, the latest is pulled once from the control plane (DESIGN §9).
+    Without one, `pull_keyring` (the sync code's pull_once, given by the
+    caller) pulls the latest once from the control plane (DESIGN §9).
     """
     from tappass_host.clock import parse_timestamp
     from tappass_host.keyring import Limits
-    from tappass_host.sync.pull import pull_once
 
     data = None
     try:
         data = (paths.sandbox(name).keyring / "keyring.json").read_bytes()
     except (FileNotFoundError, PermissionError):
-        pull_failed = pull_once(paths, name, limits or Limits())
+        pull_failed = pull_keyring(paths, name, limits or Limits())
         if pull_failed is None:
             data = (paths.sandbox(name).keyring / "keyring.json").read_bytes()
     if data is None:
@@ -278,9 +278,12 @@ class Started:
 
 
 def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: str | None = None,
-          foreground_run: bool = False, remove: bool = False, warn=None) -> Started:
+          foreground_run: bool = False, remove: bool = False, warn=None, *,
+          pull_keyring) -> Started:
     """Start `name`'s agent. `warn` gets each warning of the layers as soon as
-    the sandbox is up (before a foreground agent runs, not after it ends)."""
+    the sandbox is up (before a foreground agent runs, not after it ends).
+    `pull_keyring(paths, name, limits)` fetches a keyring when the sandbox has
+    none (tappass_host.sync.pull.pull_once): None, or why it could not."""
     from tappass_host import agent, ids, workspace
     from tappass_host import sandbox as sandbox_record
     from tappass_host.audit import AuditLog
@@ -296,7 +299,7 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
     conmon = None if foreground_run else monitor.find_conmon(config["conmon_path"])
     from tappass_host.keyring import Limits
 
-    keyring = current_keyring(paths, name, Limits(**config["limits"]))
+    keyring = current_keyring(paths, name, pull_keyring, Limits(**config["limits"]))
     agent_ids = ids.agent_ids(paths, name, config.agent_id_range)
     ids.check_runtime(agent_ids, runtime.name)
     record = sandbox_record.load(paths, name)

@@ -222,13 +222,14 @@ class Supervisor:
     def _restart(self, name: str, state: dict, why: str) -> None:
         from tappass_host.audit import AuditLog
         from tappass_host.runtime import lifecycle
+        from tappass_host.sync.pull import pull_once
 
         attempt = self._backoff[name].failures if name in self._backoff else 0
         try:
             AuditLog.for_host(self.paths).append("sandbox.restarted", sandbox=name, details={
                 "reason": why, "attempt": attempt, "previous_start": state.get("started_at")})
             started = lifecycle.start(self.paths, name, state["agent"], self.config,
-                                      state.get("runtime"))
+                                      state.get("runtime"), pull_keyring=pull_once)
         except (OSError, TappassError) as exc:
             # No run, no exit hook: try again after the next backoff step.
             backoff = self._backoff.setdefault(name, self._new_backoff())
