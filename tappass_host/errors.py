@@ -1,7 +1,63 @@
 """The errors tappass-host reports to its user.
 
 Every error the CLI prints is a `TappassError`: its message is one line that
-says what is wrong, and it never carries secret material.
+says what is wrong, and it never carries secret material. The hierarchy, each
+class with the module (under tappass_host/) that defines and raises it:
+
+    TappassError                    errors.py
+        ConfigError                 errors.py
+        InvalidName                 errors.py
+        NotFound                    errors.py
+        AuditError                  audit.py
+            AuditLogBroken          audit.py
+            AuditWriteFailed        audit.py
+        BadAgent                    agent.py
+        BadKey                      signing.py
+        BadRecord                   sandbox.py
+        NoFreeIds                   ids.py
+        RootlessUnsupported         ids.py
+        TooLarge                    responses.py
+        WorkspaceError              workspace.py
+        IdentityError               identity/errors.py
+            AlreadyEnrolled         identity/errors.py
+            BadBootstrap            identity/errors.py
+            BootstrapConsumed       identity/errors.py
+            ControlPlaneError       identity/errors.py
+            RenewalError            identity/errors.py
+            BadMachineKey           identity/certs.py
+        KeyringRejected             keyring/verify.py   (carries `reason`)
+            LayerFilesInvalid       keyring/update.py
+        ExchangeUnsupported         keyring/store.py
+        UnknownApplier              layers/__init__.py
+        LayerUnavailable            layers/__init__.py
+        LayerFilesRejected          layers/files.py
+        InvariantViolation          oci/invariants.py
+        LayerSchemaError            oci/bundle.py
+        SchemaUnavailable           oci/schema.py
+        BundleSchemaError           oci/schema.py
+        MountPointOutsideRootfs     oci/rootfs.py
+        RuntimeError_               runtime/oci.py      (the OCI runtime binary)
+        MonitorError                runtime/monitor.py
+        LifecycleError              runtime/lifecycle.py
+            StopNotRecorded         runtime/lifecycle.py
+        EgressError                 network/control.py
+        PoolExhausted               network/addresses.py
+        SyncError                   sync/transport.py
+            Unreachable             sync/transport.py
+            Refused                 sync/transport.py
+            Stalled                 sync/transport.py
+            AnswerTooLarge          sync/transport.py
+        UnreadableURL               cli/enroll.py
+        DevplaneError               devplane/state.py   (the development control plane)
+
+Not TappassErrors, because they never reach the user as such: each is caught
+by its module's caller and turned into one of the above, an HTTP answer, a
+refused connection or the launcher's one-line refusal:
+CertificateMismatch (identity/certs.py), EnvelopeError (keyring/envelope.py),
+StrictJSONError (strictjson.py), BadDomainPattern (domains.py), Malformed
+(network/client_hello.py), BadRequest and BadResponse (network/http1.py),
+_Broken (audit.py), Refusal (devplane/server.py), and Refused
+(sandbox_launcher/landlock_exec.py, inside the sandbox, which imports nothing of ours).
 """
 
 
