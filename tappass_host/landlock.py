@@ -75,41 +75,6 @@ def launch_prefix(args: list[str]) -> list[str]:
     return args[:args.index("--") + 1]
 
 
-def separate_env(config: dict, provenance: dict[str, str]) -> list[str] | None:
-    """With the launcher in process.args, take the agent's environment out of
-    process.env (leaving LAUNCHER_ENV) and return it, for AGENT_ENV; its
-    provenance moves from `process.env[i]` to `agent_env[i]`. None: no
-    launcher (no ruleset to get ahead of), process.env is the agent's."""
-    from tappass_host.oci import field_path
-    from tappass_host.oci.invariants import InvariantViolation
-
-    process = config.get("process")
-    if not isinstance(process, dict) or not launch_prefix(process.get("args") or []):
-        return None
-    env = process.get("env") or []
-    for i, entry in enumerate(env):
-        if not _well_formed(entry):
-            where = field_path(("process", "env", i))
-            raise InvariantViolation(where, provenance.get(where, "template"),
-                                     "must be NAME=VALUE in UTF-8 without NUL bytes")
-    process["env"] = list(LAUNCHER_ENV)
-    for i in range(len(env)):
-        layer = provenance.pop(field_path(("process", "env", i)), None)
-        if layer is not None:
-            provenance[f"agent_env[{i}]"] = layer
-    return list(env)
-
-
-def _well_formed(entry) -> bool:
-    if not isinstance(entry, str) or "\0" in entry or "=" not in entry[1:]:
-        return False
-    try:
-        entry.encode()
-    except UnicodeEncodeError:  # a lone surrogate
-        return False
-    return True
-
-
 def encode_env(env: list[str]) -> bytes:
-    """AGENT_ENV's format (separate_env checked each entry): NAME=VALUE, NUL-ended."""
+    """AGENT_ENV's format (oci.bundle checked each entry): NAME=VALUE, NUL-ended."""
     return b"".join(entry.encode() + b"\0" for entry in env)

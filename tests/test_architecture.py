@@ -57,15 +57,9 @@ KNOWN_VIOLATIONS: set[tuple[str, ...]] = {
     # items 4, 5: applying an update (verify, the appliers' files, the flip) joins
     # the one "apply then ack" path in sync; the keyring core keeps store.flip
     ("up", "keyring.update", "layers.files"),
-    # item 6: separate_env raises oci's InvariantViolation (with oci.field_path); it
-    # goes with the error tree into errors.py, or the check moves to oci.invariants
-    ("up", "landlock", "oci"),
-    ("up", "landlock", "oci.invariants"),
     # item 2: process_alive and wait_until (runtime/__init__) are process helpers
     # that the runtime's split moves down to the values layer
     ("up", "network.control", "runtime"),
-    # item 6: see landlock -> oci.invariants above
-    ("cycle", "landlock", "oci.invariants"),
 }
 
 

@@ -9,7 +9,7 @@ a small launcher (tappass_host/sandbox_launcher/landlock_exec.py, mounted
 read-only at /run/tappass/launcher) that restricts itself, then execs the
 entrypoint. The launcher starts with a fixed environment; the agent's
 (its package's [env] included, LD_* and locale variables alike) is applied
-only at that exec, after the ruleset (tappass_host.landlock.separate_env).
+only at that exec, after the ruleset (tappass_host.oci.bundle).
 What the agent may reach, beyond its open file descriptors:
 
 - read and execute: the rootfs's /usr, /bin, /sbin, /lib*; /opt/agent

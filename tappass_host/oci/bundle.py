@@ -10,7 +10,7 @@ from pathlib import Path
 from tappass_host import landlock, layers, shipped
 from tappass_host.errors import TappassError
 from tappass_host.layers import files as layer_files
-from tappass_host.oci import invariants, parent_field, rootfs
+from tappass_host.oci import field_path, invariants, parent_field, rootfs
 from tappass_host.oci.render import Rendered, render
 from tappass_host.paths import HostPaths
 
@@ -62,7 +62,7 @@ def build(paths: HostPaths, inputs: layers.LayerInputs, rootless: bool) -> Bundl
     rendered = render(layers.run(inputs, inputs.config["appliers"]))
     sandbox = paths.sandbox(inputs.name)
     try:
-        agent_env = landlock.separate_env(rendered.config, rendered.provenance)
+        agent_env = _separate_env(rendered.config, rendered.provenance)
         invariants.check(rendered.config, state_dir=paths.state, keyring_dir=sandbox.keyring,
                          workspace_dir=sandbox.workspace, rootless=rootless,
                          provenance=rendered.provenance, host=inputs.host, rootfs=inputs.rootfs_dir,
@@ -87,6 +87,38 @@ def build(paths: HostPaths, inputs: layers.LayerInputs, rootless: bool) -> Bundl
         **({"agent_env": agent_env} if agent_env is not None else {}),
     }, indent=2).encode(), 0o600)
     return Bundle(directory=directory, rendered=rendered)
+
+
+def _separate_env(config: dict, provenance: dict[str, str]) -> list[str] | None:
+    """With the launcher in process.args, take the agent's environment out of
+    process.env (leaving LAUNCHER_ENV) and return it, for AGENT_ENV; its
+    provenance moves from `process.env[i]` to `agent_env[i]`. None: no
+    launcher (no ruleset to get ahead of), process.env is the agent's."""
+    process = config.get("process")
+    if not isinstance(process, dict) or not landlock.launch_prefix(process.get("args") or []):
+        return None
+    env = process.get("env") or []
+    for i, entry in enumerate(env):
+        if not _well_formed_env_entry(entry):
+            where = field_path(("process", "env", i))
+            raise invariants.InvariantViolation(where, provenance.get(where, "template"),
+                                                "must be NAME=VALUE in UTF-8 without NUL bytes")
+    process["env"] = list(landlock.LAUNCHER_ENV)
+    for i in range(len(env)):
+        layer = provenance.pop(field_path(("process", "env", i)), None)
+        if layer is not None:
+            provenance[f"agent_env[{i}]"] = layer
+    return list(env)
+
+
+def _well_formed_env_entry(entry) -> bool:
+    if not isinstance(entry, str) or "\0" in entry or "=" not in entry[1:]:
+        return False
+    try:
+        entry.encode()
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
 
 
 def _write_agent_env(inputs: layers.LayerInputs, env: list[str] | None) -> None:
