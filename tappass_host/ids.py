@@ -173,7 +173,7 @@ def _allocate(paths: HostPaths, name: str, id_range: tuple[int, int], rootless: 
     (or, rootless, if the recorded ids lie outside the ids we can map)."""
     low, high = id_range
     paths.state.mkdir(parents=True, exist_ok=True)
-    with statefile.locked(paths.state / "agent-ids.lock"):
+    with statefile.locked(paths.agent_ids_lock):
         record = sandbox_record.load(paths, name)
         if record.agent_uid is not None and record.agent_gid is not None and (
                 not rootless or 1 <= min(record.agent_uid, record.agent_gid)

@@ -16,6 +16,27 @@ from tappass_host.errors import InvalidName
 
 SANDBOX_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 
+# Names inside a directory whose root is not one of the classes below.
+# The keyring directory (tappass_host.keyring.store), as the agent sees it:
+KEYRING_PAYLOAD = "keyring.json"
+KEYRING_ENVELOPE = "keyring.dsse.json"
+KEYRING_DATA = "..data"
+KEYRING_DATA_TMP = "..data_tmp"
+KEYRING_STAGING_PREFIX = "..tmp-"
+# conmon's files in a sandbox's runtime directory (tappass_host.runtime.monitor):
+CONMON_PID = "conmon.pid"
+CONTAINER_PID = "container.pid"
+CONMON_EXITS = "exits"
+CONMON_PERSIST = "persist"
+CONMON_EXIT_CODE = "exit"
+CONMON_OOM = "oom"
+# An attached (foreground) run's files beside its bundle (tappass_host.runtime.attached):
+ATTACHED_PID = "attached.pid"
+RUNTIME_LOG = "runtime.log"  # the OCI runtime's own messages
+# The OCI runtime's own state root, per runtime, under the host's runtime directory.
+OCI_RUNTIME_STATE = "oci"
+SANDBOX_RECORD = "sandbox.json"
+
 
 def check_sandbox_name(name: str) -> str:
     if not isinstance(name, str) or not SANDBOX_NAME.fullmatch(name):
@@ -73,7 +94,7 @@ class SandboxPaths:
 
     @property
     def record(self) -> Path:
-        return self.root / "sandbox.json"
+        return self.root / SANDBOX_RECORD
 
     @property
     def identity(self) -> Path:
@@ -92,6 +113,22 @@ class SandboxPaths:
         return self.root / "keyring"
 
     @property
+    def keyring_payload(self) -> Path:
+        return self.keyring / KEYRING_PAYLOAD
+
+    @property
+    def keyring_envelope(self) -> Path:
+        return self.keyring / KEYRING_ENVELOPE
+
+    @property
+    def keyring_expired(self) -> Path:
+        return self.root / "keyring-expired.json"
+
+    @property
+    def unacked(self) -> Path:
+        return self.root / "unacked.json"
+
+    @property
     def keyring_lock(self) -> Path:
         # Outside keyring/: the agent sees that directory and must not see this.
         return self.root / "keyring.lock"
@@ -99,6 +136,18 @@ class SandboxPaths:
     @property
     def workspace(self) -> Path:
         return self.root / "workspace"
+
+    @property
+    def workspace_image(self) -> Path:
+        return self.root / "workspace.img"
+
+    @property
+    def workspace_trim_mount(self) -> Path:
+        return self.root / ".workspace-trim"
+
+    @property
+    def workspace_new_mount(self) -> Path:
+        return self.root / ".workspace-new"
 
     @property
     def logs(self) -> Path:
@@ -113,8 +162,33 @@ class SandboxPaths:
         return self.root / "exit.json"
 
     @property
+    def run_state(self) -> Path:
+        return self.runtime / "state.json"
+
+    @property
+    def exit_lock(self) -> Path:
+        return self.runtime / "exit.lock"
+
+    @property
     def bundle(self) -> Path:
         return self.runtime / "bundle"
+
+    @property
+    def bundle_config(self) -> Path:
+        return self.bundle / "config.json"
+
+    @property
+    def bundle_layers(self) -> Path:
+        """What the layers rendered: provenance, warnings, hot-reload/restart sets."""
+        return self.bundle / "layers.json"
+
+    @property
+    def layer_inputs(self) -> Path:
+        return self.bundle / "layer-inputs.json"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.bundle / "rootfs"
 
 
 @dataclass(frozen=True)
@@ -136,6 +210,9 @@ class HostPaths:
     def trust(self) -> Path:
         return self.state / "trust"
 
+    def trusted_key(self, key_id: str) -> Path:
+        return self.trust / f"{key_id}.pub"
+
     @property
     def consumed_bootstraps(self) -> Path:
         return self.state / "consumed-bootstraps"
@@ -152,6 +229,56 @@ class HostPaths:
     def sandboxes(self) -> Path:
         return self.state / "sandboxes"
 
+    @property
+    def enroll_lock(self) -> Path:
+        return self.sandboxes / ".enroll.lock"
+
+    @property
+    def agent_ids_lock(self) -> Path:
+        return self.state / "agent-ids.lock"
+
+    @property
+    def leases(self) -> Path:
+        return self.state / "network" / "leases.json"
+
+    @property
+    def start_lock(self) -> Path:
+        return self.runtime / "start.lock"
+
+    @property
+    def daemon_socket(self) -> Path:
+        """The daemon's doorbell (tappass_host.runtime.doorbell)."""
+        return self.runtime / "daemon.sock"
+
+    @property
+    def schema_ok(self) -> Path:
+        """Cache of OCI configs that passed the schema check, one empty file per digest."""
+        return self.runtime / "schema-ok"
+
+    @property
+    def network(self) -> Path:
+        """The egress proxy's runtime directory (tappass_host.network)."""
+        return self.runtime / "network"
+
+    @property
+    def network_control_socket(self) -> Path:
+        return self.network / "control.sock"
+
+    @property
+    def proxy_pid(self) -> Path:
+        return self.network / "proxy.pid"
+
+    @property
+    def proxy_log(self) -> Path:
+        return self.network / "proxy.log"
+
+    @property
+    def network_records(self) -> Path:
+        return self.network / "sandboxes"
+
+    def network_record(self, name: str) -> Path:
+        return self.network_records / f"{check_sandbox_name(name)}.json"
+
     def sandbox(self, name: str) -> SandboxPaths:
         check_sandbox_name(name)
         return SandboxPaths(root=self.sandboxes / name, runtime=self.runtime / name)
@@ -164,5 +291,5 @@ class HostPaths:
         return [
             p.name
             for p in entries
-            if SANDBOX_NAME.fullmatch(p.name) and (p / "sandbox.json").is_file()
+            if SANDBOX_NAME.fullmatch(p.name) and (p / SANDBOX_RECORD).is_file()
         ]

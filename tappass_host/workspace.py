@@ -29,7 +29,6 @@ from pathlib import Path
 from tappass_host.errors import TappassError
 from tappass_host.paths import SandboxPaths
 
-IMAGE = "workspace.img"
 # noinit_itable: the kernel would zero the inode tables in the background, and a
 # loop device zeroes by punching holes, giving back reserved space
 MOUNT_OPTIONS = "loop,nosuid,nodev,noinit_itable"
@@ -41,7 +40,7 @@ class WorkspaceError(TappassError):
 
 
 def image_of(sandbox: SandboxPaths) -> Path:
-    return sandbox.root / IMAGE
+    return sandbox.workspace_image
 
 
 def limited(size_mb: int, rootless: bool) -> bool:
@@ -101,7 +100,7 @@ def release(sandbox: SandboxPaths) -> None:
         return
     # Trimmed on a mount of its own: ext4 skips block groups it trimmed
     # before on the same mount, though keep_reserved filled them again.
-    mountpoint = sandbox.root / ".workspace-trim"
+    mountpoint = sandbox.workspace_trim_mount
     mountpoint.mkdir(mode=0o700, exist_ok=True)
     try:
         if _succeeds(["mount", "-t", "ext4", "-o", MOUNT_OPTIONS, str(image_of(sandbox)),
@@ -133,7 +132,7 @@ def _create(sandbox: SandboxPaths, size_mb: int) -> None:
     """A new image; a plain workspace directory's contents are copied in
     before the image takes its name, so a crash half-way loses nothing."""
     image = image_of(sandbox)
-    staging = image.with_name(IMAGE + ".tmp")
+    staging = image.with_name(image.name + ".tmp")
     staging.unlink(missing_ok=True)
     try:
         with open(staging, "xb") as f:
@@ -142,7 +141,7 @@ def _create(sandbox: SandboxPaths, size_mb: int) -> None:
         # nodiscard: mkfs would punch the image's blocks out again.
         _run([_mkfs(), "-q", "-F", "-t", "ext4", "-m", "0",
               "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1", str(staging)])
-        mountpoint = sandbox.root / ".workspace-new"
+        mountpoint = sandbox.workspace_new_mount
         mountpoint.mkdir(mode=0o700, exist_ok=True)
         _mount(staging, mountpoint)
         try:

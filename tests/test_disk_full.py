@@ -25,6 +25,7 @@ from devplane_fixture import run_host, wait_for
 from rootless_fixture import rootless_users  # noqa: F401  (a fixture)
 from sandbox_fixture import python_agent, unique_name
 from tappass_host import workspace
+from tappass_host.paths import HostPaths
 
 DISK_MB = 48
 WORKSPACE_MB = 16
@@ -248,7 +249,7 @@ def test_a_rootless_workspace_has_no_limit_and_start_says_so(runtime, rootless_u
     unavailable = [e["details"] for e in user.audit_events()
                    if e["sandbox"] == name and e["event"] == "layer.unavailable"]
     assert {"layer": "filesystem", "feature": "workspace size limit"} in unavailable
-    assert not (user.state / "sandboxes" / name / workspace.IMAGE).exists()
+    assert not HostPaths.resolve(user.state).sandbox(name).workspace_image.exists()
     assert (user.state / "sandboxes" / name / "workspace" / "w").read_text() == "x"
 
 

@@ -114,11 +114,11 @@ def inspect(host, name):
     from tappass_host.runtime import lifecycle
 
     sandbox = lifecycle.ensure_known(host.paths, name)
-    config = lifecycle.read_json(sandbox.bundle / "config.json")
+    config = lifecycle.read_json(sandbox.bundle_config)
     if config is None:
         raise NotFound(f"sandbox {name!r} has no rendered bundle yet: start it first")
-    layers = lifecycle.read_json(sandbox.bundle / "layers.json") or {}
-    keyring = lifecycle.read_json(sandbox.keyring / "keyring.json") or {}
+    layers = lifecycle.read_json(sandbox.bundle_layers) or {}
+    keyring = lifecycle.read_json(sandbox.keyring_payload) or {}
     click.echo(json.dumps({"name": name, "keyring_version": keyring.get("policy_version"),
                            "config": config, **layers}, indent=2, sort_keys=True))
 

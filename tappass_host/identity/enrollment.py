@@ -132,7 +132,7 @@ def verify(paths: HostPaths, token: bootstraps.Token, trust: TrustPolicy, now: f
 
 def pin_key(paths: HostPaths, key_text: str) -> Path:
     paths.trust.mkdir(parents=True, exist_ok=True)
-    path = paths.trust / f"{_key_id(key_text)}.pub"
+    path = paths.trusted_key(_key_id(key_text))
     statefile.write_atomic(path, (key_text + "\n").encode("ascii"), 0o644)
     return path
 
@@ -308,7 +308,7 @@ def _commit(paths: HostPaths, record: sandboxes.SandboxRecord, cert: x509.Certif
     final = paths.sandbox(record.name)
     try:
         paths.sandboxes.mkdir(parents=True, exist_ok=True)
-        with statefile.locked(paths.sandboxes / ".enroll.lock"):
+        with statefile.locked(paths.enroll_lock):
             _remove_orphaned_staging(paths.sandboxes)
             staging = Path(tempfile.mkdtemp(prefix=f".enroll-{record.name}.",
                                             dir=paths.sandboxes))
@@ -326,7 +326,7 @@ def _commit(paths: HostPaths, record: sandboxes.SandboxRecord, cert: x509.Certif
         statefile.write_file_durably(staged.ca, ca_pem, 0o644)
         statefile.fsync_dir(staged.identity)
         sandboxes.save(staged, record)
-        with statefile.locked(paths.sandboxes / ".enroll.lock"):
+        with statefile.locked(paths.enroll_lock):
             if final.root.exists():
                 raise AlreadyEnrolled(record.name)
             os.rename(staging, final.root)

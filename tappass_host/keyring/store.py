@@ -40,12 +40,13 @@ from pathlib import Path, PurePosixPath
 from tappass_host.clock import parse_timestamp
 from tappass_host.errors import TappassError
 from tappass_host.keyring import KeyringVersion, VerifiedKeyring
+from tappass_host.paths import KEYRING_DATA as DATA
+from tappass_host.paths import KEYRING_DATA_TMP as DATA_TMP
+from tappass_host.paths import KEYRING_ENVELOPE, KEYRING_PAYLOAD
+from tappass_host.paths import KEYRING_STAGING_PREFIX as STAGING_PREFIX
 from tappass_host.statefile import fsync_dir, fsync_path, locked, write_file_durably
 
-DATA = "..data"
-DATA_TMP = "..data_tmp"
-STAGING_PREFIX = "..tmp-"
-KEYRING_FILES = ("keyring.json", "keyring.dsse.json")
+KEYRING_FILES = (KEYRING_PAYLOAD, KEYRING_ENVELOPE)
 FILE_DIRS = ("harness", "layers")  # the appliers' files (tappass_host.layers.files)
 LINKS = (*KEYRING_FILES, *FILE_DIRS)
 _VERSION_DIR = re.compile(r"\.\.v(\d{10})-(\d{8}T\d{6}Z)")
@@ -143,7 +144,7 @@ class KeyringStore:
 
     def read_current(self) -> bytes | None:
         try:
-            return (self.dir / "keyring.json").read_bytes()
+            return (self.dir / KEYRING_PAYLOAD).read_bytes()
         except FileNotFoundError:
             return None
 
@@ -176,8 +177,8 @@ class KeyringStore:
         """`files`: the appliers' files, by path in the version directory."""
         previous = self.current_dirname()
         target = keyring.version.dirname
-        self._stage(self.dir / target, {"keyring.json": keyring.payload_bytes,
-                                        "keyring.dsse.json": keyring.envelope_bytes}, files or {})
+        self._stage(self.dir / target, {KEYRING_PAYLOAD: keyring.payload_bytes,
+                                        KEYRING_ENVELOPE: keyring.envelope_bytes}, files or {})
 
         tmp_link = self.dir / DATA_TMP
         tmp_link.unlink(missing_ok=True)
@@ -198,7 +199,7 @@ class KeyringStore:
             return False
         version = self.dir / current
         keyring = {name: (version / name).read_bytes() for name in KEYRING_FILES}
-        wanted = files_for(json.loads(keyring["keyring.json"]))
+        wanted = files_for(json.loads(keyring[KEYRING_PAYLOAD]))
         # a version written before `layers/` existed is completed too: no dangling link
         if self._applier_files(version) == wanted and all(
                 (version / top).is_dir() for top in FILE_DIRS):

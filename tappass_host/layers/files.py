@@ -42,7 +42,6 @@ MAX_PATH_CHARS = 512
 _SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=@,-]{0,127}")
 _LAYER_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 
-INPUTS_FILE = "layer-inputs.json"
 
 
 class LayerFilesRejected(TappassError):
@@ -158,7 +157,7 @@ def files_for_flip(paths, name: str, keyring: dict) -> dict[str, bytes]:
 
     sandbox = paths.sandbox(name)
     try:
-        recorded = json.loads((sandbox.bundle / INPUTS_FILE).read_bytes())
+        recorded = json.loads(sandbox.layer_inputs.read_bytes())
         host = recorded["host"]
         host = Host(**{**host, "uid_mappings": tuple(host["uid_mappings"]),
                        "gid_mappings": tuple(host["gid_mappings"])})
@@ -171,7 +170,7 @@ def files_for_flip(paths, name: str, keyring: dict) -> dict[str, bytes]:
     inputs = LayerInputs(
         name=name, record=sandbox_record.load(paths, name), keyring=keyring, manifest=manifest,
         host=host, keyring_dir=sandbox.keyring, workspace_dir=sandbox.workspace,
-        rootfs_dir=sandbox.bundle / "rootfs", config=config)
+        rootfs_dir=sandbox.rootfs, config=config)
     return version_files(run(inputs, appliers))
 
 

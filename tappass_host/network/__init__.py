@@ -36,27 +36,27 @@ def check_name(name) -> str:
 
 
 def service_dir(paths: HostPaths) -> Path:
-    return paths.runtime / "network"
+    return paths.network
 
 
 def control_socket(paths: HostPaths) -> Path:
-    return service_dir(paths) / "control.sock"
+    return paths.network_control_socket
 
 
 def pid_file(paths: HostPaths) -> Path:
-    return service_dir(paths) / "proxy.pid"
+    return paths.proxy_pid
 
 
 def log_file(paths: HostPaths) -> Path:
-    return service_dir(paths) / "proxy.log"
+    return paths.proxy_log
 
 
 def records_dir(paths: HostPaths) -> Path:
-    return service_dir(paths) / "sandboxes"
+    return paths.network_records
 
 
 def record_file(paths: HostPaths, name: str) -> Path:
-    return records_dir(paths) / f"{check_sandbox_name(name)}.json"
+    return paths.network_record(name)
 
 
 def read_link(paths: HostPaths, name: str):

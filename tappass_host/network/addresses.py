@@ -59,7 +59,7 @@ def parse_pool(text: str) -> ipaddress.IPv4Network:
 
 
 def leases_file(paths: HostPaths) -> Path:
-    return paths.state / "network" / "leases.json"
+    return paths.leases
 
 
 def _read_leases(paths: HostPaths) -> dict[str, int]:

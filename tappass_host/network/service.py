@@ -168,7 +168,7 @@ class EgressService:
         return link
 
     async def _listen(self, name: str, link: Link) -> None:
-        policy = SandboxPolicy(name, self.paths.sandbox(name).keyring / "keyring.json")
+        policy = SandboxPolicy(name, self.paths.sandbox(name).keyring_payload)
         sock = await self._in_netlink(self.namespaces.listening_socket, link.host_address,
                                       self.settings.port)
         server = await asyncio.start_server(self.proxy.handle, sock=sock, limit=HEAD_LIMIT)

@@ -31,7 +31,7 @@ def layer_inputs(paths: HostPaths, name: str, record, keyring: dict, manifest, c
     return layers.LayerInputs(
         name=name, record=record, keyring=keyring, manifest=manifest, host=host,
         keyring_dir=sandbox.keyring, workspace_dir=sandbox.workspace,
-        rootfs_dir=sandbox.bundle / "rootfs", config=config,
+        rootfs_dir=sandbox.rootfs, config=config,
     )
 
 
@@ -77,11 +77,11 @@ def build(paths: HostPaths, inputs: layers.LayerInputs, rootless: bool) -> Bundl
     directory.mkdir(parents=True, exist_ok=True)
     rootfs.prepare(inputs.rootfs_dir, [m["destination"] for m in rendered.config["mounts"]])
     _write_agent_env(inputs, agent_env)
-    write_runtime_file(directory / layer_files.INPUTS_FILE,
+    write_runtime_file(sandbox.layer_inputs,
                        layer_files.record_inputs(inputs, inputs.config["appliers"]), 0o600)
     layer_files.complete_at_start(paths, inputs, inputs.config["appliers"], rendered.files)
-    write_runtime_file(directory / "config.json", config_bytes, 0o600)
-    write_runtime_file(directory / "layers.json", json.dumps({
+    write_runtime_file(sandbox.bundle_config, config_bytes, 0o600)
+    write_runtime_file(sandbox.bundle_layers, json.dumps({
         "provenance": rendered.provenance, "warnings": list(rendered.warnings),
         "hot_reload": sorted(rendered.hot_reload), "restart": sorted(rendered.restart),
         **({"agent_env": agent_env} if agent_env is not None else {}),
@@ -220,7 +220,7 @@ def _validate_schema(paths: HostPaths, config: dict, config_bytes: bytes, schema
 
     key = hashlib.sha256(b"\0".join([__version__.encode(), _schema_fingerprint(schema_dir).encode(),
                                      config_bytes])).hexdigest()
-    cache = paths.runtime / "schema-ok"
+    cache = paths.schema_ok
     if (cache / key).is_file():
         return
     from tappass_host.oci import schema

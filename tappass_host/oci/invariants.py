@@ -17,9 +17,9 @@ from typing import Any
 
 from tappass_host.errors import TappassError
 from tappass_host.layers import Host
+from tappass_host.layers.keyring import DESTINATION as KEYRING_DESTINATION
 from tappass_host.oci import parent_field
 
-KEYRING_DESTINATION = "/run/tappass/keyring"
 WORKSPACE_DESTINATION = "/workspace"
 KEYRING_OPTIONS = ("ro", "nosuid", "nodev", "noexec")
 

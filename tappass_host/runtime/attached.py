@@ -16,6 +16,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from tappass_host import paths
+
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -71,7 +73,7 @@ def run(runtime, cid: str, bundle: Path) -> Exit:
     runtime.root.mkdir(parents=True, exist_ok=True)
     become_subreaper()
     # In the sandbox's own runtime dir, which only this start (under the host lock) uses.
-    pid_file, log = bundle.parent / "attached.pid", bundle.parent / "runtime.log"
+    pid_file, log = bundle.parent / paths.ATTACHED_PID, bundle.parent / paths.RUNTIME_LOG
     pid_file.unlink(missing_ok=True)
     try:
         # The container's stdio are create's: ours. The runtime's own messages

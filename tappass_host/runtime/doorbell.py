@@ -16,13 +16,11 @@ import socket
 from tappass_host.paths import HostPaths
 from tappass_host.unixaddress import short_address
 
-DOORBELL = "daemon.sock"
-
 
 def ring(paths: HostPaths, name: str) -> None:
     """Tell a listening daemon that `name` changed state; silent if none listens."""
     try:
-        with short_address(paths.runtime / DOORBELL) as address, \
+        with short_address(paths.daemon_socket) as address, \
                 socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.setblocking(False)
             sock.sendto(name.encode(), address)
@@ -35,7 +33,7 @@ class Doorbell:
 
     def __init__(self, paths: HostPaths):
         paths.runtime.mkdir(parents=True, exist_ok=True)
-        self.path = paths.runtime / DOORBELL
+        self.path = paths.daemon_socket
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         with short_address(self.path) as address:
             try:

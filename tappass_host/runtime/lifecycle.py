@@ -36,7 +36,7 @@ def monitor_files(sandbox: SandboxPaths) -> MonitorFiles:
 
 
 def state_file(sandbox: SandboxPaths) -> Path:
-    return sandbox.runtime / "state.json"
+    return sandbox.run_state
 
 
 def read_json(path: Path) -> dict | None:
@@ -59,7 +59,7 @@ def is_running(sandbox: SandboxPaths) -> bool:
 def host_lock(paths: HostPaths):
     """Serializes starts, so `max_sandboxes` holds under concurrent starts."""
     paths.runtime.mkdir(parents=True, exist_ok=True)
-    with statefile.locked(paths.runtime / "start.lock"):
+    with statefile.locked(paths.start_lock):
         yield
 
 
@@ -79,7 +79,7 @@ def write_exit(paths: HostPaths, name: str, code: int | None, oom: bool,
 
     sandbox = paths.sandbox(name)
     sandbox.runtime.mkdir(parents=True, exist_ok=True)
-    with statefile.locked(sandbox.runtime / "exit.lock"):
+    with statefile.locked(sandbox.exit_lock):
         previous = read_json(sandbox.exit_record)
         if started_at and previous and previous.get("started_at") == started_at:
             return previous
@@ -250,11 +250,11 @@ def current_keyring(paths: HostPaths, name: str, pull_keyring, limits=None) -> d
 
     data = None
     try:
-        data = (paths.sandbox(name).keyring / "keyring.json").read_bytes()
+        data = paths.sandbox(name).keyring_payload.read_bytes()
     except (FileNotFoundError, PermissionError):
         pull_failed = pull_keyring(paths, name, limits or Limits())
         if pull_failed is None:
-            data = (paths.sandbox(name).keyring / "keyring.json").read_bytes()
+            data = paths.sandbox(name).keyring_payload.read_bytes()
     if data is None:
         raise LifecycleError(
             f"sandbox {name!r} has no keyring yet ({pull_failed}): run 'tappass-host daemon' "
@@ -463,12 +463,12 @@ def status(paths: HostPaths, name: str) -> dict:
     state = read_json(state_file(sandbox)) or {}
     running = is_running(sandbox)
     exit_record = None if running else last_exit(sandbox, state)
-    keyring = read_json(sandbox.keyring / "keyring.json")
+    keyring = read_json(sandbox.keyring_payload)
     flags = []
     if keyring and parse_timestamp(keyring["expires_at"]) <= datetime.now(timezone.utc):
         flags.append("stale")
     if running and keyring and state.get("restart_aspects") and _aspects(
-            keyring, frozenset(json.loads((sandbox.bundle / "layers.json").read_text())
+            keyring, frozenset(json.loads(sandbox.bundle_layers.read_text())
                                ["restart"])) != state["restart_aspects"]:
         flags.append("restart-pending")
     if state.get("degraded"):
@@ -504,7 +504,7 @@ def shell(paths: HostPaths, name: str, command: list[str]) -> int:
     if not is_running(sandbox):
         raise LifecycleError(f"sandbox {name!r} is not running")
     state = read_json(state_file(sandbox))
-    process = read_json(sandbox.bundle / "config.json")["process"]
+    process = read_json(sandbox.bundle_config)["process"]
     from tappass_host.landlock import launch_prefix
 
     process["args"] = launch_prefix(process["args"]) + command  # same Landlock ruleset

@@ -16,6 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from tappass_host import paths
 from tappass_host.errors import TappassError
 from tappass_host.runtime.oci import OCIRuntime
 
@@ -32,28 +33,28 @@ class MonitorFiles:
 
     @property
     def conmon_pid(self) -> Path:
-        return self.root / "conmon.pid"
+        return self.root / paths.CONMON_PID
 
     @property
     def container_pid(self) -> Path:
-        return self.root / "container.pid"
+        return self.root / paths.CONTAINER_PID
 
     @property
     def exits(self) -> Path:
-        return self.root / "exits"
+        return self.root / paths.CONMON_EXITS
 
     @property
     def persist(self) -> Path:
-        return self.root / "persist"
+        return self.root / paths.CONMON_PERSIST
 
     def exit_code(self) -> int | None:
         try:
-            return int((self.persist / "exit").read_text().strip())
+            return int((self.persist / paths.CONMON_EXIT_CODE).read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
 
     def oom_killed(self) -> bool:
-        return (self.persist / "oom").exists()
+        return (self.persist / paths.CONMON_OOM).exists()
 
 
 def find_conmon(override: str = "") -> str:
@@ -69,7 +70,7 @@ def launch(runtime: OCIRuntime, conmon: str, cid: str, bundle: Path, files: Moni
     for directory in (files.exits, files.persist):
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
-    for stale in (files.conmon_pid, files.container_pid, files.root / "oom"):
+    for stale in (files.conmon_pid, files.container_pid, files.root / paths.CONMON_OOM):
         stale.unlink(missing_ok=True)  # an earlier run's: never mistaken for this one's
     runtime.root.mkdir(parents=True, exist_ok=True)
     argv = [

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from tappass_host import paths
 from tappass_host.errors import TappassError
 
 RUNTIMES = ("crun", "runc")
@@ -51,7 +52,7 @@ class OCIRuntime:
         elif not binary or not Path(binary).is_file():
             raise RuntimeError_(f"the OCI runtime {name!r} is not installed "
                                 f"(apt-get install -y {name})")
-        return cls(name=name, binary=binary, root=runtime_dir / "oci" / name)
+        return cls(name=name, binary=binary, root=runtime_dir / paths.OCI_RUNTIME_STATE / name)
 
     def argv(self, *args: str) -> list[str]:
         return [self.binary, "--root", str(self.root), *args]

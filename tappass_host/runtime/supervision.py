@@ -136,7 +136,7 @@ class Supervisor:
         from tappass_host.runtime import lifecycle
 
         sandbox = self.paths.sandbox(name)
-        keyring = lifecycle.read_json(sandbox.keyring / "keyring.json")
+        keyring = lifecycle.read_json(sandbox.keyring_payload)
         expired = self._watch_expiry(name, keyring)
         state = lifecycle.read_json(lifecycle.state_file(sandbox))
         if not state or state.get("foreground"):
@@ -259,7 +259,7 @@ class Supervisor:
             self._expiries[name] = expires.timestamp()
             return False
         self._expiries.pop(name, None)
-        marker = self.paths.sandbox(name).root / "keyring-expired.json"
+        marker = self.paths.sandbox(name).keyring_expired
         seen = {"policy_version": keyring.get("policy_version"),
                 "issued_at": keyring.get("issued_at")}
         try:

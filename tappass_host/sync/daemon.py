@@ -235,7 +235,7 @@ class SandboxWorker:
 
     @property
     def _unacked_file(self):
-        return self.paths.sandbox(self.name).root / "unacked.json"
+        return self.paths.sandbox(self.name).unacked
 
     def _ack(self, ack: "Ack") -> None:
         """Acknowledge; one the control plane cannot take now is kept (the

@@ -25,7 +25,7 @@ class Outcome:
 
 def _current_payload(paths: HostPaths, name: str) -> dict | None:
     try:
-        return json.loads((paths.sandbox(name).keyring / "keyring.json").read_bytes())
+        return json.loads(paths.sandbox(name).keyring_payload.read_bytes())
     except (OSError, ValueError):
         return None
 
@@ -34,7 +34,7 @@ def is_current(paths: HostPaths, name: str, data: bytes) -> bool:
     """True when `data` is the envelope of the keyring in place (a pull after
     a reconnect usually is: it must not be re-applied as a replay)."""
     try:
-        return (paths.sandbox(name).keyring / "keyring.dsse.json").read_bytes() == data
+        return paths.sandbox(name).keyring_envelope.read_bytes() == data
     except OSError:
         return False
 
