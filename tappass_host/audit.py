@@ -48,12 +48,11 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 
-from tappass_host import signing, statefile, strictjson
+from tappass_host import clock, signing, statefile, strictjson
 from tappass_host.errors import TappassError
 from tappass_host.paths import HostPaths, check_sandbox_name
 
@@ -97,10 +96,6 @@ class VerifyReport:
 def event_hash(event: dict) -> str:
     unsigned = {k: v for k, v in event.items() if k not in ("hash", "sig")}
     return HASH_PREFIX + hashlib.sha256(strictjson.canonical(unsigned)).hexdigest()
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _decode_sig(text: str) -> bytes | None:
@@ -249,7 +244,7 @@ class AuditLog:
             last = _tail_events(fd, size, 1)
             record = {
                 "seq": last[0]["seq"] + 1 if last else 1,
-                "ts": _now(),
+                "ts": clock.now_text("milliseconds"),
                 "event": event,
                 "sandbox": sandbox,
                 "details": details,

@@ -18,3 +18,18 @@ def parse_timestamp(text: str) -> datetime:
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def format_timestamp(value: datetime, timespec: str = "seconds") -> str:
+    """An aware datetime -> RFC 3339 in UTC ending in `Z`, the one formatter.
+
+    `timespec` as datetime.isoformat's; the contracts use three:
+    "seconds" for identity records and certificates' not_after,
+    "milliseconds" for the audit log's `ts`,
+    "microseconds" for run state, exit records and acks' applied_at.
+    """
+    return value.astimezone(timezone.utc).isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
+def now_text(timespec: str = "seconds") -> str:
+    return format_timestamp(now(), timespec)

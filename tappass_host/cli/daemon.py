@@ -3,10 +3,10 @@
 import os
 import signal
 import sys
-import time
 
 import click
 
+from tappass_host import clock
 from tappass_host.cli import pass_host
 
 
@@ -16,7 +16,7 @@ def _stderr_logger():
 
     def log(line: str) -> None:
         if not under_systemd:
-            line = time.strftime("%Y-%m-%dT%H:%M:%S ", time.gmtime()) + line
+            line = f"{clock.now_text().removesuffix('Z')} {line}"
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
 

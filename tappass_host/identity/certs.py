@@ -9,7 +9,7 @@ import os
 import random
 import secrets
 import ssl
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tappass_host import statefile, strictjson
+from tappass_host import clock, statefile, strictjson
 from tappass_host.identity.bootstrap import b64url_decode, b64url_encode
 from tappass_host.identity.errors import IdentityError, RenewalError
 from tappass_host.paths import HostPaths
@@ -126,7 +126,7 @@ class CertificateMismatch(ValueError):
 def check_issued(cert_pem: bytes, ca_pem: bytes, key: ec.EllipticCurvePrivateKey,
                  spiffe_id: str, now: datetime | None = None) -> x509.Certificate:
     """The certificate the control plane issued is ours, or CertificateMismatch."""
-    now = now or datetime.now(timezone.utc)
+    now = now or clock.now()
     try:
         cert = x509.load_pem_x509_certificates(cert_pem)[0]
         ca = x509.load_pem_x509_certificate(ca_pem)
@@ -149,7 +149,7 @@ def check_issued(cert_pem: bytes, ca_pem: bytes, key: ec.EllipticCurvePrivateKey
 def renewal_delay(cert: x509.Certificate, now: datetime | None = None,
                   rng: random.Random | None = None) -> float:
     """Seconds until `cert` should be renewed: 50 % of its lifetime ± 10 % jitter."""
-    now = now or datetime.now(timezone.utc)
+    now = now or clock.now()
     rng = rng or random.SystemRandom()
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
     fraction = RENEW_AT * (1 + rng.uniform(-RENEW_JITTER, RENEW_JITTER))
@@ -176,7 +176,7 @@ def renew_certificate(paths: HostPaths, name: str, *, timeout: float = 10.0,
         raise
     AuditLog.for_host(paths).append("cert.renewed", sandbox=name, details={
         "serial": format(cert.serial_number, "x"),
-        "not_after": cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "not_after": clock.format_timestamp(cert.not_valid_after_utc),
     })
     return cert
 

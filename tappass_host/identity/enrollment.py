@@ -29,7 +29,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
@@ -38,7 +37,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tappass_host import sandbox as sandboxes
-from tappass_host import signing, statefile, strictjson
+from tappass_host import clock, signing, statefile, strictjson
 from tappass_host.identity import bootstrap as bootstraps
 from tappass_host.identity import certs
 from tappass_host.identity.errors import (
@@ -297,7 +296,7 @@ def _accept(name: str, claims: bootstraps.Claims, answer: dict, key, ca_pem: byt
     record = sandboxes.SandboxRecord(
         name=name, sandbox_id=sandbox_id, org_id=claims.org_id, spiffe_id=spiffe_id,
         sync_url=sync_url, signing_keys=list(keys), threshold=threshold,
-        created_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        created_at=clock.now_text(),
     )
     return record, cert
 

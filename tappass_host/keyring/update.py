@@ -13,8 +13,9 @@ and the current keyring stays.
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 
+from tappass_host import clock
 from tappass_host import sandbox as sandbox_record
 from tappass_host.audit import AuditLog
 from tappass_host.keyring.store import store_for
@@ -56,7 +57,7 @@ def apply_update(paths: HostPaths, name: str, data: bytes, *, limits: Limits = L
     from tappass_host.layers import files as layer_files
 
     render_files = render_files or (lambda k: layer_files.files_for_flip(paths, name, k.payload))
-    now = now or datetime.now(timezone.utc)
+    now = now or clock.now()
     record = sandbox_record.load(paths, name)
     audit = audit or AuditLog.for_host(paths)
     store = store_for(paths, record)

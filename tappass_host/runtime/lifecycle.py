@@ -13,10 +13,10 @@ import subprocess
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
-from tappass_host import statefile
+from tappass_host import clock, statefile
 from tappass_host.errors import NotFound, TappassError
 from tappass_host.paths import HostPaths, SandboxPaths
 from tappass_host.runtime import container_id, process_alive, wait_until
@@ -25,10 +25,6 @@ from tappass_host.runtime.monitor import MonitorFiles
 
 class LifecycleError(TappassError):
     pass
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def monitor_files(sandbox: SandboxPaths) -> MonitorFiles:
@@ -83,7 +79,7 @@ def write_exit(paths: HostPaths, name: str, code: int | None, oom: bool,
         previous = read_json(sandbox.exit_record)
         if started_at and previous and previous.get("started_at") == started_at:
             return previous
-        record = {**_exit_details(code, oom, _now()), "started_at": started_at}
+        record = {**_exit_details(code, oom, clock.now_text("microseconds")), "started_at": started_at}
         statefile.write_atomic(sandbox.exit_record, json.dumps(record).encode(), 0o644)
         from tappass_host.audit import AuditLog
 
@@ -167,7 +163,7 @@ def stop(paths: HostPaths, name: str, runtime, timeout: float = 10,
                        else record_exit_from_monitor(paths, name))
     except (OSError, TappassError) as exc:
         files = monitor_files(sandbox)
-        exit_record = _exit_details(files.exit_code(), files.oom_killed(), _now())
+        exit_record = _exit_details(files.exit_code(), files.oom_killed(), clock.now_text("microseconds"))
         unrecorded.append(("its exit", exc))
     runtime.delete(cid)
     _detach_network(paths, name)
@@ -260,7 +256,7 @@ def current_keyring(paths: HostPaths, name: str, pull_keyring, limits=None) -> d
             f"sandbox {name!r} has no keyring yet ({pull_failed}): run 'tappass-host daemon' "
             f"to receive one, or 'tappass-host sync apply {name} FILE'")
     keyring = json.loads(data)
-    if parse_timestamp(keyring["expires_at"]) <= datetime.now(timezone.utc):
+    if parse_timestamp(keyring["expires_at"]) <= clock.now():
         raise LifecycleError(
             f"sandbox {name!r}'s keyring (policy_version {keyring['policy_version']}) expired at "
             f"{keyring['expires_at']}: run 'tappass-host daemon' or 'sync apply' a fresh one")
@@ -337,7 +333,7 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
             record.agent, record.runtime = str(manifest.directory), runtime.name
             sandbox_record.save(sandbox, record)
         state = {"runtime": runtime.name, "runtime_binary": runtime.binary, "cid": cid,
-                 "started_at": _now(), "policy_version": keyring["policy_version"],
+                 "started_at": clock.now_text("microseconds"), "policy_version": keyring["policy_version"],
                  "agent": str(manifest.directory), "restart_policy": manifest.restart,
                  "foreground": foreground_run,
                  "restart_aspects": _aspects(keyring, built.rendered.restart),
@@ -465,7 +461,7 @@ def status(paths: HostPaths, name: str) -> dict:
     exit_record = None if running else last_exit(sandbox, state)
     keyring = read_json(sandbox.keyring_payload)
     flags = []
-    if keyring and parse_timestamp(keyring["expires_at"]) <= datetime.now(timezone.utc):
+    if keyring and parse_timestamp(keyring["expires_at"]) <= clock.now():
         flags.append("stale")
     if running and keyring and state.get("restart_aspects") and _aspects(
             keyring, frozenset(json.loads(sandbox.bundle_layers.read_text())
@@ -482,7 +478,7 @@ def status(paths: HostPaths, name: str) -> dict:
     started = state.get("started_at")
     uptime = None
     if running and started:
-        uptime = round((datetime.now(timezone.utc) - datetime.fromisoformat(started))
+        uptime = round((clock.now() - datetime.fromisoformat(started))
                        .total_seconds(), 1)
     return {
         "name": name, "state": phase, "pid": state.get("pid") if running else None,

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tappass_host import clock
 from tappass_host.errors import TappassError
 from tappass_host.keyring import Limits
 from tappass_host.paths import HostPaths
@@ -217,7 +218,8 @@ class SandboxWorker:
         self.log(line)
         if outcome.status == APPLIED:
             self.on_applied(self.name)
-        self._ack(Ack(outcome.policy_version or 0, outcome.status, outcome.reason, _now()))
+        self._ack(Ack(outcome.policy_version or 0, outcome.status, outcome.reason,
+                      clock.now_text("microseconds")))
 
     def _too_large(self, event: TooLarge) -> None:
         """An event the stream reader dropped unread: over the envelope size
@@ -231,7 +233,7 @@ class SandboxWorker:
                                              details=details)
         self.log(f"{self.name}: rejected policy_version {event.id}: too_large "
                  f"(event over {event.size} bytes, dropped unread)")
-        self._ack(Ack(event.id or 0, "rejected", "too_large", _now()))
+        self._ack(Ack(event.id or 0, "rejected", "too_large", clock.now_text("microseconds")))
 
     @property
     def _unacked_file(self):
@@ -295,12 +297,6 @@ class Ack:
                        str(doc["at"]), failed=True)
         except (OSError, ValueError, KeyError, TypeError):
             return None
-
-
-def _now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class Daemon:

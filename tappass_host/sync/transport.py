@@ -16,10 +16,9 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Protocol
 
-from tappass_host import responses
+from tappass_host import clock, responses
 from tappass_host import sandbox as sandbox_record
 from tappass_host.errors import TappassError
 from tappass_host.keyring import MAX_ENVELOPE_BYTES
@@ -222,7 +221,7 @@ class SyncClient:
         url = self._url(sandbox, "acks")
         body = {"policy_version": policy_version, "status": status, "reason": reason,
                 "applied_at": applied_at
-                or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+                or clock.now_text("microseconds")}
         response = self._request(sandbox, "POST", url, limit=MAX_ACK_ANSWER_BYTES, json=body)
         _expect(response, 204, url)
 
