@@ -29,7 +29,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tappass_host import signing, statefile, strictjson
+from tappass_host import clock, signing, statefile, strictjson
 from tappass_host.devplane.ca import CertificateAuthority, cert_pem, key_pem
 from tappass_host.errors import TappassError
 from tappass_host.identity import bootstrap as bootstraps
@@ -52,7 +52,7 @@ class Published:
 
 
 def utc_text(when: float) -> str:
-    return datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return clock.format_timestamp(datetime.fromtimestamp(when, timezone.utc))
 
 
 def _create_exclusive(path: Path, data: bytes, mode: int = 0o644) -> bool:
