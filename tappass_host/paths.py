@@ -23,6 +23,8 @@ KEYRING_ENVELOPE = "keyring.dsse.json"
 KEYRING_DATA = "..data"
 KEYRING_DATA_TMP = "..data_tmp"
 KEYRING_STAGING_PREFIX = "..tmp-"
+KEYRING_HARNESS_DIR = "harness"  # the harness layer's files (tappass_host.layers.files)
+KEYRING_LAYERS_DIR = "layers"  # every other layer's files, under layers/<layer>/
 # conmon's files in a sandbox's runtime directory (tappass_host.runtime.monitor):
 CONMON_PID = "conmon.pid"
 CONTAINER_PID = "container.pid"

@@ -42,12 +42,12 @@ from tappass_host.errors import TappassError
 from tappass_host.keyring import KeyringVersion, VerifiedKeyring
 from tappass_host.paths import KEYRING_DATA as DATA
 from tappass_host.paths import KEYRING_DATA_TMP as DATA_TMP
-from tappass_host.paths import KEYRING_ENVELOPE, KEYRING_PAYLOAD
+from tappass_host.paths import KEYRING_ENVELOPE, KEYRING_HARNESS_DIR, KEYRING_LAYERS_DIR, KEYRING_PAYLOAD
 from tappass_host.paths import KEYRING_STAGING_PREFIX as STAGING_PREFIX
 from tappass_host.statefile import fsync_dir, fsync_path, locked, write_file_durably
 
 KEYRING_FILES = (KEYRING_PAYLOAD, KEYRING_ENVELOPE)
-FILE_DIRS = ("harness", "layers")  # the appliers' files (tappass_host.layers.files)
+FILE_DIRS = (KEYRING_HARNESS_DIR, KEYRING_LAYERS_DIR)  # the appliers' files
 LINKS = (*KEYRING_FILES, *FILE_DIRS)
 _VERSION_DIR = re.compile(r"\.\.v(\d{10})-(\d{8}T\d{6}Z)")
 

@@ -29,10 +29,10 @@ from pathlib import Path
 
 from tappass_host.errors import TappassError
 from tappass_host.layers import Host, LayerInputs, LayerResult
+from tappass_host.paths import KEYRING_HARNESS_DIR as HARNESS_DIR
+from tappass_host.paths import KEYRING_LAYERS_DIR as LAYERS_DIR
 
 HARNESS_LAYER = "harness"
-HARNESS_DIR = "harness"
-LAYERS_DIR = "layers"
 
 MAX_FILE_BYTES = 1024 * 1024
 MAX_LAYER_BYTES = 4 * 1024 * 1024
