@@ -32,7 +32,6 @@ ALLOWED = {
     ("shipped.py", "base.json"),
     ("oci/render.py", "base.json"),
     ("oci/schema.py", "config-schema.json"),
-    ("shipped.py", "agent-"),
     ("shipped.py", ".json"),
     # The agent package's manifest, inside the package the user gives `--agent`.
     ("agent.py", "tappass-agent.toml"),
