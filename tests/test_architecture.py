@@ -36,12 +36,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("runtime", ("runtime",)),
     # Control-plane transport, the SSE reader, receiving and hot-reloading an update.
     ("sync", ("sync",)),
-    # Long-running host processes; the package `daemon` does not exist yet
-    # (issue 11 item 3), its modules are named here one by one.
-    ("daemon", (
-        "sync.daemon", "sync.renewal", "sync.notify", "runtime.supervision",
-        # the egress service is a daemon of its own (python -m tappass_host.network)
-        "network.service", "network.__main__")),
+    # Long-running host processes: the host daemon (main loop, per-sandbox
+    # worker, supervision, renewal, sd_notify), and the egress service, a
+    # daemon of its own (python -m tappass_host.network).
+    ("daemon", ("daemon", "network.service", "network.__main__")),
     ("cli", ("cli", "__main__")),
     # The development control plane: may import the host's modules, nothing imports it.
     ("devplane", ("devplane",)),

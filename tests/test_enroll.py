@@ -603,7 +603,7 @@ def test_staging_left_by_a_killed_enrollment_is_removed_by_the_next(devplane, ho
 def test_a_renewal_that_fails_unexpectedly_is_logged_and_retried_on_schedule(devplane, host_state):
     # A machine key that cannot be read (here: a directory in its place) is an OSError,
     # not a RenewalError; the daemon's schedule must survive it and keep the old certificate.
-    from tappass_host.sync.renewal import RenewalSchedule
+    from tappass_host.daemon.renewal import RenewalSchedule
 
     enroll(host_state, devplane)
     paths = host_state.paths

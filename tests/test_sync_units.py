@@ -5,7 +5,7 @@ import random
 import threading
 
 from tappass_host.sync.backoff import Backoff
-from tappass_host.sync.daemon import SandboxWorker, SyncSettings
+from tappass_host.daemon.worker import SandboxWorker, SyncSettings
 from tappass_host.sync.transport import Event, Unreachable
 
 import keyrings
@@ -193,7 +193,7 @@ def test_a_failed_ack_is_retried_after_reconnecting_latest_only(paths, signer):
 
 from tappass_host.paths import HostPaths  # noqa: E402
 from tappass_host.runtime.doorbell import Doorbell, ring  # noqa: E402
-from tappass_host.runtime.supervision import wants_restart  # noqa: E402
+from tappass_host.daemon.supervision import wants_restart  # noqa: E402
 
 
 def test_restart_policies():

@@ -38,8 +38,9 @@ def daemon(host):
     systemd it reports READY=1 once every stream is open and pings the
     watchdog.
     """
-    from tappass_host.runtime.supervision import SupervisionSettings, Supervisor
-    from tappass_host.sync.daemon import Daemon, SyncSettings
+    from tappass_host.daemon.loop import Daemon
+    from tappass_host.daemon.supervision import SupervisionSettings, Supervisor
+    from tappass_host.daemon.worker import SyncSettings
 
     log = _stderr_logger()
     supervisor = Supervisor(host.paths, host.config, SupervisionSettings.from_config(host.config),

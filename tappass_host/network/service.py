@@ -36,7 +36,7 @@ from tappass_host.network.proxy import HEAD_LIMIT, EgressProxy, SandboxPolicy
 from tappass_host.network.resolver import Resolver
 from tappass_host.network.settings import Settings
 from tappass_host.paths import HostPaths
-from tappass_host.sync.notify import sd_notify
+from tappass_host.daemon.notify import sd_notify
 from tappass_host.unixaddress import short_address
 
 IDLE_EXIT_S = 60.0

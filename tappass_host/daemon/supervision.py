@@ -16,7 +16,7 @@ need a restart (DESIGN §6, §9).
 - A running sandbox's workspace stays reserved on the state filesystem
   (tappass_host/workspace.py), even after a host-wide fstrim.
 
-The daemon learns of exits through its doorbell (doorbell.py).
+The daemon learns of exits through its doorbell (runtime/doorbell.py).
 """
 
 import json
