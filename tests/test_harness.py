@@ -24,6 +24,7 @@ from sandbox_fixture import (  # noqa: F401  (host is a fixture)
     unique_name,
     write_agent,
 )
+from tappass_host.keyring import harness_rules
 from tappass_host.layers import harness
 
 DATA = Path(__file__).resolve().parent / "data" / "harness"
@@ -277,11 +278,11 @@ def test_every_rule_the_grammar_accepts_the_schema_accepts():
         return not list(validator.iter_errors({"permissions": {"deny": [rule]}}))
 
     def grammar_accepts(rule: str) -> bool:
-        return not list(harness.problems({"harness": {
+        return not list(harness_rules.problems({"harness": {
             "runtime": "claude-code", "permissions": {"deny": [rule]}}}))
 
     @settings(max_examples=400, deadline=None)
-    @given(st.one_of(st.from_regex(harness._CLAUDE_RULE, fullmatch=True), st.text()))
+    @given(st.one_of(st.from_regex(harness_rules._CLAUDE_RULE, fullmatch=True), st.text()))
     def check(rule):
         if grammar_accepts(rule):
             assert schema_accepts(rule), rule

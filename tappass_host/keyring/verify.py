@@ -34,6 +34,7 @@ from tappass_host.keyring import (  # noqa: F401  (KeyringVersion, VerifiedKeyri
     Limits,
     VerifiedKeyring,
     envelope,
+    harness_rules,
 )
 
 CLOCK_SKEW = timedelta(seconds=60)
@@ -182,9 +183,7 @@ def _semantic_problems(payload: dict, limits: Limits, issued: datetime, expires:
         url = payload.get(aspect, {}).get(key)
         if url is not None and not url.startswith(("https://", "http://")):
             yield f"{aspect}.{key} is not an http(s) URL"
-    from tappass_host.layers import harness
-
-    yield from harness.problems(payload)
+    yield from harness_rules.problems(payload)
 
 
 def verify(data: bytes, trust: Trust, current: KeyringVersion | None, now: datetime,
