@@ -27,7 +27,7 @@ from _fleet import Fleet, json_dump
 BASELINE = """
 import time, httpx, jsonschema
 from cryptography import x509
-import tappass_host.keyring.update, tappass_host.daemon.loop, tappass_host.daemon.supervision
+import tappass_host.sync.apply, tappass_host.daemon.loop, tappass_host.daemon.supervision
 import tappass_host.identity.tls
 print("ready", flush=True)
 time.sleep(3600)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from keyrings import enroll, policy, sign  # noqa: E402
 from tappass_host import signing  # noqa: E402
-from tappass_host.keyring.update import apply_update  # noqa: E402
+from tappass_host.sync.apply import apply_update  # noqa: E402
 from tappass_host.paths import HostPaths  # noqa: E402
 
 

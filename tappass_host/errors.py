@@ -26,7 +26,7 @@ class with the module (under tappass_host/) that defines and raises it:
             RenewalError            identity/errors.py
             BadMachineKey           identity/certs.py
         KeyringRejected             keyring/verify.py   (carries `reason`)
-            LayerFilesInvalid       keyring/update.py
+            LayerFilesInvalid       sync/apply.py
         ExchangeUnsupported         keyring/store.py
         UnknownApplier              layers/__init__.py
         LayerUnavailable            layers/__init__.py

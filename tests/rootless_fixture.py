@@ -44,7 +44,7 @@ import json, os, sys
 sys.path.insert(0, {str(TESTS)!r})
 import keyrings
 from tappass_host import signing
-from tappass_host.keyring.update import apply_update
+from tappass_host.sync.apply import apply_update
 from tappass_host.paths import HostPaths
 
 state, name, aspects = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])

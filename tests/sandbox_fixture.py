@@ -172,7 +172,7 @@ class Host:
 
     def apply(self, name: str, version: int | None = None, **aspects) -> int:
         """Apply a new keyring version through the real update path (in process)."""
-        from tappass_host.keyring.update import apply_update
+        from tappass_host.sync.apply import apply_update
 
         data = self.envelope(name, version, **aspects)
         apply_update(self.paths, name, data)

@@ -49,9 +49,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 # shrinks: a violation that is gone must leave it too.
 # ("up", importer, imported) | ("cycle", *sorted members of one import cycle)
 KNOWN_VIOLATIONS: set[tuple[str, ...]] = {
-    # items 4, 5: applying an update (verify, the appliers' files, the flip) joins
-    # the one "apply then ack" path in sync; the keyring core keeps store.flip
-    ("up", "keyring.update", "layers.files"),
     # item 2: process_alive and wait_until (runtime/__init__) are process helpers
     # that the runtime's split moves down to the values layer
     ("up", "network.control", "runtime"),

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from keyrings import SANDBOX_ID, policy, sign
 from tappass_host import signing, strictjson
 from tappass_host.keyring.store import KeyringStore
-from tappass_host.keyring.update import apply_update
+from tappass_host.sync.apply import apply_update
 from tappass_host.keyring.verify import KeyringRejected, Limits, Trust, verify
 
 KEY = signing.generate()

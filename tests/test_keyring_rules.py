@@ -12,7 +12,7 @@ from keyrings import SANDBOX_ID, policy, sign
 from tappass_host import signing
 from tappass_host.audit import AuditLog
 from tappass_host.keyring.store import KeyringStore
-from tappass_host.keyring.update import apply_update
+from tappass_host.sync.apply import apply_update
 from tappass_host.keyring.verify import (
     KeyringRejected,
     KeyringVersion,

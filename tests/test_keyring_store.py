@@ -15,7 +15,7 @@ import pytest
 from keyrings import policy, sign
 from tappass_host.audit import AuditLog
 from tappass_host.keyring.store import KeyringStore
-from tappass_host.keyring.update import apply_update
+from tappass_host.sync.apply import apply_update
 
 BASE = datetime.now(timezone.utc).replace(microsecond=0)
 

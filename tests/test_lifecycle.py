@@ -334,7 +334,7 @@ def test_start_refuses_a_sandbox_without_a_keyring(runtime, host):
 
 
 def test_start_refuses_an_expired_keyring(runtime, host):
-    from tappass_host.keyring.update import apply_update
+    from tappass_host.sync.apply import apply_update
 
     name = host.enroll(unique_name("expired", runtime), apply=False)
     then = datetime.now(timezone.utc) - timedelta(hours=1)

@@ -23,7 +23,7 @@ def apply(host, name, file):
     Prints the new policy_version, or the reason code of the rejection (and
     exits 1). Both outcomes are written to the audit log.
     """
-    from tappass_host.keyring.update import apply_update
+    from tappass_host.sync.apply import apply_update
     from tappass_host.keyring.verify import KeyringRejected, Limits
 
     host.paths.sandbox(name)  # a bad name fails before any file is read

@@ -1,12 +1,12 @@
 """One envelope from the control plane, received: verify and flip it through
-the keyring core, then apply what can be applied live. Shared by the daemon
+tappass_host.sync.apply, then apply what can be applied live. Shared by the daemon
 and by `start`'s one-time pull."""
 
 import json
 from dataclasses import dataclass
 
 from tappass_host.errors import TappassError
-from tappass_host.keyring.update import apply_update
+from tappass_host.sync.apply import apply_update
 from tappass_host.keyring.verify import KeyringRejected, Limits
 from tappass_host.paths import HostPaths
 

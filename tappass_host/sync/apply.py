@@ -1,14 +1,17 @@
-"""One keyring update, start to finish: verify, flip, audit.
+"""One keyring update, start to finish: verify, render the appliers' files,
+flip, audit.
 
 This is the only way a keyring reaches a sandbox's directory: the daemon and
-`tappass-host sync apply` both call `apply_update`. The lock of the store is
-held from reading the current version to the flip, so two updates to one
-sandbox are serialized and each is checked against the version it replaces.
+`start`'s one-time pull (through tappass_host.sync.receive) and `tappass-host
+sync apply` all call `apply_update`. The lock of the store is held from
+reading the current version to the flip, so two updates to one sandbox are
+serialized and each is checked against the version it replaces.
 
 The appliers' files of the new version are rendered before the flip, with
 the inputs of the sandbox's last start (tappass_host.layers.files): a layer
 whose files are refused rejects the update as `invalid`, naming the layer,
-and the current keyring stays.
+and the current keyring stays. The keyring core below (verify, store.flip)
+knows nothing of the layers.
 """
 
 from collections.abc import Callable
@@ -28,6 +31,7 @@ from tappass_host.keyring.verify import (
     envelope_sha256,
     verify,
 )
+from tappass_host.layers import files as layer_files
 from tappass_host.paths import HostPaths
 
 FilesRenderer = Callable[[VerifiedKeyring], dict[str, bytes]]
@@ -54,8 +58,6 @@ def apply_update(paths: HostPaths, name: str, data: bytes, *, limits: Limits = L
     """Apply one envelope to sandbox `name`; raises KeyringRejected on refusal.
     `render_files`: the appliers' files of a verified keyring, by path in its
     version directory (default: every applier, as the last start ran them)."""
-    from tappass_host.layers import files as layer_files
-
     render_files = render_files or (lambda k: layer_files.files_for_flip(paths, name, k.payload))
     now = now or clock.now()
     record = sandbox_record.load(paths, name)
