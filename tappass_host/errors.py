@@ -38,8 +38,8 @@ class with the module (under tappass_host/) that defines and raises it:
         MountPointOutsideRootfs     oci/rootfs.py
         RuntimeError_               runtime/oci.py      (the OCI runtime binary)
         MonitorError                runtime/monitor.py
-        LifecycleError              runtime/lifecycle.py
-            StopNotRecorded         runtime/lifecycle.py
+        LifecycleError              runtime/runstate.py
+            StopNotRecorded         runtime/stop.py
         EgressError                 network/control.py
         PoolExhausted               network/addresses.py
         SyncError                   sync/transport.py
@@ -77,3 +77,10 @@ class InvalidName(TappassError):
 
 class NotFound(TappassError):
     """A sandbox or file the command needs does not exist."""
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an error: an OSError as its message and file."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)

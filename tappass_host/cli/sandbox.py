@@ -26,29 +26,30 @@ from tappass_host.cli import pass_host
 @pass_host
 def start(host, name, agent_spec, foreground, remove, runtime):
     """Start NAME's agent in a locked-down sandbox under its current keyring."""
-    from tappass_host.runtime import lifecycle
+    from tappass_host.runtime import start as starting
+    from tappass_host.runtime.runstate import LifecycleError
 
     host.paths.sandbox(name)
     # Checked here, not by click, so that a bad value is one line, like every error.
     if runtime is not None and runtime not in ("crun", "runc"):
-        raise lifecycle.LifecycleError(f"unknown runtime {runtime!r}: use crun or runc")
+        raise LifecycleError(f"unknown runtime {runtime!r}: use crun or runc")
     if remove and not foreground:
-        raise lifecycle.LifecycleError("--rm needs --foreground (a detached sandbox keeps its "
-                                       "state until the next start or stop)")
+        raise LifecycleError("--rm needs --foreground (a detached sandbox keeps its "
+                             "state until the next start or stop)")
     if agent_spec is None:  # e.g. tappass-host@.service: the last start's agent and runtime
         from tappass_host import sandbox as sandbox_record
 
         record = sandbox_record.load(host.paths, name)
         if not record.agent:
-            raise lifecycle.LifecycleError(f"sandbox {name!r} has never been started: "
-                                           "give its agent with --agent PKG")
+            raise LifecycleError(f"sandbox {name!r} has never been started: "
+                                 "give its agent with --agent PKG")
         agent_spec, runtime = record.agent, runtime or record.runtime
     from tappass_host.sync.pull import pull_once
 
-    started = lifecycle.start(host.paths, name, agent_spec, host.config, runtime,
-                              foreground_run=foreground, remove=remove,
-                              warn=lambda w: click.echo(f"tappass-host: warning: {w}", err=True),
-                              pull_keyring=pull_once)
+    started = starting.start(host.paths, name, agent_spec, host.config, runtime,
+                             foreground_run=foreground, remove=remove,
+                             warn=lambda w: click.echo(f"tappass-host: warning: {w}", err=True),
+                             pull_keyring=pull_once)
     if foreground:
         sys.exit(started.exit_code)
     host.emit({"name": name, "pid": started.pid, "runtime": started.runtime,
@@ -64,16 +65,14 @@ def start(host, name, agent_spec, foreground, remove, runtime):
 @pass_host
 def stop(host, name, timeout):
     """Stop NAME's agent: SIGTERM, then SIGKILL after --timeout."""
-    from tappass_host.runtime import lifecycle
-    from tappass_host.runtime.oci import OCIRuntime
+    from tappass_host.runtime import runstate, stop as stopping
 
-    sandbox = lifecycle.ensure_known(host.paths, name)
-    if not lifecycle.is_running(sandbox):
-        raise lifecycle.not_running(host.paths, name)
-    state = lifecycle.read_json(lifecycle.state_file(sandbox)) or {}
-    runtime = OCIRuntime.find(state.get("runtime") or host.config["runtime"], host.paths.runtime,
-                              state.get("runtime_binary", ""))
-    exit_record = lifecycle.stop(host.paths, name, runtime, timeout)
+    sandbox = runstate.ensure_known(host.paths, name)
+    if not runstate.is_running(sandbox):
+        raise stopping.not_running(host.paths, name)
+    state = runstate.read_json(runstate.state_file(sandbox)) or {}
+    runtime = runstate.runtime_of(host.paths, state, host.config["runtime"])
+    exit_record = stopping.stop(host.paths, name, runtime, timeout)
     host.emit({"name": name, "exit": exit_record},
               f"{name}: stopped (exit code {exit_record.get('code')})")
 
@@ -93,10 +92,10 @@ def _status_line(s: dict) -> str:
 @pass_host
 def status(host, name):
     """Show the state of one sandbox, or of all."""
-    from tappass_host.runtime import lifecycle
+    from tappass_host.runtime.status import status as status_of
 
     names = [name] if name else host.paths.sandbox_names()
-    rows = [lifecycle.status(host.paths, n) for n in names]
+    rows = [status_of(host.paths, n) for n in names]
     if host.json:
         host.emit(rows[0] if name else rows)
     elif not rows:
@@ -111,14 +110,14 @@ def status(host, name):
 def inspect(host, name):
     """Print NAME's rendered OCI config, which layer set which field, and its keyring version."""
     from tappass_host.errors import NotFound
-    from tappass_host.runtime import lifecycle
+    from tappass_host.runtime.runstate import ensure_known, read_json
 
-    sandbox = lifecycle.ensure_known(host.paths, name)
-    config = lifecycle.read_json(sandbox.bundle_config)
+    sandbox = ensure_known(host.paths, name)
+    config = read_json(sandbox.bundle_config)
     if config is None:
         raise NotFound(f"sandbox {name!r} has no rendered bundle yet: start it first")
-    layers = lifecycle.read_json(sandbox.bundle_layers) or {}
-    keyring = lifecycle.read_json(sandbox.keyring_payload) or {}
+    layers = read_json(sandbox.bundle_layers) or {}
+    keyring = read_json(sandbox.keyring_payload) or {}
     click.echo(json.dumps({"name": name, "keyring_version": keyring.get("policy_version"),
                            "config": config, **layers}, indent=2, sort_keys=True))
 
@@ -136,9 +135,9 @@ def logs(host, name, follow, tail, raw):
     Control characters the agent printed (escape sequences, carriage returns)
     are shown as \\xNN unless --raw; --json prints a JSON array (with -f, one
     JSON string per line)."""
-    from tappass_host.runtime import lifecycle
+    from tappass_host.runtime.runstate import ensure_known
 
-    path = lifecycle.ensure_known(host.paths, name).agent_log
+    path = ensure_known(host.paths, name).agent_log
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -227,12 +226,12 @@ def _k8s_messages(data: bytes, partial: str = "") -> tuple[list[str], str]:
 @pass_host
 def shell(host, name, command):
     """Run CMD (default /bin/sh) inside NAME's sandbox, as the agent, under the same restrictions."""
-    from tappass_host.runtime import lifecycle
+    from tappass_host.runtime.shell import shell as run_shell
 
     command = list(command)
     if command[:1] == ["--"]:  # `shell NAME -- CMD …`: everything after the name is CMD's
         command = command[1:]
-    sys.exit(lifecycle.shell(host.paths, name, command or ["/bin/sh"]))
+    sys.exit(run_shell(host.paths, name, command or ["/bin/sh"]))
 
 
 @click.command("_exited", hidden=True)
@@ -240,6 +239,6 @@ def shell(host, name, command):
 @pass_host
 def exited(host, name):
     """conmon's exit hook: record the agent's exit."""
-    from tappass_host.runtime import lifecycle
+    from tappass_host.runtime.stop import exit_hook
 
-    lifecycle.exit_hook(host.paths, name)
+    exit_hook(host.paths, name)

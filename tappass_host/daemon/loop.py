@@ -70,7 +70,7 @@ class Daemon:
     def _guarded(self, what: str, step: Callable[[], None]) -> None:
         """One step of the main loop; its failure (e.g. a full disk) is logged
         and the step is taken again on the next tick, the daemon goes on."""
-        from tappass_host.runtime.lifecycle import describe
+        from tappass_host.errors import describe
 
         try:
             step()
@@ -86,7 +86,7 @@ class Daemon:
         """Remove the namespaces and veths of sandboxes that died with their
         proxy (tappass_host.network); under the start lock, never mid-start."""
         from tappass_host.network import control
-        from tappass_host.runtime.lifecycle import host_lock, is_running
+        from tappass_host.runtime.runstate import host_lock, is_running
 
         if not control.leftovers(self.paths, is_running):
             return

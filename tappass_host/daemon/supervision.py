@@ -6,7 +6,7 @@ need a restart (DESIGN §6, §9).
   by `start`), after a capped, jittered backoff that starts over once a run
   has lasted `stable_after_s`.
 - A sandbox stopped on purpose (`stopped_by` in state.json, written by
-  `lifecycle.stop` before its signal) is never restarted: not after an
+  `runtime.stop.stop` before its signal) is never restarted: not after an
   operator's `tappass-host stop`, and not after an `on_expiry = "stop"` until
   a fresh keyring is in place.
 - A keyring that expires without a fresh one is audited once
@@ -133,15 +133,15 @@ class Supervisor:
     # -- one sandbox --
 
     def _check(self, name: str) -> None:
-        from tappass_host.runtime import lifecycle
+        from tappass_host.runtime import runstate
 
         sandbox = self.paths.sandbox(name)
-        keyring = lifecycle.read_json(sandbox.keyring_payload)
+        keyring = runstate.read_json(sandbox.keyring_payload)
         expired = self._watch_expiry(name, keyring)
-        state = lifecycle.read_json(lifecycle.state_file(sandbox))
+        state = runstate.read_json(runstate.state_file(sandbox))
         if not state or state.get("foreground"):
             return  # never started, or supervised by its own unit (tappass-host@.service)
-        if lifecycle.is_running(sandbox):
+        if runstate.is_running(sandbox):
             self._check_running(name, state, expired)
             return
         stopped_by = state.get("stopped_by")
@@ -170,35 +170,36 @@ class Supervisor:
 
     def _check_running(self, name: str, state: dict, expired: bool) -> None:
         from tappass_host import workspace
-        from tappass_host.runtime import lifecycle
+        from tappass_host.runtime.status import status
+        from tappass_host.runtime.stop import stop
 
         self._due.pop(name, None)
         workspace.keep_reserved(self.paths.sandbox(name))
         if expired and self.settings.on_expiry == "stop":
             self.log(f"{name}: keyring expired; stopping the sandbox (on_expiry = stop)")
-            lifecycle.stop(self.paths, name, self._runtime(state), intent="expiry")
+            stop(self.paths, name, self._runtime(state), intent="expiry")
             return
         if self.settings.restart_on_policy_change and \
-                "restart-pending" in lifecycle.status(self.paths, name)["flags"]:
+                "restart-pending" in status(self.paths, name)["flags"]:
             self.log(f"{name}: the new keyring changes what only a restart applies; restarting")
-            lifecycle.stop(self.paths, name, self._runtime(state), intent="policy_change")
+            stop(self.paths, name, self._runtime(state), intent="policy_change")
             self._restart(name, state, "policy_change")
 
     def _on_exit(self, name: str, state: dict) -> None:
         """The current run has ended: wait for its exit record, then decide."""
-        from tappass_host.runtime import lifecycle
+        from tappass_host.runtime import runstate
 
         sandbox = self.paths.sandbox(name)
-        record = lifecycle.read_json(sandbox.exit_record)
+        record = runstate.read_json(sandbox.exit_record)
         if not _ends(record, state):
             if not self._hook_overdue(name):
                 return
-            if lifecycle.monitor_files(sandbox).exit_code() is None:
+            if runstate.monitor_files(sandbox).exit_code() is None:
                 self._handled[name] = state.get("started_at")
                 self._complain(name, "its monitor ended without recording an exit; "
                                      "not restarting it")
                 return
-            record = lifecycle.record_exit_from_monitor(self.paths, name)
+            record = runstate.record_exit_from_monitor(self.paths, name)
         self._hook_late.pop(name, None)
         self._handled[name] = state.get("started_at")
         policy = state.get("restart_policy", "no")
@@ -221,15 +222,15 @@ class Supervisor:
 
     def _restart(self, name: str, state: dict, why: str) -> None:
         from tappass_host.audit import AuditLog
-        from tappass_host.runtime import lifecycle
+        from tappass_host.runtime.start import start
         from tappass_host.sync.pull import pull_once
 
         attempt = self._backoff[name].failures if name in self._backoff else 0
         try:
             AuditLog.for_host(self.paths).append("sandbox.restarted", sandbox=name, details={
                 "reason": why, "attempt": attempt, "previous_start": state.get("started_at")})
-            started = lifecycle.start(self.paths, name, state["agent"], self.config,
-                                      state.get("runtime"), pull_keyring=pull_once)
+            started = start(self.paths, name, state["agent"], self.config,
+                            state.get("runtime"), pull_keyring=pull_once)
         except (OSError, TappassError) as exc:
             # No run, no exit hook: try again after the next backoff step.
             backoff = self._backoff.setdefault(name, self._new_backoff())
@@ -242,10 +243,9 @@ class Supervisor:
                  f"policy_version {started.policy_version})")
 
     def _runtime(self, state: dict):
-        from tappass_host.runtime.oci import OCIRuntime
+        from tappass_host.runtime.runstate import runtime_of
 
-        return OCIRuntime.find(state["runtime"], self.paths.runtime,
-                               state.get("runtime_binary", ""))
+        return runtime_of(self.paths, state)
 
     # -- expiry --
 

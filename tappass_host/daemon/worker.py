@@ -148,7 +148,7 @@ class SandboxWorker:
     def _failed(self, exc: Exception) -> None:
         """An unexpected failure (not the stream's): logged and audited once
         per kind of failure, not per retry; the keyring in place stays."""
-        from tappass_host.runtime.lifecycle import describe
+        from tappass_host.errors import describe
 
         if self.stopping.is_set():
             return
@@ -186,7 +186,7 @@ class SandboxWorker:
                 raise
             # flipped, and then something failed (its audit, on a full disk): the
             # agent has it, so the control plane learns it is applied
-            from tappass_host.runtime.lifecycle import describe
+            from tappass_host.errors import describe
 
             outcome = Outcome(APPLIED, current_version(self.paths, self.name),
                               live_error=f"after the flip: {describe(exc)}")

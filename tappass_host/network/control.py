@@ -117,14 +117,14 @@ def detach(paths: HostPaths, name: str) -> None:
 
 def leftovers(paths: HostPaths, is_running) -> list[str]:
     """Sandboxes not running whose namespace and link are still on record;
-    `is_running` is the run state's (lifecycle.is_running), from the caller."""
+    `is_running` is the run state's (runtime.runstate.is_running), from the caller."""
     return [n for n in network.recorded(paths) if not is_running(paths.sandbox(n))]
 
 
 def reap(paths: HostPaths, is_running) -> list[str]:
     """Remove what crashed sandboxes left behind (namespace, veth, listener):
     through the egress service if one runs, else here (after a crash of
-    everything). Call under lifecycle.host_lock, so no start is half-way."""
+    everything). Call under runtime.runstate.host_lock, so no start is half-way."""
     if not leftovers(paths, is_running):
         return []
     try:

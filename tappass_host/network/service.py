@@ -197,7 +197,7 @@ class EgressService:
             print(f"egress: removing {link.host_ifname}: {exc}", file=sys.stderr)
 
     async def _reap(self, keep: str | None = None) -> list[str]:
-        from tappass_host.runtime.lifecycle import is_running
+        from tappass_host.runtime.runstate import is_running
 
         removed = []
         for name in sorted(set(self.attached) | set(network.recorded(self.paths))):
@@ -208,7 +208,7 @@ class EgressService:
 
     async def _recover(self) -> None:
         """After a predecessor died: listen again for sandboxes still running."""
-        from tappass_host.runtime.lifecycle import is_running
+        from tappass_host.runtime.runstate import is_running
 
         for name in network.recorded(self.paths):
             link = network.read_link(self.paths, name)

@@ -19,16 +19,15 @@ def apply_process_limits(paths: HostPaths, name: str, previous: dict | None,
     Raises the runtime's error when the update fails.
     """
     from tappass_host.layers.resources import linux_resources
-    from tappass_host.runtime import lifecycle
-    from tappass_host.runtime.oci import OCIRuntime
+    from tappass_host.runtime import runstate
 
     if (previous or {}).get("process") == current.get("process"):
         return None
     sandbox = paths.sandbox(name)
-    state = lifecycle.read_json(lifecycle.state_file(sandbox))
-    if not state or not lifecycle.is_running(sandbox):
+    state = runstate.read_json(runstate.state_file(sandbox))
+    if not state or not runstate.is_running(sandbox):
         return None
     resources = linux_resources(current.get("process", {}))
-    runtime = OCIRuntime.find(state["runtime"], paths.runtime, state.get("runtime_binary", ""))
+    runtime = runstate.runtime_of(paths, state)
     runtime.update(container_id(name), resources)
     return resources

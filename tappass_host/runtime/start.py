@@ -1,0 +1,231 @@
+"""`start`: a sandbox's agent under its current keyring, in a bundle the
+layers render, run by crun or runc under conmon (or attached, in the
+foreground). What it leaves is plain state on disk (runtime.runstate), so
+the CLI is a thin client and no process of ours stays behind per sandbox.
+"""
+
+import json
+import os
+import signal as signals
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tappass_host import clock
+from tappass_host.paths import HostPaths, SandboxPaths
+from tappass_host.runtime import container_id, process_alive
+from tappass_host.runtime.runstate import (
+    LifecycleError, ensure_known, host_lock, is_running, monitor_files, restart_aspects,
+    running_names, state_file, write_exit, write_state)
+from tappass_host.runtime.stop import detach_network, release_workspace
+
+
+def exit_command(paths: HostPaths, name: str) -> list[str]:
+    return [sys.executable, "-m", "tappass_host", "--state-dir", str(paths.state),
+            "_exited", name]
+
+
+def foreground(runtime, cid: str, bundle: Path):
+    """Run attached; signals to us go to the agent; returns its
+    tappass_host.runtime.attached.Exit (code, OOM kill)."""
+    from tappass_host.runtime import attached
+
+    return attached.run(runtime, cid, bundle)
+
+
+def current_keyring(paths: HostPaths, name: str, pull_keyring, limits=None) -> dict:
+    """The sandbox's current keyring payload, which must not have expired.
+
+    Without one, `pull_keyring` (the sync code's pull_once, given by the
+    caller) pulls the latest once from the control plane (DESIGN §9).
+    """
+    from tappass_host.clock import parse_timestamp
+    from tappass_host.keyring import Limits
+
+    data = None
+    try:
+        data = paths.sandbox(name).keyring_payload.read_bytes()
+    except (FileNotFoundError, PermissionError):
+        pull_failed = pull_keyring(paths, name, limits or Limits())
+        if pull_failed is None:
+            data = paths.sandbox(name).keyring_payload.read_bytes()
+    if data is None:
+        raise LifecycleError(
+            f"sandbox {name!r} has no keyring yet ({pull_failed}): run 'tappass-host daemon' "
+            f"to receive one, or 'tappass-host sync apply {name} FILE'")
+    keyring = json.loads(data)
+    if parse_timestamp(keyring["expires_at"]) <= clock.now():
+        raise LifecycleError(
+            f"sandbox {name!r}'s keyring (policy_version {keyring['policy_version']}) expired at "
+            f"{keyring['expires_at']}: run 'tappass-host daemon' or 'sync apply' a fresh one")
+    return keyring
+
+
+@dataclass(frozen=True)
+class Started:
+    name: str
+    pid: int
+    runtime: str
+    policy_version: int
+    warnings: tuple[str, ...]
+    exit_code: int | None = None  # foreground only
+
+
+def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: str | None = None,
+          foreground_run: bool = False, remove: bool = False, warn=None, *,
+          pull_keyring) -> Started:
+    """Start `name`'s agent. `warn` gets each warning of the layers as soon as
+    the sandbox is up (before a foreground agent runs, not after it ends).
+    `pull_keyring(paths, name, limits)` fetches a keyring when the sandbox has
+    none (tappass_host.sync.pull.pull_once): None, or why it could not."""
+    from tappass_host import agent, ids, workspace
+    from tappass_host import sandbox as sandbox_record
+    from tappass_host.audit import AuditLog
+    from tappass_host.keyring.store import store_for
+    from tappass_host.oci import bundle as oci_bundle
+    from tappass_host.paths import is_rootless
+    from tappass_host.runtime import monitor
+
+    sandbox = ensure_known(paths, name)
+    manifest = agent.load(agent_spec)
+    agent.check_entrypoint(manifest)
+    runtime = find_runtime(paths, config, runtime_name)
+    conmon = None if foreground_run else monitor.find_conmon(config["conmon_path"])
+    from tappass_host.keyring import Limits
+
+    keyring = current_keyring(paths, name, pull_keyring, Limits(**config["limits"]))
+    agent_ids = ids.agent_ids(paths, name, config.agent_id_range)
+    ids.check_runtime(agent_ids, runtime.name)
+    record = sandbox_record.load(paths, name)
+    rootless = is_rootless()
+    if not rootless:  # rootless: the agent's host id is a mapped one; the runtime decides
+        agent.check_readable(manifest, agent_ids.uid, agent_ids.gid)
+    cid = container_id(name)
+    with host_lock(paths):
+        if is_running(sandbox):
+            raise LifecycleError(f"sandbox {name!r} is already running")
+        running = running_names(paths)
+        if len(running) >= config["max_sandboxes"]:
+            raise LifecycleError(
+                f"{len(running)} sandboxes are running, the limit (max_sandboxes) is "
+                f"{config['max_sandboxes']}: stop one first")
+        store = store_for(paths, record)
+        with store.transaction():
+            store.adopt_group()
+        workspace_warnings = workspace.attach(
+            sandbox, config["filesystem.workspace_mb"], agent_ids.owner_uid,
+            agent_ids.owner_gid, rootless)
+        try:
+            host = _with_egress(paths, name, keyring, config,
+                                oci_bundle.host_capabilities(agent_ids, rootless, runtime.name))
+            inputs = oci_bundle.layer_inputs(paths, name, record, keyring, manifest, config, host)
+            built = oci_bundle.build(paths, inputs, rootless)
+        except BaseException:
+            detach_network(paths, name)
+            workspace.release(sandbox)
+            raise
+        warnings = built.rendered.warnings + workspace_warnings
+        if runtime.has_state(cid):
+            runtime.delete(cid)  # a stopped container of an earlier run
+        if (record.agent, record.runtime) != (str(manifest.directory), runtime.name):
+            record.agent, record.runtime = str(manifest.directory), runtime.name
+            sandbox_record.save(sandbox, record)
+        state = {"runtime": runtime.name, "runtime_binary": runtime.binary, "cid": cid,
+                 "started_at": clock.now_text("microseconds"), "policy_version": keyring["policy_version"],
+                 "agent": str(manifest.directory), "restart_policy": manifest.restart,
+                 "foreground": foreground_run,
+                 "restart_aspects": restart_aspects(keyring, built.rendered.restart),
+                 "warnings": list(warnings),
+                 "degraded": bool(built.rendered.unavailable)}
+        had_log = sandbox.agent_log.exists()
+        try:
+            if foreground_run:
+                # Under the lock, like a monitored start: a concurrent start
+                # must count this sandbox against max_sandboxes.
+                write_state(sandbox, {**state, "pid": os.getpid()})
+            else:
+                files = monitor_files(sandbox)
+                sandbox.logs.mkdir(parents=True, exist_ok=True)
+                pid = monitor.launch(runtime, conmon, cid, built.directory, files,
+                                     sandbox.agent_log, config["log_max_bytes"],
+                                     exit_command(paths, name))
+                conmon_pid = int(files.conmon_pid.read_text().strip())
+                write_state(sandbox, {**state, "pid": pid, "conmon_pid": conmon_pid})
+                runtime.start(cid)
+        except BaseException:
+            _undo_start(sandbox, runtime, cid)
+            detach_network(paths, name)
+            workspace.release(sandbox)
+            if not had_log:
+                sandbox.agent_log.unlink(missing_ok=True)  # conmon's, for nothing
+            raise
+    audit = AuditLog.for_host(paths)
+    audit.append("sandbox.started", sandbox=name, details={
+        "runtime": runtime.name, "policy_version": keyring["policy_version"],
+        "agent": manifest.name, "foreground": foreground_run})
+    for layer, feature in built.rendered.unavailable:
+        audit.append("layer.unavailable", sandbox=name, details={"layer": layer, "feature": feature})
+    for warning in warnings if warn else ():
+        warn(warning)
+    if not foreground_run:
+        return Started(name, pid, runtime.name, keyring["policy_version"], warnings)
+    try:
+        ended = foreground(runtime, cid, built.directory)
+        code = ended.code
+        write_exit(paths, name, code, oom=ended.oom, started_at=state["started_at"])
+    finally:
+        # The attached run keeps the container (its cgroup counted OOM kills).
+        if runtime.has_state(cid):
+            runtime.delete(cid)
+        detach_network(paths, name)
+        state_file(sandbox).unlink(missing_ok=True)
+        release_workspace(paths, name)
+        if remove:
+            import shutil
+
+            shutil.rmtree(sandbox.runtime, ignore_errors=True)
+    return Started(name, 0, runtime.name, keyring["policy_version"], warnings,
+                   exit_code=code)
+
+
+def find_runtime(paths: HostPaths, config, name: str | None = None, binary: str = ""):
+    """The OCI runtime `name` (default: config `runtime`). Config `runtime_path`
+    applies to the runtime config names, whether or not `--runtime` repeats it."""
+    from tappass_host.runtime.oci import OCIRuntime
+
+    name = name or config["runtime"]
+    override = binary or (config["runtime_path"] if name == config["runtime"] else "")
+    return OCIRuntime.find(name, paths.runtime, override)
+
+
+def _with_egress(paths: HostPaths, name: str, keyring: dict, config, host):
+    """Network mode proxy: the sandbox's namespace and proxy listener
+    (tappass_host.network), whose URL the network layer gives the agent. In
+    any mode, what crashed sandboxes left of theirs is removed first."""
+    from dataclasses import replace
+
+    from tappass_host.network import control
+
+    if (keyring.get("network") or {}).get("mode") != "proxy" or host.rootless:
+        control.reap(paths, is_running)
+        return host
+    return replace(host, egress_proxy=control.attach(paths, name, config)["proxy_url"])
+
+
+def _undo_start(sandbox: SandboxPaths, runtime, cid: str) -> None:
+    """A start that failed half-way leaves nothing behind: no monitor, no
+    container, no runtime dir."""
+    import shutil
+
+    try:
+        conmon_pid = int(monitor_files(sandbox).conmon_pid.read_text().strip())
+    except (OSError, ValueError):
+        conmon_pid = None
+    if process_alive(conmon_pid, "conmon"):
+        try:
+            os.kill(conmon_pid, signals.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if runtime.has_state(cid):
+        runtime.delete(cid)
+    shutil.rmtree(sandbox.runtime, ignore_errors=True)

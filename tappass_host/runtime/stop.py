@@ -1,0 +1,101 @@
+"""The end of a run: `stop`, conmon's exit hook, and what both undo after
+the agent (its network namespace, its workspace's mount)."""
+
+from tappass_host import clock
+from tappass_host.errors import TappassError, describe
+from tappass_host.paths import HostPaths
+from tappass_host.runtime import container_id, process_alive, wait_until
+from tappass_host.runtime.runstate import (
+    LifecycleError, exit_details, host_lock, is_running, monitor_files, read_json,
+    record_exit_from_monitor, state_file, write_state)
+
+
+class StopNotRecorded(LifecycleError):
+    """The sandbox was stopped; its exit record or audit event was not written
+    (e.g. the state filesystem is full)."""
+
+
+def stop(paths: HostPaths, name: str, runtime, timeout: float = 10,
+         intent: str = "operator") -> dict:
+    """Stop a running sandbox. `intent` (operator | expiry | policy_change) is
+    recorded in state.json before the signal: the daemon's supervision never
+    restarts a sandbox stopped on purpose (supervision.py)."""
+    sandbox = paths.sandbox(name)
+    state = read_json(state_file(sandbox))
+    if not state or not is_running(sandbox):
+        raise not_running(paths, name)
+    write_state(sandbox, {**state, "stopped_by": intent})
+    cid = container_id(name)
+    runtime.kill(cid, "SIGTERM")
+    if not wait_until(lambda: not process_alive(state["pid"]), timeout):
+        runtime.kill(cid, "SIGKILL")
+        wait_until(lambda: not process_alive(state["pid"]), 10)
+    wait_until(lambda: not process_alive(state.get("conmon_pid"), "conmon"), 10)
+    hook_ran = wait_until(lambda: (read_json(sandbox.exit_record) or {}).get("finished_at", "")
+                     >= state["started_at"], 10)
+    unrecorded = []
+    try:
+        exit_record = (read_json(sandbox.exit_record) if hook_ran
+                       else record_exit_from_monitor(paths, name))
+    except (OSError, TappassError) as exc:
+        files = monitor_files(sandbox)
+        exit_record = exit_details(files.exit_code(), files.oom_killed(), clock.now_text("microseconds"))
+        unrecorded.append(("its exit", exc))
+    runtime.delete(cid)
+    detach_network(paths, name)
+    release_workspace(paths, name)
+    from tappass_host.audit import AuditLog
+
+    try:
+        AuditLog.for_host(paths).append("sandbox.stopped", sandbox=name,
+                                        details={"code": exit_record.get("code"), "by": intent})
+    except (OSError, TappassError) as exc:
+        unrecorded.append(("the stop", exc))
+    if unrecorded:
+        what = " and ".join(w for w, _ in unrecorded)
+        raise StopNotRecorded(f"sandbox {name!r} stopped (exit code {exit_record.get('code')}), "
+                              f"but {what} could not be recorded: {describe(unrecorded[0][1])}")
+    return exit_record
+
+
+def not_running(paths: HostPaths, name: str) -> LifecycleError:
+    """The error for stopping a sandbox that is not running. One that exited
+    on its own is marked as stopped by the operator all the same: a restart
+    the daemon has pending for it is called off."""
+    sandbox = paths.sandbox(name)
+    state = read_json(state_file(sandbox))
+    if state and not state.get("foreground") and not state.get("stopped_by"):
+        write_state(sandbox, {**state, "stopped_by": "operator"})
+        return LifecycleError(f"sandbox {name!r} is not running (it exited; the daemon will "
+                              "not restart it)")
+    return LifecycleError(f"sandbox {name!r} is not running")
+
+
+def exit_hook(paths: HostPaths, name: str) -> dict | None:
+    """conmon's exit command. conmon runs it even when `<runtime> create`
+    failed, i.e. when no agent ever ran (and `start` has undone itself): it
+    then has no exit code, and there is no exit to record."""
+    detach_network(paths, name)
+    release_workspace(paths, name)
+    if monitor_files(paths.sandbox(name)).exit_code() is None:
+        return None
+    return record_exit_from_monitor(paths, name)
+
+
+def release_workspace(paths: HostPaths, name: str) -> None:
+    """After a run: unmount the workspace's filesystem (tappass_host.workspace),
+    unless a new run of the sandbox has started meanwhile."""
+    from tappass_host import workspace
+
+    sandbox = paths.sandbox(name)
+    if not workspace.image_of(sandbox).exists():
+        return
+    with host_lock(paths):
+        if not is_running(sandbox):
+            workspace.release(sandbox)
+
+
+def detach_network(paths: HostPaths, name: str) -> None:
+    from tappass_host.network import control
+
+    control.detach(paths, name)
