@@ -12,7 +12,7 @@ import sys
 from tappass_host import network
 from tappass_host.errors import TappassError
 from tappass_host.paths import HostPaths
-from tappass_host.runtime import process_alive, wait_until
+from tappass_host.processes import process_alive, wait_until
 from tappass_host.unixaddress import short_address
 
 SPAWN_WAIT_S = 15.0

@@ -12,7 +12,7 @@ from pathlib import Path
 from tappass_host import clock, statefile
 from tappass_host.errors import NotFound, TappassError
 from tappass_host.paths import HostPaths, SandboxPaths
-from tappass_host.runtime import process_alive
+from tappass_host.processes import process_alive
 from tappass_host.runtime.monitor import MonitorFiles
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tappass_host import clock
 from tappass_host.paths import HostPaths, SandboxPaths
-from tappass_host.runtime import container_id, process_alive
+from tappass_host.processes import process_alive
+from tappass_host.runtime import container_id
 from tappass_host.runtime.runstate import (
     LifecycleError, ensure_known, host_lock, is_running, monitor_files, restart_aspects,
     running_names, state_file, write_exit, write_state)

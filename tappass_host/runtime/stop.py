@@ -4,7 +4,8 @@ the agent (its network namespace, its workspace's mount)."""
 from tappass_host import clock
 from tappass_host.errors import TappassError, describe
 from tappass_host.paths import HostPaths
-from tappass_host.runtime import container_id, process_alive, wait_until
+from tappass_host.processes import process_alive, wait_until
+from tappass_host.runtime import container_id
 from tappass_host.runtime.runstate import (
     LifecycleError, exit_details, host_lock, is_running, monitor_files, read_json,
     record_exit_from_monitor, state_file, write_state)

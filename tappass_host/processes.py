@@ -1,0 +1,31 @@
+"""Host processes: whether one is alive, and waiting for a condition."""
+
+import time
+
+
+def process_alive(pid: int | None, comm: str | None = None) -> bool:
+    """Whether `pid` runs and is no zombie (and, given `comm`, is that program)."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    state = stat[stat.rfind(")") + 2:][:1]
+    if state in ("Z", "X"):
+        return False
+    return comm is None or stat[stat.find("(") + 1:stat.rfind(")")] == comm
+
+
+def wait_until(predicate, timeout: float, max_delay: float = 0.1) -> bool:
+    """Poll `predicate` with a growing delay (up to `max_delay`) until it is
+    true (True) or `timeout` seconds have passed (False)."""
+    deadline = time.monotonic() + timeout
+    delay = min(0.005, max_delay)
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, max_delay)
+    return True
