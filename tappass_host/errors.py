@@ -36,7 +36,7 @@ class with the module (under tappass_host/) that defines and raises it:
         SchemaUnavailable           oci/schema.py
         BundleSchemaError           oci/schema.py
         MountPointOutsideRootfs     oci/rootfs.py
-        RuntimeError_               runtime/oci.py      (the OCI runtime binary)
+        OCIRuntimeFailed            runtime/ociruntime.py (the OCI runtime binary)
         MonitorError                runtime/monitor.py
         LifecycleError              runtime/runstate.py
             StopNotRecorded         runtime/stop.py

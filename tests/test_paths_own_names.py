@@ -45,7 +45,7 @@ ALLOWED = {
     ("keyring/store.py", ".tmp"),
     ("workspace.py", ".tmp"),
     ("runtime/shell.py", ".json"),
-    ("runtime/oci.py", ".json"),
+    ("runtime/ociruntime.py", ".json"),
     ("oci/invariants.py", ".sock"),
 }
 

@@ -82,9 +82,9 @@ def run(runtime, cid: str, bundle: Path) -> Exit:
                                               "--pid-file", str(pid_file), cid),
                                  stdin=subprocess.DEVNULL)
         if created.returncode != 0:
-            from tappass_host.runtime.oci import RuntimeError_
+            from tappass_host.runtime.ociruntime import OCIRuntimeFailed
 
-            raise RuntimeError_(f"{runtime.name} create failed: {_last_message(log)}")
+            raise OCIRuntimeFailed(f"{runtime.name} create failed: {_last_message(log)}")
         pid = int(pid_file.read_text().strip())
     finally:
         pid_file.unlink(missing_ok=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tappass_host import paths
 from tappass_host.errors import TappassError
-from tappass_host.runtime.oci import OCIRuntime
+from tappass_host.runtime.ociruntime import OCIRuntime
 
 
 class MonitorError(TappassError):

@@ -43,9 +43,9 @@ def write_state(sandbox: SandboxPaths, state: dict) -> None:
 
 
 def runtime_of(paths: HostPaths, state: dict, default: str | None = None):
-    """The OCI runtime (runtime.oci.OCIRuntime) of the run `state` describes:
+    """The OCI runtime (runtime.ociruntime.OCIRuntime) of the run `state` describes:
     the same runtime and binary; `default` when state.json names none."""
-    from tappass_host.runtime.oci import OCIRuntime
+    from tappass_host.runtime.ociruntime import OCIRuntime
 
     return OCIRuntime.find(state.get("runtime") or default, paths.runtime,
                            state.get("runtime_binary", ""))

@@ -192,7 +192,7 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
 def find_runtime(paths: HostPaths, config, name: str | None = None, binary: str = ""):
     """The OCI runtime `name` (default: config `runtime`). Config `runtime_path`
     applies to the runtime config names, whether or not `--runtime` repeats it."""
-    from tappass_host.runtime.oci import OCIRuntime
+    from tappass_host.runtime.ociruntime import OCIRuntime
 
     name = name or config["runtime"]
     override = binary or (config["runtime_path"] if name == config["runtime"] else "")

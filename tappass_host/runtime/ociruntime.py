@@ -15,7 +15,7 @@ from tappass_host.errors import TappassError
 RUNTIMES = ("crun", "runc")
 
 
-class RuntimeError_(TappassError):
+class OCIRuntimeFailed(TappassError):
     """The OCI runtime is missing or failed."""
 
 
@@ -25,15 +25,15 @@ def _check_runtime_binary(name: str, binary: str) -> None:
     an executable whose `--version` says `<name> version …`."""
     problem = f"runtime_path {binary!r} is not the OCI runtime {name}"
     if not Path(binary).is_file() or not os.access(binary, os.X_OK):
-        raise RuntimeError_(f"{problem}: not an executable file")
+        raise OCIRuntimeFailed(f"{problem}: not an executable file")
     try:
         result = subprocess.run([binary, "--version"], capture_output=True, timeout=10,
                                 stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise RuntimeError_(f"{problem}: it does not run ({type(exc).__name__})") from None
+        raise OCIRuntimeFailed(f"{problem}: it does not run ({type(exc).__name__})") from None
     first = result.stdout.split(b"\n", 1)[0].decode("ascii", "replace")
     if result.returncode != 0 or not first.startswith(f"{name} version "):
-        raise RuntimeError_(f"{problem}: its --version does not say '{name} version'")
+        raise OCIRuntimeFailed(f"{problem}: its --version does not say '{name} version'")
 
 
 @dataclass(frozen=True)
@@ -45,12 +45,12 @@ class OCIRuntime:
     @classmethod
     def find(cls, name: str, runtime_dir: Path, path_override: str = "") -> "OCIRuntime":
         if name not in RUNTIMES:
-            raise RuntimeError_(f"unknown runtime {name!r}: use one of {', '.join(RUNTIMES)}")
+            raise OCIRuntimeFailed(f"unknown runtime {name!r}: use one of {', '.join(RUNTIMES)}")
         binary = path_override or shutil.which(name)
         if path_override:
             _check_runtime_binary(name, path_override)
         elif not binary or not Path(binary).is_file():
-            raise RuntimeError_(f"the OCI runtime {name!r} is not installed "
+            raise OCIRuntimeFailed(f"the OCI runtime {name!r} is not installed "
                                 f"(apt-get install -y {name})")
         return cls(name=name, binary=binary, root=runtime_dir / paths.OCI_RUNTIME_STATE / name)
 
@@ -63,10 +63,10 @@ class OCIRuntime:
             result = subprocess.run(self.argv(*args), capture_output=True, text=True,
                                     timeout=timeout)
         except OSError as exc:
-            raise RuntimeError_(f"cannot run {self.name} ({self.binary}): {exc.strerror}") from None
+            raise OCIRuntimeFailed(f"cannot run {self.name} ({self.binary}): {exc.strerror}") from None
         if check and result.returncode != 0:
             message = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise RuntimeError_(f"{self.name} {args[0]} failed: {message}")
+            raise OCIRuntimeFailed(f"{self.name} {args[0]} failed: {message}")
         return result
 
     def has_state(self, cid: str) -> bool:
