@@ -87,7 +87,7 @@ def main() -> None:
     try:
         base = fleet.enroll(unique_name("base"))
         # the baseline sandbox's keyrings are applied locally: the control plane has none
-        from tappass_host import sandbox as sandbox_record
+        from tappass_host import sandbox_record
         from tappass_host.devplane import keyrings
         from tappass_host.sync.receive import receive
 
@@ -123,7 +123,7 @@ def main() -> None:
 
 def local_baseline_from(fleet: Fleet, name: str, count: int) -> list[int]:
     """`count` local flips after v1 (already in place)."""
-    from tappass_host import sandbox as sandbox_record
+    from tappass_host import sandbox_record
     from tappass_host.devplane import keyrings
     from tappass_host.sync.receive import APPLIED, receive
 

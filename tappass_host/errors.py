@@ -13,7 +13,7 @@ class with the module (under tappass_host/) that defines and raises it:
             AuditWriteFailed        audit.py
         BadAgent                    agent.py
         BadKey                      signing.py
-        BadRecord                   sandbox.py
+        BadRecord                   sandbox_record.py
         NoFreeIds                   ids.py
         RootlessUnsupported         ids.py
         TooLarge                    responses.py

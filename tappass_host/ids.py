@@ -24,7 +24,7 @@ sandboxes never share an id even when started concurrently.
 import os
 from dataclasses import dataclass
 
-from tappass_host import sandbox as sandbox_record
+from tappass_host import sandbox_record
 from tappass_host import statefile
 from tappass_host.errors import TappassError
 from tappass_host.paths import HostPaths, is_rootless

@@ -3,7 +3,7 @@
 import json
 from datetime import datetime, timedelta, timezone
 
-from tappass_host import sandbox as sandbox_record
+from tappass_host import sandbox_record
 from tappass_host import signing
 from tappass_host.keyring import envelope
 

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # configuration, JSON and the records of a sandbox; import nothing above.
     ("values and files", (
         "tappass_host", "paths", "statefile", "clock", "errors", "config", "strictjson",
-        "unixaddress", "domains", "responses", "shipped", "signing", "sandbox", "ids",
+        "unixaddress", "domains", "responses", "shipped", "signing", "sandbox_record", "ids",
         "workspace", "agent", "audit", "systemd", "processes", "sandbox_launcher")),
     # The keyring (envelope, verification, the store) and the host's identity.
     ("keyring and identity", ("keyring", "identity")),

@@ -27,7 +27,7 @@ from audit_records import read_audit
 from daemon_fixture import *  # noqa: F403
 from daemon_fixture import AGENT, enroll
 from devplane_fixture import ENV, PYTHON, wait_for
-from tappass_host import sandbox as sandbox_record
+from tappass_host import sandbox_record
 from tappass_host.devplane import ca as devplane_ca
 
 INFLATED = 512 * 1024 * 1024

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from devplane_fixture import *  # noqa: F403
 from devplane_fixture import claims_of, new_host_state
 from tappass_host import signing, strictjson
-from tappass_host import sandbox as sandboxes
+from tappass_host import sandbox_record as sandboxes
 from tappass_host.identity import bootstrap as bootstraps
 from tappass_host.identity import certs, enrollment
 from tappass_host.identity.tls import mtls_context, pinned_context

@@ -20,7 +20,7 @@ from audit_records import read_audit
 from devplane_fixture import *  # noqa: F403
 from devplane_fixture import ENV, PYTHON, claims_of, new_host_state, run_host
 from tappass_host import signing
-from tappass_host import sandbox as sandboxes
+from tappass_host import sandbox_record as sandboxes
 from tappass_host.identity import bootstrap as bootstraps
 from tappass_host.identity import certs
 from tappass_host.identity.tls import mtls_context, pinned_context
@@ -547,7 +547,7 @@ def test_renewal_delay_is_half_the_lifetime_with_ten_percent_jitter(devplane, ho
 
 _STALLED_COMMIT = """
 import sys, time
-from tappass_host import sandbox as sandboxes
+from tappass_host import sandbox_record as sandboxes
 from tappass_host.identity import enrollment
 from tappass_host.paths import HostPaths
 

@@ -55,7 +55,7 @@ def test_layout_links_and_modes(paths, sandbox, signer):
 
 def test_files_belong_to_the_agent_group(paths, signer):
     import keyrings
-    from tappass_host import sandbox as sandbox_record
+    from tappass_host import sandbox_record
 
     record = keyrings.enroll(paths, "demo", [signer])
     record.agent_gid = 201234

@@ -37,7 +37,7 @@ def start(host, name, agent_spec, foreground, remove, runtime):
         raise LifecycleError("--rm needs --foreground (a detached sandbox keeps its "
                              "state until the next start or stop)")
     if agent_spec is None:  # e.g. tappass-host@.service: the last start's agent and runtime
-        from tappass_host import sandbox as sandbox_record
+        from tappass_host import sandbox_record
 
         record = sandbox_record.load(host.paths, name)
         if not record.agent:

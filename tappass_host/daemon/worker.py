@@ -42,7 +42,7 @@ class SyncSettings:
 
 
 def current_version(paths: HostPaths, name: str) -> int | None:
-    from tappass_host import sandbox as sandbox_record
+    from tappass_host import sandbox_record
     from tappass_host.keyring.store import store_for
 
     version = store_for(paths, sandbox_record.load(paths, name)).current_version()

@@ -164,7 +164,7 @@ def renew_certificate(paths: HostPaths, name: str, *, timeout: float = 10.0,
     On any failure the current certificate is left untouched and RenewalError
     (with a reason) is raised; `cert.renewed` is audited on success.
     """
-    from tappass_host import sandbox as sandboxes
+    from tappass_host import sandbox_record as sandboxes
     from tappass_host.audit import AuditLog
 
     record = sandboxes.load(paths, name)

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tappass_host import sandbox as sandboxes
+from tappass_host import sandbox_record as sandboxes
 from tappass_host import clock, signing, statefile, strictjson
 from tappass_host.identity import bootstrap as bootstraps
 from tappass_host.identity import certs

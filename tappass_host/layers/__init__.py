@@ -50,7 +50,7 @@ class Host:
 @dataclass(frozen=True)
 class LayerInputs:
     name: str
-    record: object          # tappass_host.sandbox.SandboxRecord
+    record: object          # tappass_host.sandbox_record.SandboxRecord
     keyring: dict           # the verified keyring payload
     manifest: object        # tappass_host.agent.AgentManifest
     host: Host

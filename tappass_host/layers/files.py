@@ -151,7 +151,7 @@ def files_for_flip(paths, name: str, keyring: dict) -> dict[str, bytes]:
     package is gone: nothing can start it until it is back, and a start renders
     again). Raises LayerFilesRejected."""
     from tappass_host import agent
-    from tappass_host import sandbox as sandbox_record
+    from tappass_host import sandbox_record
     from tappass_host.config import Config
     from tappass_host.layers import run
 

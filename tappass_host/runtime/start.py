@@ -80,7 +80,7 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
     `pull_keyring(paths, name, limits)` fetches a keyring when the sandbox has
     none (tappass_host.sync.pull.pull_once): None, or why it could not."""
     from tappass_host import agent, ids, workspace
-    from tappass_host import sandbox as sandbox_record
+    from tappass_host import sandbox_record
     from tappass_host.audit import AuditLog
     from tappass_host.keyring.store import store_for
     from tappass_host.oci import bundle as oci_bundle

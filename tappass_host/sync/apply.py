@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from tappass_host import clock
-from tappass_host import sandbox as sandbox_record
+from tappass_host import sandbox_record
 from tappass_host.audit import AuditLog
 from tappass_host.keyring.store import store_for
 from tappass_host.keyring.verify import (

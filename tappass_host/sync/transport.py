@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from tappass_host import clock, responses
-from tappass_host import sandbox as sandbox_record
+from tappass_host import sandbox_record
 from tappass_host.errors import TappassError
 from tappass_host.keyring import MAX_ENVELOPE_BYTES
 from tappass_host.paths import HostPaths
