@@ -12,9 +12,11 @@ sandbox fails the test; nothing here is skipped.
 
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
+import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -381,12 +383,16 @@ def test_logs_follow_prints_new_lines(runtime, host, tmp_path):
     assert host.start(name, HELLO_AGENT, runtime).returncode == 0
     host.wait_log(name, "policy_version=1")
     follow = host.popen("logs", "-f", name)
+    printed: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [printed.put(line) for line in follow.stdout],
+                     daemon=True).start()
     try:
-        assert "policy_version=1" in follow.stdout.readline()
+        # a bounded wait: a follow that misses a line fails here instead of hanging the suite
+        assert "policy_version=1" in printed.get(timeout=60)
         envelope = tmp_path / "v2.dsse.json"
         envelope.write_bytes(host.envelope(name, 2))
         assert host.run("sync", "apply", name, str(envelope)).returncode == 0
-        assert "policy changed: policy_version=2" in follow.stdout.readline()
+        assert "policy changed: policy_version=2" in printed.get(timeout=60)
     finally:
         follow.kill()
         follow.wait(timeout=5)
@@ -407,3 +413,23 @@ def test_status_and_logs_stay_light(runtime, host):
         assert "tappass_host.cli.sandbox" in modules  # the measurement is real
         heavy = sorted(m for m in modules if m.split(".")[0] in HEAVY)
         assert heavy == [], (args, heavy)
+
+
+def test_sync_apply_applies_process_limits_live(runtime, host, tmp_path):
+    # DESIGN §6: after a flip, `process` limits are applied live, whichever path brought the
+    # keyring (`sync apply` went straight to the flip and left the old limits in place).
+    from test_daemon import _pids_max
+
+    name = host.enroll(unique_name("limits", runtime),
+                       process={"memory_mb": 256, "pids_max": 128, "cpu_millis": 1000})
+    assert host.start(name, HELLO_AGENT, runtime).returncode == 0
+    host.wait_log(name, "policy_version=1")
+    pid = host.status(name)["pid"]
+    assert _pids_max(pid) == "128"
+    envelope = tmp_path / "v2.dsse.json"
+    envelope.write_bytes(host.envelope(name, 2, process={"memory_mb": 256, "pids_max": 40,
+                                                         "cpu_millis": 1000}))
+    applied = host.run("sync", "apply", name, str(envelope))
+    assert applied.returncode == 0, applied.stderr
+    assert "process limits updated live (pids 40)" in applied.stdout, applied.stdout
+    assert _pids_max(pid) == "40"

@@ -23,21 +23,28 @@ def apply(host, name, file):
     Prints the new policy_version, or the reason code of the rejection (and
     exits 1). Both outcomes are written to the audit log.
     """
-    from tappass_host.sync.apply import apply_update
-    from tappass_host.keyring.verify import KeyringRejected, Limits
+    from tappass_host.keyring.verify import Limits
+    from tappass_host.sync.receive import REJECTED, receive
 
     host.paths.sandbox(name)  # a bad name fails before any file is read
     data = click.get_binary_stream("stdin").read() if str(file) == "-" else _read(file)
-    try:
-        applied = apply_update(host.paths, name, data, limits=Limits(**host.config["limits"]))
-    except KeyringRejected as rejection:
-        host.emit({"status": "rejected", "reason": rejection.reason,
-                   "policy_version": rejection.policy_version})
-        raise
-    version = applied.keyring.version
-    host.emit({"status": "applied", "policy_version": version.policy_version,
-               "previous": applied.previous.policy_version if applied.previous else None},
-              f"{name}: keyring policy_version {version.policy_version} applied")
+    outcome = receive(host.paths, name, data, limits=Limits(**host.config["limits"]))
+    if outcome.status == REJECTED:
+        host.emit({"status": "rejected", "reason": outcome.reason,
+                   "policy_version": outcome.policy_version})
+        raise outcome.rejection
+    live = (f"; process limits updated live (pids {outcome.resources['pids']['limit']})"
+            if outcome.resources else "")
+    report = {"status": "applied", "policy_version": outcome.policy_version,
+              "previous": outcome.previous}
+    if outcome.resources:
+        report["live_limits"] = outcome.resources
+    if outcome.live_error:
+        report["live_error"] = outcome.live_error
+    host.emit(report, f"{name}: keyring policy_version {outcome.policy_version} applied{live}")
+    if outcome.live_error:
+        click.echo(f"tappass-host: warning: {name}: the keyring is applied but its process "
+                   f"limits are not: {outcome.live_error}", err=True)
 
 
 def _read(path: Path) -> bytes:

@@ -1,6 +1,6 @@
 """One envelope from the control plane, received: verify and flip it through
-tappass_host.sync.apply, then apply what can be applied live. Shared by the daemon
-and by `start`'s one-time pull."""
+tappass_host.sync.apply, then apply what can be applied live. Shared by the daemon,
+`start`'s one-time pull and `sync apply`."""
 
 import json
 from dataclasses import dataclass
@@ -21,6 +21,8 @@ class Outcome:
     reason: str | None = None
     live_error: str | None = None  # the keyring is applied, its live limits are not
     resources: dict | None = None  # the limits pushed to the running sandbox
+    previous: int | None = None  # the policy_version it replaced
+    rejection: KeyringRejected | None = None  # why it was rejected (its message is one line)
 
 
 def _current_payload(paths: HostPaths, name: str) -> dict | None:
@@ -49,11 +51,12 @@ def receive(paths: HostPaths, name: str, data: bytes, *, limits: Limits = Limits
     except KeyringRejected as rejection:
         version = rejection.policy_version
         return Outcome(REJECTED, claimed_version if version is None else version,
-                       rejection.reason)
+                       rejection.reason, rejection=rejection)
     payload = applied.keyring.payload
     version = applied.keyring.version.policy_version
+    replaced = applied.previous.policy_version if applied.previous else None
     try:
         resources = hotreload.apply_process_limits(paths, name, previous, payload)
     except TappassError as exc:
-        return Outcome(APPLIED, version, live_error=str(exc))
-    return Outcome(APPLIED, version, resources=resources)
+        return Outcome(APPLIED, version, live_error=str(exc), previous=replaced)
+    return Outcome(APPLIED, version, resources=resources, previous=replaced)
