@@ -17,6 +17,10 @@ from tappass_host.errors import NotFound, TappassError
 UNITS = ("tappass-host.service", "tappass-host@.service", "tappass-host-egress.service")
 SHIPPED_EXECUTABLE = "/usr/bin/tappass-host"
 DEFAULT_DIR = Path("/etc/systemd/system")
+# What ProtectHome=yes (tappass-host.service, tappass-host@.service) makes
+# empty and inaccessible to the unit's processes.
+PROTECTED_HOMES = (Path("/root"), Path("/home"), Path("/run/user"))
+PROTECTED_HOME_UNITS = ("tappass-host.service", "tappass-host@.service")
 
 
 def executable() -> str:
@@ -29,6 +33,37 @@ def executable() -> str:
         return str(Path(found).resolve())
     raise NotFound("cannot find the tappass-host executable of this installation "
                    "(give one with --exec PATH)")
+
+
+def _interpreter(script: Path) -> Path | None:
+    """The program a `#!` line names (a console script's python), if any."""
+    try:
+        with open(script, "rb") as f:
+            first = f.readline(4096)
+    except OSError:
+        return None
+    if not first.startswith(b"#!") or not first[2:].split():
+        return None
+    return Path(first[2:].split()[0].decode(errors="replace"))
+
+
+def hidden_by_protect_home(exec_path: str | None = None) -> list[Path]:
+    """What the units would run from under /root, /home or /run/user, which
+    their ProtectHome=yes hides: the executable, the python its `#!` line
+    names (symlinks resolved, as exec resolves them) and, for this
+    installation, the tappass_host package itself (an editable install)."""
+    exec_path = exec_path or executable()
+    used = [Path(exec_path), Path(os.path.realpath(exec_path))]
+    interpreter = _interpreter(Path(exec_path))
+    if interpreter is not None:
+        used += [interpreter, Path(os.path.realpath(interpreter))]
+    if exec_path == executable():
+        used.append(Path(os.path.realpath(Path(__file__).parent)))
+    hidden = []
+    for path in used:
+        if any(path.is_relative_to(home) for home in PROTECTED_HOMES) and path not in hidden:
+            hidden.append(path)
+    return hidden
 
 
 def render(name: str, exec_path: str | None = None) -> str:

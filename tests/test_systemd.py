@@ -113,6 +113,62 @@ def test_the_daemon_unit_is_notify_watchdog_and_hardened():
         assert "/etc/tappass-host" not in writable  # config is only read
 
 
+def test_every_writable_path_exists_when_systemd_sets_up_the_namespace():
+    """systemd sets up a unit's mount namespace before running any of its
+    commands (even an ExecStartPre=+), and a ReadWritePaths= entry that does
+    not exist then fails the unit with status 226/NAMESPACE: each one is
+    created by the unit itself (StateDirectory=, RuntimeDirectory=), exists on
+    every boot, or is optional ("-"). /run/netns exists only once something
+    made it: a fresh boot has none."""
+    always = {"/sys/fs/cgroup"}
+    for name in SANDBOX_UNITS:
+        unit = directives((REPO / "systemd" / name).read_text())
+        created = {f"/var/lib/{d}" for v in unit.get("StateDirectory", []) for d in v.split()}
+        created |= {f"/run/{d}" for v in unit.get("RuntimeDirectory", []) for d in v.split()}
+        for value in unit.get("ReadWritePaths", []):
+            for path in value.split():
+                assert path.startswith("-") or path in created | always, (name, path)
+        assert "/run/netns" in created, name
+        assert unit["RuntimeDirectoryPreserve"] == ["yes"]  # the sandboxes' namespaces stay
+
+
+def _console_script(directory: Path, python: str) -> Path:
+    directory.mkdir(parents=True)
+    script = directory / "tappass-host"
+    script.write_text(f"#!{python}\nimport sys\n")
+    script.chmod(0o755)
+    return script
+
+
+def test_install_warns_when_protect_home_hides_what_the_units_run(tmp_path):
+    """ProtectHome=yes hides /root, /home and /run/user from the daemon and
+    instance units: an installation there would fail to start (203/EXEC). The
+    warning names what is hidden, even behind a symlink."""
+    units = tmp_path / "units"
+    units.mkdir()
+    home_python = tmp_path / "venv" / "python"
+    home_python.parent.mkdir()
+    home_python.symlink_to("/home/someone/.pyenv/bin/python3")
+    cases = {"/root/project/.venv/bin/tappass-host": ["/root/project/.venv/bin/tappass-host"],
+             str(_console_script(tmp_path / "linked", str(home_python))):
+                 ["/home/someone/.pyenv/bin/python3"],
+             str(_console_script(tmp_path / "opt", "/usr/bin/python3")): []}
+    for exec_path, hidden in cases.items():
+        result = tappass_host("systemd", "install", "--dir", str(units), "--exec", exec_path)
+        assert result.returncode == 0, result.stderr
+        assert installed_exec(units) == exec_path  # installed all the same
+        if hidden:
+            assert result.stderr.count("\n") == 1, result.stderr
+            assert "warning: tappass-host.service and tappass-host@.service cannot start" \
+                in result.stderr and all(h in result.stderr for h in hidden), result.stderr
+            assert "python3 -m venv /opt/tappass" in result.stderr
+        else:
+            assert result.stderr == "", result.stderr
+    as_json = tappass_host("--json", "systemd", "install", "--dir", str(units), "--exec",
+                           "/home/x/bin/tappass-host")
+    assert json.loads(as_json.stdout)["hidden_by_protect_home"] == ["/home/x/bin/tappass-host"]
+
+
 # `systemd-analyze security` exposure, at most. The egress proxy parses what
 # agents send and keeps little; the daemon and the instance unit run OCI
 # runtimes, which need root's means to build sandboxes: the directives

@@ -55,6 +55,14 @@ def install(host, directory, exec_path):
     if not directory.exists():
         raise NotFound(f"--dir {directory} does not exist (create it first)")
     written = units.install(directory, exec_path)
-    host.emit({"installed": [str(p) for p in written]},
+    hidden = units.hidden_by_protect_home(exec_path)
+    if hidden:
+        click.echo(f"tappass-host: warning: {' and '.join(units.PROTECTED_HOME_UNITS)} cannot "
+                   f"start this installation: their ProtectHome=yes hides "
+                   f"{', '.join(map(str, hidden))}; install tappass-host outside /root and /home "
+                   "(e.g. python3 -m venv /opt/tappass && /opt/tappass/bin/pip install .) and "
+                   "run its `tappass-host systemd install`", err=True)
+    host.emit({"installed": [str(p) for p in written], "hidden_by_protect_home":
+               [str(p) for p in hidden]},
               "\n".join(f"installed {p}" for p in written)
               + "\nnext: systemctl daemon-reload && systemctl enable --now tappass-host.service")
