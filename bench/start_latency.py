@@ -1,20 +1,35 @@
-"""Benchmark: `tappass-host start --foreground --rm` of an agent running
-/bin/true, against a bare `<runtime> run` of an equivalent bundle (the very
-config.json tappass-host rendered, args /bin/true, a copy of its rootfs dir),
-alternating, in the same run, for crun and runc. A second baseline runs the
-rendered config unchanged: its args start with the kernel layer's Landlock
-launcher (a python3 inside the sandbox, part of the sandbox, not of
-tappass-host's host-side overhead), so `ratio_same_config` and
-`overhead_same_config_ms` are tappass-host's own cost.
+"""Benchmark: `tappass-host start NAME --agent PKG --foreground --rm` of an
+agent running /bin/true, from a non-editable install in a venv of its own
+(bench/_installed.py), against, in the same run, alternating, per runtime
+(crun, runc):
 
-Reported per runtime: medians (and p90, min) of both, the ratio of medians,
-and tappass-host's own overhead (the difference). The schema check's result
-is cached by config digest after the first start (see oci/bundle.py); a
-separate "cold" figure is measured with that cache emptied before each run.
+- `bare`: `<runtime> run` of a minimal bundle: `runc spec`'s config, args
+  /bin/true, a rootfs of mount points and the merged-/usr symlinks with the
+  host's /usr and /etc bound read-only. The divisor of every ratio.
+- `podman`: `podman --runtime <runtime> run --rm --network none --rootfs` of
+  that same rootfs (the same two binds; podman makes its cgroup, as it does
+  for users). `"podman": "missing"` when podman is not installed
+  (`apt-get install podman`, or `scripts/setup podman`).
+- `bare_rendered`: `<runtime> run` of the config tappass-host rendered, as is
+  (its args start with the kernel layer's Landlock launcher, a python3 inside
+  the sandbox), over a copy of its rootfs: what the sandbox itself costs.
+- `bare_rendered_true`: the same config with args /bin/true (no launcher).
+- with `--network proxy`, also starts of a sandbox whose keyring says
+  `network.mode = "proxy"` (goal: at most 40 ms more than mode none).
 
-Needs root. crun needs the cgroup quirk handled: the script re-executes
-itself under scripts/in-crun-namespace when needed.
-Prints one JSON object. Usage: python bench/start_latency.py [--runs N]
+`breakdown` splits tappass-host's median: the venv's `python -c pass`
+(interpreter), importing the modules the start imports (imports),
+`bare_rendered` (sandbox), and the rest (tappass-host's own work: reading
+the keyring, rendering, checks, files, fsyncs, runtime calls).
+
+The schema check's verdict is cached by config digest after the first start
+(oci/bundle.py); `cold_schema_check` is a start with that cache emptied.
+
+Needs root; re-executes itself under scripts/in-crun-namespace where crun
+needs it. Benchmarks are CPU-sensitive: run on a quiet machine.
+Prints one JSON object. Usage:
+  python bench/start_latency.py [--runs N] [--runtime crun|runc|both]
+                                [--network none|proxy] [--cli installed|checkout] [--wheel FILE]
 """
 
 import argparse
@@ -23,78 +38,166 @@ import os
 import shutil
 import statistics
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
-from _sandboxes import PYTHON, ensure_crun_works, ms, new_host, precompile, run, unique_name, write_agent
+from _installed import installed_cli
+from _sandboxes import ensure_crun_works, ms, new_host, run, unique_name, write_agent
+
+from sandbox_fixture import _MODULES_AT_EXIT  # noqa: E402
+
+GOAL_RATIO, MOONSHOT_RATIO, GOAL_PROXY_ADDED_MS = 5.0, 3.5, 40.0
+MERGED_USR = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+# podman's default rlimits (nofile 1048576) exceed this machine's hard limits
+PODMAN_LIMITS = ("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024")
 
 
-def measure(runtime: str, runs: int, cold_runs: int, network: str = "none") -> dict:
+def minimal_bundle(directory: Path) -> Path:
+    """`runc spec`'s bundle running /bin/true over the host's /usr and /etc."""
+    rootfs = directory / "rootfs"
+    for sub in ("usr", "etc"):
+        (rootfs / sub).mkdir(parents=True)
+    for link in MERGED_USR:
+        if os.path.islink(f"/{link}"):
+            os.symlink(os.readlink(f"/{link}"), rootfs / link)
+    subprocess.run([shutil.which("runc"), "spec", "--bundle", str(directory)], check=True)
+    config = json.loads((directory / "config.json").read_text())
+    config["process"].update(terminal=False, args=["/bin/true"])
+    config["root"] = {"path": str(rootfs), "readonly": True}
+    config["mounts"] += [{"destination": d, "type": "bind", "source": d,
+                          "options": ["rbind", "ro", "nosuid", "nodev"]} for d in ("/usr", "/etc")]
+    (directory / "config.json").write_text(json.dumps(config))
+    return rootfs
+
+
+def podman_argv(runtime: str, rootfs: Path) -> list[str] | None:
+    podman = shutil.which("podman")
+    if podman is None:
+        return None
+    return [podman, "--runtime", runtime, "run", "--rm", "--network", "none", *PODMAN_LIMITS,
+            "-v", "/usr:/usr:ro", "-v", "/etc:/etc:ro", "--rootfs", str(rootfs), "/bin/true"]
+
+
+def timed_rounds(commands: dict[str, list[str]], runs: int) -> dict[str, list[float]]:
+    """Each command once per round, in the same order, `runs` rounds."""
+    samples = {key: [] for key in commands}
+    for _ in range(runs):
+        for key, argv in commands.items():
+            start = time.perf_counter()
+            result = run(argv)
+            samples[key].append(time.perf_counter() - start)
+            assert result.returncode == 0, (key, result.stderr)
+    return samples
+
+
+def modules_imported(cli, argv: list[str]) -> list[str]:
+    """What the CLI run `argv` imports beyond a bare `python -c pass`."""
+    def loaded(args):
+        result = subprocess.run(args, capture_output=True, text=True, timeout=60,
+                                stdin=subprocess.DEVNULL)
+        line = next((line for line in result.stderr.splitlines()
+                     if line.startswith("MODULES ")), None)
+        assert line, result.stderr[-2000:]
+        return set(json.loads(line[len("MODULES "):]))
+
+    bare = loaded([cli.python, "-c", "import atexit, json, sys; atexit.register(lambda: print("
+                   "'MODULES ' + json.dumps(sorted(sys.modules)), file=sys.stderr))"])
+    ours = loaded([cli.python, "-c", _MODULES_AT_EXIT, *argv])
+    return sorted(m for m in ours - bare if m not in ("__main__", "runpy"))
+
+
+def import_argv(cli, modules: list[str]) -> list[str]:
+    return [cli.python, "-c",
+            "import importlib\nfor m in %r:\n    try: importlib.import_module(m)\n"
+            "    except Exception: pass" % (modules,)]
+
+
+def measure(cli, runtime: str, runs: int, cold_runs: int, network: str) -> dict:
     host = new_host()
+    host.command = cli.command
+    proxied = None
     try:
         name = host.enroll(unique_name("bench", runtime))
-        proxied = host.enroll(unique_name("benchnet", runtime), network={
-            "mode": "proxy", "allow_domains": []}) if network == "proxy" else None
+        if network == "proxy":
+            proxied = host.enroll(unique_name("benchnet", runtime),
+                                  network={"mode": "proxy", "allow_domains": []})
         agent = write_agent(host.root / "agent", ["/bin/true"])
         first = host.start(name, agent, runtime, "--foreground")  # renders the bundle
         assert first.returncode == 0, first.stderr
         bundle = host.paths.sandbox(name).bundle
-        bare = host.root / "bare"
-        bare.mkdir()
+        rendered = host.root / "rendered"
+        rendered.mkdir()
         # cp -a keeps owners: the agent reads /run/tappass/agent.env through its group
-        subprocess.run(["cp", "-a", str(bundle / "rootfs"), str(bare / "rootfs")], check=True)
+        subprocess.run(["cp", "-a", str(bundle / "rootfs"), str(rendered / "rootfs")], check=True)
         config = json.loads((bundle / "config.json").read_text())
-        config["root"]["path"] = str(bare / "rootfs")
-        same = host.root / "same"
-        same.mkdir()
-        (same / "config.json").write_text(json.dumps(config))
-        os.symlink(bare / "rootfs", same / "rootfs")
+        config["root"]["path"] = str(rendered / "rootfs")
+        (rendered / "config.json").write_text(json.dumps(config))
+        rendered_true = host.root / "rendered-true"
+        rendered_true.mkdir()
         config["process"]["args"] = ["/bin/true"]
-        (bare / "config.json").write_text(json.dumps(config))
-        bare_root = host.root / "bare-root"
-        bare_argv = [shutil.which(runtime), "--root", str(bare_root), "run", "--bundle", str(bare),
-                     f"bare-{name}"]
-        same_argv = [shutil.which(runtime), "--root", str(bare_root), "run", "--bundle", str(same),
-                     f"same-{name}"]
-        ours_argv = host.argv("start", name, "--agent", str(agent), "--runtime", runtime,
-                              "--foreground", "--rm")
-        proxied_argv = proxied and host.argv("start", proxied, "--agent", str(agent), "--runtime",
-                                             runtime, "--foreground", "--rm")
-        for argv in (ours_argv, bare_argv, same_argv, proxied_argv):  # warm up all
-            warm = argv and run(argv)
-            assert not argv or warm.returncode == 0, (argv, warm.stderr)
+        (rendered_true / "config.json").write_text(json.dumps(config))
+        minimal = host.root / "minimal"
+        minimal.mkdir()
+        minimal_rootfs = minimal_bundle(minimal)
+        binary, state = shutil.which(runtime), str(host.root / "bare-root")
 
-        ours, baseline, same_config, with_proxy = [], [], [], []
-        for _ in range(runs):
-            for argv, samples in ((ours_argv, ours), (bare_argv, baseline),
-                                  (same_argv, same_config), (proxied_argv, with_proxy)):
-                if not argv:
-                    continue
-                start = time.perf_counter()
-                result = run(argv)
-                samples.append(time.perf_counter() - start)
-                assert result.returncode == 0, result.stderr
+        def bare(directory: Path, cid: str) -> list[str]:
+            return [binary, "--root", state, "run", "--bundle", str(directory), f"{cid}-{name}"]
+
+        ours = host.argv("start", name, "--agent", str(agent), "--runtime", runtime,
+                         "--foreground", "--rm")
+        commands = {
+            "tappass_host_start": ours,
+            "bare": bare(minimal, "bare"),
+            "bare_rendered": bare(rendered, "rendered"),
+            "bare_rendered_true": bare(rendered_true, "true"),
+            "python_c_pass": [cli.python, "-c", "pass"],
+        }
+        podman = podman_argv(runtime, minimal_rootfs)
+        if podman:
+            commands["podman"] = podman
+        if proxied:
+            commands["tappass_host_start_network_proxy"] = host.argv(
+                "start", proxied, "--agent", str(agent), "--runtime", runtime,
+                "--foreground", "--rm")
+        commands["imports"] = import_argv(cli, modules_imported(cli, ours[1:] if len(
+            cli.command) == 1 else ours[3:]))
+        timed_rounds(commands, 2)  # warm up every one (caches, podman's storage)
+        samples = timed_rounds(commands, runs)
         cold = []
         for _ in range(cold_runs):
             shutil.rmtree(host.paths.runtime / "schema-ok", ignore_errors=True)
             start = time.perf_counter()
-            assert run(ours_argv).returncode == 0
+            assert run(ours).returncode == 0
             cold.append(time.perf_counter() - start)
         assert not host.paths.sandbox(name).runtime.exists()  # --rm left nothing
-        ours_median, bare_median = statistics.median(ours), statistics.median(baseline)
-        same_median = statistics.median(same_config)
-        return {
-            "tappass_host_start_foreground_rm": ms(ours),
-            f"bare_{runtime}_run": ms(baseline),
-            f"bare_{runtime}_run_same_config": ms(same_config),
-            "ratio": round(ours_median / bare_median, 2),
-            "overhead_ms": round((ours_median - bare_median) * 1e3, 2),
-            "ratio_same_config": round(ours_median / same_median, 2),
-            "overhead_same_config_ms": round((ours_median - same_median) * 1e3, 2),
-            "tappass_host_cold_schema_check": ms(cold),
-            **({"tappass_host_start_network_proxy": ms(with_proxy),
-                "network_proxy_added_ms": round((statistics.median(with_proxy) - ours_median)
-                                                * 1e3, 2)} if with_proxy else {}),
+        median = {key: statistics.median(values) for key, values in samples.items()}
+        ratio = lambda key: round(median[key] / median["bare"], 2)  # noqa: E731
+        result = {key: ms(values) for key, values in samples.items() if key != "imports"}
+        result["ratio"] = ratio("tappass_host_start")
+        result["goal_met"] = result["ratio"] <= GOAL_RATIO and (
+            not podman or median["tappass_host_start"] < median["podman"])
+        result["moonshot_met"] = result["ratio"] <= MOONSHOT_RATIO
+        if podman:
+            result["podman_ratio"] = ratio("podman")
+            result["start_vs_podman"] = round(median["tappass_host_start"] / median["podman"], 2)
+        else:
+            result["podman"] = "missing"
+        result["cold_schema_check"] = ms(cold)
+        if proxied:
+            result["network_proxy_added_ms"] = round(
+                (median["tappass_host_start_network_proxy"] - median["tappass_host_start"]) * 1e3, 2)
+        interpreter = median["python_c_pass"]
+        imports = max(0.0, median["imports"] - interpreter)
+        result["breakdown_ms"] = {
+            "interpreter": round(interpreter * 1e3, 2),
+            "imports": round(imports * 1e3, 2),
+            "sandbox (bare_rendered)": round(median["bare_rendered"] * 1e3, 2),
+            "own_work": round((median["tappass_host_start"] - interpreter - imports
+                               - median["bare_rendered"]) * 1e3, 2),
         }
+        return result
     finally:
         if proxied:
             stop_egress_proxy(host)
@@ -113,30 +216,39 @@ def stop_egress_proxy(host) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=25)
-    parser.add_argument("--cold-runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=21)
+    parser.add_argument("--cold-runs", type=int, default=3)
+    parser.add_argument("--runtime", choices=("crun", "runc", "both"), default="both")
     parser.add_argument("--network", choices=("none", "proxy"), default="none",
-                        help="proxy: also time starts with network.mode = proxy (goal: "
-                             "<= 40 ms more than none)")
+                        help="proxy: also time starts with network.mode = proxy")
+    parser.add_argument("--cli", choices=("installed", "checkout"), default="installed",
+                        help="installed: a wheel of this tree in a venv of its own (the "
+                             "figures to report); checkout: the test venv's editable install")
+    parser.add_argument("--wheel", help="measure this wheel instead of one built from the tree")
     args = parser.parse_args()
     ensure_crun_works()
-    precompile()
-    interpreter = []
-    for _ in range(args.runs):
-        start = time.perf_counter()
-        run([PYTHON, "-c", "pass"])
-        interpreter.append(time.perf_counter() - start)
-    print(json.dumps({
-        "benchmark": "start_latency",
-        "runs_each": args.runs,
-        "agent": "/bin/true",
-        "bytecode": "precompiled",
-        "python_c_pass": ms(interpreter),
-        "crun": measure("crun", args.runs, args.cold_runs, args.network),
-        "runc": measure("runc", args.runs, args.cold_runs, args.network),
-        "goal_ratio_max": 6,
-    }, indent=2))
+    cli = installed_cli(args.cli, args.wheel)
+    try:
+        runtimes = ("crun", "runc") if args.runtime == "both" else (args.runtime,)
+        print(json.dumps({
+            "benchmark": "start_latency",
+            "runs_each": args.runs,
+            "cli": args.wheel or args.cli,
+            "agent": "/bin/true",
+            "load_average": os.getloadavg(),
+            "podman": shutil.which("podman") and subprocess.run(
+                ["podman", "--version"], capture_output=True, text=True).stdout.strip()
+            or "missing",
+            **{runtime: measure(cli, runtime, args.runs, args.cold_runs, args.network)
+               for runtime in runtimes},
+            "goal": {"ratio_max": GOAL_RATIO, "faster_than_podman": True,
+                     "moonshot_ratio_max": MOONSHOT_RATIO,
+                     "network_proxy_added_ms_max": GOAL_PROXY_ADDED_MS},
+        }, indent=2))
+    finally:
+        cli.cleanup()
 
 
 if __name__ == "__main__":
+    tempfile.tempdir = "/tmp"
     main()

@@ -33,16 +33,14 @@ def wheel(tmp_path_factory) -> Path:
     return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
-@pytest.fixture(scope="session")
-def installed(wheel, tmp_path_factory) -> Path:
-    """The python of a venv with the wheel installed, outside the source tree."""
-    venv = tmp_path_factory.mktemp("installed") / "venv"
+def install(wheel: Path, venv: Path) -> Path:
+    """A venv at `venv` with `wheel` installed; its python. Its dependencies
+    are the test venv's (a path entry whose own .pth files, such as the test
+    venv's editable tappass_host, are not processed), so nothing is fetched."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
     site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                           check=True, capture_output=True, text=True).stdout.strip()
-    # Dependencies only: a path entry's own .pth files (the test venv's editable
-    # tappass_host) are not processed, so tappass_host comes from the wheel.
     Path(site, "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
     result = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install",
                              "-q", "--no-deps", "--no-index", str(wheel)],
@@ -52,3 +50,9 @@ def installed(wheel, tmp_path_factory) -> Path:
                              check=True, capture_output=True, text=True, cwd="/").stdout
     assert located.startswith(site), located
     return python
+
+
+@pytest.fixture(scope="session")
+def installed(wheel, tmp_path_factory) -> Path:
+    """The python of a venv with the wheel installed, outside the source tree."""
+    return install(wheel, tmp_path_factory.mktemp("installed") / "venv")
