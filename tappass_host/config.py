@@ -51,6 +51,11 @@ DEFAULTS: dict[str, Any] = {
         "backoff_max_s": 60.0,
         "stable_after_s": 60.0,  # a run this long starts the backoff over
     },
+    "images": {  # bounds on an image import (tappass_host/image/unpack.py)
+        "max_unpacked_mb": 16384,  # all layers of one image, unpacked
+        "max_file_mb": 4096,  # one file in a layer
+        "max_entries": 1_000_000,  # tar entries over all layers of one image
+    },
     "network": {
         "address_pool": "169.254.64.0/18",
         "proxy_port": 3128,
@@ -80,6 +85,9 @@ BOUNDS = {
     "supervision.backoff_initial_s": (0.01, None),
     "supervision.backoff_max_s": (0.01, None),
     "supervision.stable_after_s": (0.0, None),
+    "images.max_unpacked_mb": (1, None),
+    "images.max_file_mb": (1, None),
+    "images.max_entries": (1, None),
     "network.proxy_port": (1, 65535),
     "network.header_timeout_s": (0.1, None),
 }

@@ -18,6 +18,11 @@ class with the module (under tappass_host/) that defines and raises it:
         RootlessUnsupported         ids.py
         TooLarge                    responses.py
         WorkspaceError              workspace.py
+        ImageError                  image/__init__.py
+            ImageRejected           image/manifest.py   (carries `reason`)
+                LayerRejected       image/unpack.py
+            ImageSourceError        image/source.py
+            ImageStoreError         image/store.py
         IdentityError               identity/errors.py
             AlreadyEnrolled         identity/errors.py
             BadBootstrap            identity/errors.py

@@ -38,6 +38,20 @@ RUNTIME_LOG = "runtime.log"  # the OCI runtime's own messages
 # The OCI runtime's own state root, per runtime, under the host's runtime directory.
 OCI_RUNTIME_STATE = "oci"
 SANDBOX_RECORD = "sandbox.json"
+# Names inside an image source (tappass_host.image.source): the OCI image
+# layout (image-spec layout.md) and a docker-archive's manifest.
+OCI_LAYOUT_MARKER = "oci-layout"
+OCI_LAYOUT_INDEX = "index.json"
+OCI_LAYOUT_BLOBS = "blobs"
+DOCKER_ARCHIVE_MANIFEST = "manifest.json"
+# Inside the image store's staging directory of one import (tappass_host.image.store):
+IMAGE_STAGING_BLOBS = "blobs"
+IMAGE_STAGING_ROOTFS = "rootfs"
+
+
+def oci_layout_blob(hex_digest: str) -> str:
+    """A sha256 blob's name inside an OCI image layout."""
+    return f"{OCI_LAYOUT_BLOBS}/sha256/{hex_digest}"
 
 
 def check_sandbox_name(name: str) -> str:
@@ -280,6 +294,40 @@ class HostPaths:
 
     def network_record(self, name: str) -> Path:
         return self.network_records / f"{check_sandbox_name(name)}.json"
+
+    @property
+    def images(self) -> Path:
+        """The local image store (tappass_host.image.store), 0700."""
+        return self.state / "images"
+
+    @property
+    def image_blobs(self) -> Path:
+        """Verified blobs, content-addressed: <hex> of their sha256."""
+        return self.images / "blobs" / "sha256"
+
+    @property
+    def image_records(self) -> Path:
+        """One <hex>.json per image (hex of its manifest digest): the image exists iff it does."""
+        return self.images / "images"
+
+    def image_record(self, hex_digest: str) -> Path:
+        return self.image_records / f"{hex_digest}.json"
+
+    @property
+    def image_rootfs_dir(self) -> Path:
+        return self.images / "rootfs"
+
+    def image_rootfs(self, hex_digest: str) -> Path:
+        """An image's unpacked, read-only root, shared by every sandbox that uses it."""
+        return self.image_rootfs_dir / hex_digest
+
+    @property
+    def image_staging(self) -> Path:
+        return self.images / "staging"
+
+    @property
+    def image_lock(self) -> Path:
+        return self.images / "store.lock"
 
     def sandbox(self, name: str) -> SandboxPaths:
         check_sandbox_name(name)

@@ -26,6 +26,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "workspace", "agent", "audit", "systemd", "processes", "sandbox_launcher")),
     # The keyring (envelope, verification, the store) and the host's identity.
     ("keyring and identity", ("keyring", "identity")),
+    # The local image store: sources, verification, safe unpacking of layers.
+    ("images", ("image",)),
     # What a keyring turns into: the policy layers (appliers), the Landlock
     # launcher, and the egress namespace and proxy's client (network.control)
     # that `start` asks for a sandbox's namespace before crun creates it.

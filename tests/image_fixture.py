@@ -1,0 +1,170 @@
+"""Images built by the tests, without a registry: layers written entry by
+entry with tarfile (so a test can craft any entry, hostile ones included),
+stored as an OCI image layout, and repacked as an oci-archive and a
+docker-archive by plain tar writing."""
+
+import gzip
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BUSYBOX = Path("/bin/busybox")  # Debian busybox-static (scripts/setup)
+OS_RELEASE = b'NAME="TapPass test image"\nID=tappass-test\nVERSION_ID=1\n'
+
+
+@dataclass
+class Entry:
+    name: str
+    type: bytes = tarfile.REGTYPE
+    data: bytes = b""
+    linkname: str = ""
+    mode: int = 0o644
+    size: int | None = None  # a header size other than len(data)
+    pax: dict = field(default_factory=dict)
+    devmajor: int = 0
+    devminor: int = 0
+
+
+def File(name, data=b"", mode=0o644, **kw):  # noqa: N802 - reads like a type in layer lists
+    return Entry(name, tarfile.REGTYPE, data, mode=mode, **kw)
+
+
+def Dir(name, mode=0o755):  # noqa: N802
+    return Entry(name, tarfile.DIRTYPE, mode=mode)
+
+
+def Symlink(name, target):  # noqa: N802
+    return Entry(name, tarfile.SYMTYPE, linkname=target, mode=0o777)
+
+
+def Hardlink(name, target):  # noqa: N802
+    return Entry(name, tarfile.LNKTYPE, linkname=target)
+
+
+def tar_layer(entries: list[Entry]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for e in entries:
+            info = tarfile.TarInfo(e.name)
+            info.type, info.mode, info.linkname = e.type, e.mode, e.linkname
+            info.size = len(e.data) if e.type == tarfile.REGTYPE else 0
+            info.devmajor, info.devminor = e.devmajor, e.devminor
+            info.mtime = 1_700_000_000
+            info.pax_headers = dict(e.pax)
+            if e.size is not None:
+                info.size = e.size
+                tar.addfile(info)  # header only: a lie about the size
+                out.write(e.data)
+            else:
+                tar.addfile(info, io.BytesIO(e.data) if info.size else None)
+    return out.getvalue()
+
+
+def busybox_entries() -> list[Entry]:
+    """A busybox-static root with an /etc/os-release of its own and an
+    absolute symlink chain like Debian's alternatives."""
+    return [
+        Dir("bin"), Dir("etc"), Dir("etc/alternatives"), Dir("usr"), Dir("usr/bin"),
+        Dir("tmp", 0o1777),
+        File("bin/busybox", BUSYBOX.read_bytes(), 0o755),
+        Symlink("bin/sh", "busybox"),
+        Symlink("bin/cat", "busybox"),
+        Symlink("etc/alternatives/awk", "/bin/busybox"),
+        Symlink("usr/bin/awk", "/etc/alternatives/awk"),
+        File("etc/os-release", OS_RELEASE),
+    ]
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Image:
+    layout: Path
+    digest: str  # the manifest's
+    config: bytes
+    layers: list[bytes]  # uncompressed tars
+
+
+def _put_blob(layout: Path, data: bytes) -> dict:
+    digest = sha256(data)
+    (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    (layout / "blobs" / "sha256" / digest[7:]).write_bytes(data)
+    return {"digest": digest, "size": len(data)}
+
+
+def write_layout(layout: Path, layers: list[bytes], *, tag: str | None = "latest",
+                 gzip_layers: bool = True, diff_ids: list[str] | None = None,
+                 config_extra: dict | None = None, layer_media_type: str | None = None,
+                 manifest_extra: dict | None = None) -> Image:
+    layout.mkdir(parents=True, exist_ok=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    config = json.dumps({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/usr/bin:/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids or [sha256(t) for t in layers]},
+        **(config_extra or {})}).encode()
+    layer_descriptors = []
+    for tar in layers:
+        blob = gzip.compress(tar, mtime=0) if gzip_layers else tar
+        media = layer_media_type or ("application/vnd.oci.image.layer.v1.tar+gzip"
+                                     if gzip_layers else "application/vnd.oci.image.layer.v1.tar")
+        layer_descriptors.append({"mediaType": media, **_put_blob(layout, blob)})
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   **_put_blob(layout, config)},
+        "layers": layer_descriptors, **(manifest_extra or {})}).encode()
+    entry = {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+             **_put_blob(layout, manifest)}
+    if tag:
+        entry["annotations"] = {"org.opencontainers.image.ref.name": tag}
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
+    return Image(layout, entry["digest"], config, layers)
+
+
+def oci_archive(layout: Path, file: Path) -> Path:
+    with tarfile.open(file, "w") as tar:
+        for path in sorted(layout.rglob("*")):
+            tar.add(path, arcname=path.relative_to(layout).as_posix(), recursive=False)
+    return file
+
+
+def docker_archive(image: Image, file: Path, repo_tag: str = "tappass/busybox:1") -> Path:
+    config_name = f"{sha256(image.config)[7:]}.json"
+    layer_names = [f"{sha256(t)[7:]}/layer.tar" for t in image.layers]
+    manifest = json.dumps([{"Config": config_name, "RepoTags": [repo_tag],
+                            "Layers": layer_names}]).encode()
+    with tarfile.open(file, "w") as tar:
+        for name, data in [(config_name, image.config), *zip(layer_names, image.layers),
+                           ("manifest.json", manifest)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return file
+
+
+def busybox_image(layout: Path, **kw) -> Image:
+    return write_layout(layout, [tar_layer(busybox_entries())], **kw)
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    """Every path under `root` with its kind, mode, size and link target: a
+    store is unchanged when this is."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        found[path.relative_to(root).as_posix()] = (
+            st.st_mode, st.st_size if not path.is_dir() else 0,
+            str(path.readlink()) if path.is_symlink() else "")
+    return found
+
+
+def copy_layout(layout: Path, to: Path) -> Path:
+    shutil.copytree(layout, to, symlinks=True)
+    return to
