@@ -3,10 +3,13 @@
 The session creates two users and removes them (and their /etc/subuid and
 /etc/subgid lines) afterwards: one with a subordinate id range, one without
 (the single-id fallback). Each gets a private, world-traversable directory
-with its state dir and an interpreter it can run: the project's .venv points
-at a pyenv python under /root, which other users cannot reach, so each user
-runs a venv of the system's python of the same version whose site points at
-this checkout's .venv site-packages (the same packages, nothing downloaded).
+with its state dir. What the users run is staged in a world-readable
+directory of its own, never read from the checkout, which may sit where
+other users cannot reach it (a clone in /root, mode 0700 on a stock Debian;
+a .venv whose python is a pyenv one under /root): a venv of the system's
+python of the same version, holding a copy of this checkout's tappass_host
+and of its runtime dependencies as installed in the .venv (nothing
+downloaded), the test modules the users import, and the namespace wrapper.
 
 Everything a user runs goes through scripts/in-crun-namespace, as a user of
 rootless podman would go through `podman unshare`: inside the user's own user
@@ -18,12 +21,13 @@ import fcntl
 import json
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import uuid
+from importlib import metadata
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +39,14 @@ from audit_records import read_audit
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
 IN_NAMESPACE = REPO / "scripts" / "in-crun-namespace"
+STAGED_TESTS = "tests"             # under the staging directory, on the users' sys.path
+STAGED_WRAPPER = "in-crun-namespace"
 FAKE_MACHINE_KEY = "-----BEGIN PRIVATE KEY-----\nnot a real key, a canary\n-----END PRIVATE KEY-----\n"
 
 # Run as the user, inside its namespace: enroll NAME in STATE and apply a
 # first keyring through the real update path; write a canary machine key.
 ENROLL = f"""
 import json, os, sys
-sys.path.insert(0, {str(TESTS)!r})
 import keyrings
 from tappass_host import signing
 from tappass_host.sync.apply import apply_update
@@ -62,7 +67,6 @@ os.close(fd)
 # Run as the user: sign keyring version N for NAME (with the key ENROLL made) into FILE.
 SIGN = f"""
 import sys
-sys.path.insert(0, {str(TESTS)!r})
 import keyrings
 from tappass_host import signing
 from tappass_host.paths import HostPaths
@@ -81,6 +85,7 @@ class User:
     subuid: tuple[int, int] | None     # (start, count) in /etc/subuid, None for the fallback user
     home: Path
     python: str
+    wrapper: Path                      # the staged scripts/in-crun-namespace
 
     @property
     def state(self) -> Path:
@@ -98,7 +103,7 @@ class User:
     def run(self, *argv: str, timeout: float = 60, namespace: bool = True
             ) -> subprocess.CompletedProcess:
         """`argv` as this user, inside the user's namespace (or not)."""
-        wrapper = [str(IN_NAMESPACE)] if namespace else []
+        wrapper = [str(self.wrapper)] if namespace else []
         return subprocess.run(["runuser", "-u", self.name, "--", *wrapper, *argv],
                               capture_output=True, text=True, timeout=timeout, env=self.env(),
                               cwd=self.home, stdin=subprocess.DEVNULL)
@@ -132,18 +137,55 @@ class User:
         return directory
 
 
-def _user_python(root: Path) -> str:
-    """A venv the users can run: the system python of our version, with our site-packages."""
+def _runtime_distributions() -> list[metadata.Distribution]:
+    """tappass-host and what it needs at run time (no extras), as installed here."""
+    from packaging.requirements import Requirement
+
+    found, seen, todo = [], set(), ["tappass-host"]
+    while todo:
+        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if name in seen:
+            continue
+        seen.add(name)
+        found.append(metadata.distribution(name))
+        for text in found[-1].requires or []:
+            requirement = Requirement(text)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+    return found
+
+
+def _stage(root: Path) -> tuple[str, Path]:
+    """What the users run, in `root` (world-readable): (their python, the wrapper)."""
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     base = f"/usr/bin/python{version}"
     assert os.access(base, os.X_OK), f"{base} is missing: the rootless tests run it as the users"
     venv = root / "venv"
     subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    sites = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
     site_packages = venv / "lib" / f"python{version}" / "site-packages"
-    (site_packages / "tappass-host-checkout.pth").write_text(
-        "".join(f"import site; site.addsitedir({s!r})\n" for s in sites))
-    return str(venv / "bin" / "python")
+    for dist in _runtime_distributions():
+        own = dist.metadata["Name"] == "tappass-host"
+        for file in dist.files or []:
+            # the checkout's own package is copied whole below, not its editable hook
+            if file.parts[0] == ".." or (own and not file.parts[0].endswith(".dist-info")):
+                continue
+            source, target = Path(dist.locate_file(file)), site_packages / file
+            if source.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target)
+    shutil.copytree(REPO / "tappass_host", site_packages / "tappass_host",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (root / STAGED_TESTS).mkdir()
+    for module in TESTS.glob("*.py"):
+        shutil.copy2(module, root / STAGED_TESTS / module.name)
+    (site_packages / "tappass-host-tests.pth").write_text(f"{root / STAGED_TESTS}\n")
+    shutil.copy2(IN_NAMESPACE, root / STAGED_WRAPPER)
+    for directory, dirs, files in os.walk(root):
+        for entry in dirs + files:
+            path = Path(directory) / entry
+            if not path.is_symlink():
+                path.chmod(path.stat().st_mode | 0o444 | (0o111 if path.is_dir() else 0))
+    return str(venv / "bin" / "python"), root / STAGED_WRAPPER
 
 
 def _next_subid_start() -> int:
@@ -190,7 +232,7 @@ def _accounts_lock():
         yield
 
 
-def create_user(root: Path, python: str, *, subids: bool) -> User:
+def create_user(root: Path, python: str, wrapper: Path, *, subids: bool) -> User:
     name = f"tprl{uuid.uuid4().hex[:8]}"
     with _accounts_lock():
         # -r: a system account, which useradd gives no subordinate ids
@@ -207,11 +249,12 @@ def create_user(root: Path, python: str, *, subids: bool) -> User:
     home.mkdir(mode=0o755)
     os.chown(home, entry.pw_uid, entry.pw_gid)
     user = User(name=name, uid=entry.pw_uid, gid=entry.pw_gid,
-                subuid=_subid(name, "/etc/subuid") if subids else None, home=home, python=python)
+                subuid=_subid(name, "/etc/subuid") if subids else None, home=home, python=python,
+                wrapper=wrapper)
     user.config_file.write_text("")
     can_import = user.run(python, "-c", "import tappass_host, cryptography, jsonschema")
     assert can_import.returncode == 0, (
-        "a non-root user cannot run this checkout (is it and its .venv readable by others?): "
+        "a non-root user cannot run the staged tappass-host: "
         + can_import.stderr[-500:])
     return user
 
@@ -223,17 +266,28 @@ def remove_user(user: User) -> None:
 
 
 @pytest.fixture(scope="session")
-def rootless_users():
+def staged():
+    """(python, wrapper): tappass-host as any user can run it, staged world-readable."""
+    root = Path(tempfile.mkdtemp(prefix="tp-stage-", dir="/tmp"))
+    root.chmod(0o755)
+    try:
+        yield _stage(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def rootless_users(staged):
     """{"subids": User with a subordinate range, "single": User without one}."""
     if os.geteuid() != 0:
         pytest.fail("the rootless tests create users: run them as root")
     root = Path(tempfile.mkdtemp(prefix="tp-rl-", dir="/tmp"))
     root.chmod(0o755)
     users = []
+    python, wrapper = staged
     try:
-        python = _user_python(root)
-        users.append(create_user(root, python, subids=True))
-        users.append(create_user(root, python, subids=False))
+        users.append(create_user(root, python, wrapper, subids=True))
+        users.append(create_user(root, python, wrapper, subids=False))
         yield {"subids": users[0], "single": users[1]}
     finally:
         for user in users:

@@ -26,6 +26,7 @@ import pytest
 from audit_records import read_audit
 import egress_fixture as world
 from devplane_fixture import ENV, PYTHON
+from rootless_fixture import staged  # noqa: F401  (a fixture)
 from sandbox_fixture import RUNTIMES, host, python_agent, unique_name, wait_for  # noqa: F401
 from systemd_exec import directives, exec_prefix, is_confined
 from wheel_fixture import wheel  # noqa: F401  (a fixture)
@@ -589,10 +590,12 @@ def test_sandbox_units_and_a_shell_see_the_namespaces_the_egress_unit_binds(net,
         unit.kill()
 
 
-def test_egress_needs_root_in_one_line_and_creates_nothing(tmp_path):
+def test_egress_needs_root_in_one_line_and_creates_nothing(tmp_path, staged):
+    # nobody runs the staged tappass-host: the checkout may be where only root reads (/root)
+    python, _ = staged
     state = tmp_path / "state"
     result = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
-                             PYTHON, "-m", "tappass_host", "--state-dir", str(state), "egress",
+                             python, "-m", "tappass_host", "--state-dir", str(state), "egress",
                              "--no-idle-exit"],
                             capture_output=True, text=True, timeout=30, env=ENV, cwd="/")
     assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
