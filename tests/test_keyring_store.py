@@ -130,27 +130,63 @@ def _current_version(paths) -> int:
 
 
 def test_sigkill_at_random_instants_leaves_one_whole_version(paths, sandbox, signer):
+    """SIGKILL lands inside applies whatever the machine's speed: the child
+    reports each apply it begins; the parent kills it once it has begun two
+    or three, at a random instant within one apply's duration, as measured
+    between the child's last two reports. What is left is always the
+    version before the last one begun, or that one: whole, nothing torn."""
     written = {v: envelope_for(v, signer) for v in range(1, 2000)}
     payload_of = {v: json.dumps(policy(v, now=BASE, ttl=3600)).encode() for v in written}
     apply_update(paths, "demo", written[1])
     rng = random.Random(1234)
-    kills = 0
-    seen_versions = set()
-    # Keep killing until the kills have landed in many different applies: on a loaded
-    # machine a child may do fewer applies before its kill, so count outcomes, not time.
-    while kills < 200 or (len(seen_versions) <= 50 and kills < 3000):
-        pid = _fork_applier(paths, signer, _current_version(paths) + 1)
-        time.sleep(rng.uniform(0, 0.02))
+
+    def applier(first: int, reports: int) -> None:
+        """The forked child: report, then apply, each next version, until killed."""
+        try:
+            version = first
+            while True:
+                os.write(reports, version.to_bytes(8, "big"))
+                apply_update(paths, "demo", written[version])
+                version += 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(1)
+
+    def next_report(fd: int) -> int | None:
+        data = b""
+        while len(data) < 8:
+            chunk = os.read(fd, 8 - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return int.from_bytes(data, "big")
+
+    seen_versions, interrupted = set(), 0
+    for _ in range(200):
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            applier(_current_version(paths) + 1, write_fd)
+        os.close(write_fd)
+        begun = [(next_report(read_fd), time.monotonic()) for _ in range(rng.randint(2, 3))]
+        assert None not in [version for version, _ in begun], "the child stopped by itself"
+        time.sleep(rng.uniform(0, begun[-1][1] - begun[-2][1]))
         os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
         assert os.WIFSIGNALED(status), "the child stopped by itself"
-        kills += 1
+        last = begun[-1][0]
+        while (more := next_report(read_fd)) is not None:
+            last = more
+        os.close(read_fd)
 
         store = KeyringStore(keyring_dir(paths), paths.sandbox("demo").keyring_lock)
         with store.transaction():
             current = store.current_version()
         version = _current_version(paths)
         assert version == current.policy_version
+        assert version in (last - 1, last), (version, last)
         top = keyring_dir(paths)
         assert (top / "keyring.json").read_bytes() == payload_of[version]
         assert (top / "keyring.dsse.json").read_bytes() == written[version]
@@ -158,7 +194,9 @@ def test_sigkill_at_random_instants_leaves_one_whole_version(paths, sandbox, sig
                      if p.name.startswith(("..tmp-", "..data_tmp"))]
         assert leftovers == []
         seen_versions.add(version)
-    assert len(seen_versions) > 50, "kills did not land during applies"
+        interrupted += version == last - 1
+    assert len(seen_versions) > 50, "no apply completed between the kills"
+    assert interrupted > 0, "no kill landed inside an apply"
     report = AuditLog.for_host(paths).verify()
     assert report.ok, report
 
