@@ -11,6 +11,7 @@ Never run the probe on the host: as root its attempts would succeed.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,7 @@ from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
     unique_name,
     wait_for,
 )
+from tappass_host.runtime import attached
 
 
 @pytest.fixture(scope="module", params=RUNTIMES)
@@ -136,3 +138,64 @@ def test_a_memory_hog_is_oom_killed_at_memory_mb(runtime, host):
     assert held and 4 <= max(held) < 48, held
     record = wait_for(lambda: host.exit_record(name), what="exit.json")
     assert record["oom"] is True and record["code"] == 137
+
+
+# --- the limits as the kernel holds them (cgroup v1 here, v2 on most hosts) ---------
+
+UNIFIED = Path("/sys/fs/cgroup/cgroup.controllers").exists()  # cgroup v2 only at /sys/fs/cgroup
+
+
+def cgroup_limits(pid: int) -> dict:
+    """`pid`'s memory, pids and cpu limits read from its cgroup's files: on cgroup
+    v2 memory.max, pids.max, cpu.max; on v1 each controller's own."""
+    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    if UNIFIED:
+        path = next(line[3:] for line in lines if line.startswith("0::"))
+        files = {kind: Path(f"/sys/fs/cgroup{path}/{kind}.max") for kind in ("memory", "pids", "cpu")}
+        quota, period = files["cpu"].read_text().split()
+        return {"hierarchy": "v2", "memory": int(files["memory"].read_text()),
+                "pids": int(files["pids"].read_text()), "cpu": (int(quota), int(period)),
+                "oom_counter": attached.memory_events(pid) == files["memory"].with_name(
+                    "memory.events")}
+    mounts = {controller: f"/sys/fs/cgroup/{controllers}{path}"
+              for _, controllers, path in (line.split(":", 2) for line in lines)
+              for controller in controllers.split(",") if controller}
+    memory = Path(mounts["memory"])
+
+    def value(directory: str, name: str) -> int:
+        return int(Path(directory, name).read_text())
+
+    return {"hierarchy": "v1", "memory": value(mounts["memory"], "memory.limit_in_bytes"),
+            "pids": value(mounts["pids"], "pids.max"),
+            "cpu": (value(mounts["cpu"], "cpu.cfs_quota_us"),
+                    value(mounts["cpu"], "cpu.cfs_period_us")),
+            "oom_counter": attached.memory_events(pid) == memory / "memory.oom_control"}
+
+
+def test_the_limits_are_the_cgroups_and_an_update_changes_them_live(runtime, host, tmp_path):
+    """memory_mb, pids_max and cpu_millis are the sandbox cgroup's memory.max,
+    pids.max and cpu.max (v1: limit_in_bytes, pids.max, cfs quota/period);
+    `sync apply` of new limits changes them in the running sandbox
+    (`<runtime> update`); the OOM-kill counter read for a foreground run is
+    the cgroup's memory.events (v1: memory.oom_control)."""
+    hierarchy = "v2" if UNIFIED else "v1"
+    name = host.enroll(unique_name("cgroup", runtime),
+                       process={"memory_mb": 256, "pids_max": 128, "cpu_millis": 1000})
+    agent = python_agent(host.root / "agent", """
+        import time
+        print("up", flush=True)
+        time.sleep(3600)
+    """)
+    assert host.start(name, agent, runtime).returncode == 0
+    host.wait_log(name, "up")
+    pid = host.status(name)["pid"]
+    assert cgroup_limits(pid) == {"hierarchy": hierarchy, "memory": 256 << 20, "pids": 128,
+                                  "cpu": (100_000, 100_000), "oom_counter": True}
+    envelope = tmp_path / "v2.dsse.json"
+    envelope.write_bytes(host.envelope(name, 2, process={"memory_mb": 192, "pids_max": 40,
+                                                         "cpu_millis": 500}))
+    applied = host.run("sync", "apply", name, str(envelope))
+    assert applied.returncode == 0, applied.stderr
+    assert cgroup_limits(pid) == {"hierarchy": hierarchy, "memory": 192 << 20, "pids": 40,
+                                  "cpu": (50_000, 100_000), "oom_counter": True}
+    assert host.status(name)["pid"] == pid  # live: the same agent
