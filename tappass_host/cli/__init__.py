@@ -30,6 +30,7 @@ _COMMANDS = {
     "logs": ("tappass_host.cli.sandbox", "logs", "Print a sandbox agent's output."),
     "shell": ("tappass_host.cli.sandbox", "shell", "Run a command inside a sandbox, as the agent."),
     "systemd": ("tappass_host.cli.units", "systemd", "Print or install the shipped systemd units."),
+    "image": ("tappass_host.cli.image", "image", "Import, list and remove agent images."),
     "_exited": ("tappass_host.cli.sandbox", "exited", ""),
 }
 

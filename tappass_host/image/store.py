@@ -58,6 +58,7 @@ from tappass_host.paths import HostPaths
 
 CHUNK = 1024 * 1024
 HEX = re.compile(r"[0-9a-f]{64}")
+HEX_PREFIX = re.compile(r"[0-9a-f]{12,64}")
 MAX_NESTED_INDEXES = 2
 
 # (phase, bytes done, bytes in all): phase "fetch" counts blob bytes copied
@@ -252,6 +253,14 @@ class ImageStore:
                 if HEX.fullmatch(f.stem) and f == self.paths.image_record(f.stem)]
 
     def get(self, digest: str) -> ImageRecord:
+        """The image `digest` names: in full, or by 12 or more of its first hex digits."""
+        short = digest.removeprefix("sha256:")
+        if HEX_PREFIX.fullmatch(short) and len(short) < 64:
+            matches = [r for r in self.records() if r.digest[7:].startswith(short)]
+            if len(matches) == 1:
+                return matches[0]
+            if matches:
+                raise ImageStoreError(f"{digest} names {len(matches)} images; give more digits")
         digest = check_digest(digest)
         where = self.paths.image_record(digest.removeprefix("sha256:"))
         try:
