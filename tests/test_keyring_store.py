@@ -8,13 +8,13 @@ import signal
 import stat
 import time
 import traceback
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from keyrings import policy, sign
 from tappass_host.audit import AuditLog
-from tappass_host.keyring.store import KeyringStore
+from tappass_host.keyring.store import KeyringStore, expires_at, store_of
 from tappass_host.sync.apply import apply_update
 
 BASE = datetime.now(timezone.utc).replace(microsecond=0)
@@ -96,6 +96,43 @@ def test_no_keyring_yet(paths, sandbox):
     with store.transaction():
         assert store.current_version() is None
         assert store.read_current() is None
+
+
+def test_readers_see_the_current_version_through_the_store(paths, sandbox, signer):
+    store = store_of(paths.sandbox("demo"))
+    derived = []
+    follower = store.follow(lambda payload: derived.append(payload["policy_version"])
+                            or payload["policy_version"])
+    assert store.read_current() is None and follower.current() is None
+    assert not store.is_current(envelope_for(1, signer))
+    apply_update(paths, "demo", envelope_for(1, signer))
+    assert store.read_current()["policy_version"] == 1
+    assert store.is_current(envelope_for(1, signer))
+    assert follower.current() == follower.current() == 1
+    apply_update(paths, "demo", envelope_for(2, signer))
+    assert not store.is_current(envelope_for(1, signer))
+    assert follower.current() == follower.current() == 2
+    assert derived == [1, 2]  # derived once per flip, not once per question
+    assert expires_at(store.read_current()) == BASE + timedelta(seconds=3600)
+    assert expires_at({}) is None and expires_at({"expires_at": "soon"}) is None
+    assert expires_at([]) is None
+
+
+def test_a_reader_refuses_an_unreadable_keyring(paths, sandbox, signer):
+    apply_update(paths, "demo", envelope_for(1, signer))
+    store = store_of(paths.sandbox("demo"))
+    follower = store.follow(lambda payload: payload["policy_version"])
+    assert follower.current() == 1
+    version = keyring_dir(paths) / os.readlink(keyring_dir(paths) / "..data")
+    version.chmod(0o750)
+    (version / "keyring.json").chmod(0o640)
+    (version / "keyring.json").write_text('{"half":')
+    assert store.read_current() is None
+    assert follower.current() is None
+    (version / "keyring.json").unlink()
+    assert store.read_current() is None
+    assert follower.current() is None
+    assert store.current_version().policy_version == 1  # the version is named by ..data
 
 
 def _apply_forever(paths, signer, first: int, ready_fd: int) -> None:
@@ -241,17 +278,16 @@ def test_complete_exchanges_the_current_version_in_place(paths, sandbox, signer)
     data, payload = os.readlink(top / "..data"), (top / "keyring.json").read_bytes()
     store = KeyringStore(top, paths.sandbox("demo").keyring_lock)
     wanted = {"layers/notes/note.txt": b"v1", "harness/x/settings.json": b"{}"}
-    seen = []
     with store.transaction():
-        assert store.complete(lambda keyring: seen.append(keyring) or wanted)
-        assert not store.complete(lambda keyring: wanted)  # already there
-    assert seen[0]["policy_version"] == 1
+        assert store.read_current()["policy_version"] == 1
+        assert store.complete(wanted)
+        assert not store.complete(wanted)  # already there
     assert os.readlink(top / "..data") == data
     assert (top / "keyring.json").read_bytes() == payload
     assert (top / "layers" / "notes" / "note.txt").read_bytes() == b"v1"
     assert sorted(p.name for p in top.iterdir() if p.name.startswith("..")) == ["..data", data]
     with store.transaction(), pytest.raises(ValueError):
-        store.complete(lambda keyring: {"keyring.json": b"{}"})  # only under harness/, layers/
+        store.complete({"keyring.json": b"{}"})  # only under harness/, layers/
     assert (top / "keyring.json").read_bytes() == payload
 
 
@@ -263,5 +299,5 @@ def test_a_version_from_before_layers_existed_is_completed(paths, sandbox, signe
     (version / "layers").rmdir()  # as an older tappass-host wrote it
     store = KeyringStore(top, paths.sandbox("demo").keyring_lock)
     with store.transaction():
-        assert store.complete(lambda keyring: {})
+        assert store.complete({})
     assert os.listdir(top / "layers") == []

@@ -28,6 +28,7 @@ def start(host, name, agent_spec, foreground, remove, runtime):
     """Start NAME's agent in a locked-down sandbox under its current keyring."""
     from tappass_host.runtime import start as starting
     from tappass_host.runtime.runstate import LifecycleError
+    from tappass_host.sync.start_keyring import keyring_for_start
 
     host.paths.sandbox(name)
     # Checked here, not by click, so that a bad value is one line, like every error.
@@ -44,12 +45,11 @@ def start(host, name, agent_spec, foreground, remove, runtime):
             raise LifecycleError(f"sandbox {name!r} has never been started: "
                                  "give its agent with --agent PKG")
         agent_spec, runtime = record.agent, runtime or record.runtime
-    from tappass_host.sync.pull import pull_once
-
+    keyring = keyring_for_start(host.paths, name, host.config)
     started = starting.start(host.paths, name, agent_spec, host.config, runtime,
                              foreground_run=foreground, remove=remove,
                              warn=lambda w: click.echo(f"tappass-host: warning: {w}", err=True),
-                             pull_keyring=pull_once)
+                             keyring=keyring)
     if foreground:
         sys.exit(started.exit_code)
     host.emit({"name": name, "pid": started.pid, "runtime": started.runtime,
@@ -110,6 +110,7 @@ def status(host, name):
 def inspect(host, name):
     """Print NAME's rendered OCI config, which layer set which field, and its keyring version."""
     from tappass_host.errors import NotFound
+    from tappass_host.keyring.store import store_of
     from tappass_host.runtime.runstate import ensure_known, read_json
 
     sandbox = ensure_known(host.paths, name)
@@ -117,7 +118,7 @@ def inspect(host, name):
     if config is None:
         raise NotFound(f"sandbox {name!r} has no rendered bundle yet: start it first")
     layers = read_json(sandbox.bundle_layers) or {}
-    keyring = read_json(sandbox.keyring_payload) or {}
+    keyring = store_of(sandbox).read_current() or {}
     click.echo(json.dumps({"name": name, "keyring_version": keyring.get("policy_version"),
                            "config": config, **layers}, indent=2, sort_keys=True))
 

@@ -76,15 +76,6 @@ def _seconds_between(start: str | None, end: str | None) -> float:
         return 0.0
 
 
-def _expires_at(keyring: dict) -> datetime | None:
-    from tappass_host.clock import parse_timestamp
-
-    try:
-        return parse_timestamp(keyring["expires_at"])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
 class Supervisor:
     """One daemon's supervision of every enrolled sandbox; driven by `tick`
     from the daemon's main thread."""
@@ -133,10 +124,11 @@ class Supervisor:
     # -- one sandbox --
 
     def _check(self, name: str) -> None:
+        from tappass_host.keyring.store import store_of
         from tappass_host.runtime import runstate
 
         sandbox = self.paths.sandbox(name)
-        keyring = runstate.read_json(sandbox.keyring_payload)
+        keyring = store_of(sandbox).read_current()
         expired = self._watch_expiry(name, keyring)
         state = runstate.read_json(runstate.state_file(sandbox))
         if not state or state.get("foreground"):
@@ -223,14 +215,14 @@ class Supervisor:
     def _restart(self, name: str, state: dict, why: str) -> None:
         from tappass_host.audit import AuditLog
         from tappass_host.runtime.start import start
-        from tappass_host.sync.pull import pull_once
+        from tappass_host.sync.start_keyring import keyring_for_start
 
         attempt = self._backoff[name].failures if name in self._backoff else 0
         try:
             AuditLog.for_host(self.paths).append("sandbox.restarted", sandbox=name, details={
                 "reason": why, "attempt": attempt, "previous_start": state.get("started_at")})
-            started = start(self.paths, name, state["agent"], self.config,
-                            state.get("runtime"), pull_keyring=pull_once)
+            started = start(self.paths, name, state["agent"], self.config, state.get("runtime"),
+                            keyring=keyring_for_start(self.paths, name, self.config))
         except (OSError, TappassError) as exc:
             # No run, no exit hook: try again after the next backoff step.
             backoff = self._backoff.setdefault(name, self._new_backoff())
@@ -251,7 +243,9 @@ class Supervisor:
 
     def _watch_expiry(self, name: str, keyring: dict | None) -> bool:
         """True when `keyring` has expired; audits each expired keyring once."""
-        expires = _expires_at(keyring) if keyring else None
+        from tappass_host.keyring.store import expires_at
+
+        expires = expires_at(keyring) if keyring else None
         if expires is None:
             self._expiries.pop(name, None)
             return False

@@ -27,15 +27,21 @@ is written again under a staging name and exchanged with the current one in
 one renameat2(RENAME_EXCHANGE), so `..data` never changes nor dangles.
 
 All of this runs under an exclusive lock on a file outside the directory.
+
+The store is the directory's one writer and its one reader: every other
+module asks it (`read_current`, `current_version`, `is_current`, `follow`),
+lock-free, through the top-level links (tests/test_keyring_readers.py).
 """
 
 import errno
+import json
 import os
 import re
-import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path, PurePosixPath
+from typing import Generic, TypeVar
 
 from tappass_host.clock import parse_timestamp
 from tappass_host.errors import TappassError
@@ -54,6 +60,8 @@ _VERSION_DIR = re.compile(r"\.\.v(\d{10})-(\d{8}T\d{6}Z)")
 FILE_MODE = 0o440
 DIR_MODE = 0o550
 TOP_MODE = 0o750
+
+T = TypeVar("T")
 
 
 def _version_of(dirname: str) -> KeyringVersion | None:
@@ -97,6 +105,8 @@ def _applier_path(relpath: str) -> PurePosixPath:
 def _remove_tree(path: Path) -> None:
     """rmtree, making our own 0550 directories writable again if we lack the
     capability to ignore their mode (rootless)."""
+    import shutil  # only writers remove: `status` reads
+
     if path.is_symlink() or not path.is_dir():
         path.unlink(missing_ok=True)
         return
@@ -142,11 +152,23 @@ class KeyringStore:
         name = self.current_dirname()
         return _version_of(name) if name else None
 
-    def read_current(self) -> bytes | None:
+    def read_current(self) -> dict | None:
+        """The current payload; None when there is none, or none readable."""
         try:
-            return (self.dir / KEYRING_PAYLOAD).read_bytes()
-        except FileNotFoundError:
+            return json.loads((self.dir / KEYRING_PAYLOAD).read_bytes())
+        except (OSError, ValueError):
             return None
+
+    def is_current(self, envelope: bytes) -> bool:
+        """True when `envelope` is the one in place."""
+        try:
+            return (self.dir / KEYRING_ENVELOPE).read_bytes() == envelope
+        except OSError:
+            return False
+
+    def follow(self, derive: Callable[[dict], T]) -> "Follower[T]":
+        """`derive(current payload)`, derived again only after a flip."""
+        return Follower(self.dir / KEYRING_PAYLOAD, derive)
 
     def adopt_group(self) -> None:
         """Give every file to the store's group (after the agent's gid is allocated)."""
@@ -189,17 +211,15 @@ class KeyringStore:
         self._ensure_links()
         self._collect_garbage(keep={target, previous})
 
-    def complete(self, files_for: Callable[[dict], dict[str, bytes]]) -> bool:
-        """Make the current version hold `files_for(its payload)` as its
-        appliers' files; True if they had to change. Call inside `transaction`."""
-        import json
-
+    def complete(self, wanted: dict[str, bytes]) -> bool:
+        """Make the current version hold `wanted` as its appliers' files;
+        True if they had to change. Call inside `transaction`, with files
+        rendered for what `read_current()` returned in it."""
         current = self.current_dirname()
         if current is None:
             return False
         version = self.dir / current
         keyring = {name: (version / name).read_bytes() for name in KEYRING_FILES}
-        wanted = files_for(json.loads(keyring[KEYRING_PAYLOAD]))
         # a version written before `layers/` existed is completed too: no dangling link
         if self._applier_files(version) == wanted and all(
                 (version / top).is_dir() for top in FILE_DIRS):
@@ -255,6 +275,58 @@ class KeyringStore:
         for entry in os.listdir(self.dir):
             if _version_of(entry) is not None and entry not in keep:
                 _remove_tree(self.dir / entry)
+
+
+class Follower(Generic[T]):
+    """What a reader keeps of the current payload (`derive` of it), derived
+    again only when `keyring.json` names another file. One open and one
+    fstat when it does not: the egress proxy asks at every connection."""
+
+    def __init__(self, payload: Path, derive: Callable[[dict], T]):
+        self._payload = payload
+        self._derive = derive
+        self._stamp: tuple | None = None
+        self._derived: T | None = None
+
+    def current(self) -> T | None:
+        """None when there is no current payload, or none readable."""
+        try:
+            fd = os.open(self._payload, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+            if stamp != self._stamp:
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    self._derived = self._derive(json.loads(f.read()))
+                self._stamp = stamp
+        except (OSError, ValueError):
+            return None
+        finally:
+            os.close(fd)
+        return self._derived
+
+
+def expires_at(payload: dict) -> datetime | None:
+    """When a payload `read_current` returned expires; None if it does not say."""
+    try:
+        return parse_timestamp(payload["expires_at"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def expired(payload: dict, now: datetime) -> bool:
+    """True when a payload `read_current` returned has expired at `now`, or
+    does not say when it expires."""
+    expires = expires_at(payload)
+    return expires is None or expires <= now
+
+
+def store_of(sandbox) -> KeyringStore:
+    """The store of a sandbox (sandbox: SandboxPaths), to read: writing
+    needs the agent's group (store_for)."""
+    return KeyringStore(sandbox.keyring, sandbox.keyring_lock)
 
 
 def store_for(paths, record) -> KeyringStore:

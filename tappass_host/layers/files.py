@@ -193,4 +193,6 @@ def complete_at_start(paths, inputs: LayerInputs, appliers: list[str],
 
     store = store_for(paths, inputs.record)
     with store.transaction():
-        store.complete(lambda keyring: files_for_start(inputs, appliers, rendered, keyring))
+        keyring = store.read_current()
+        if keyring is not None:
+            store.complete(files_for_start(inputs, appliers, rendered, keyring))

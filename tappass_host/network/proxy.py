@@ -2,20 +2,19 @@
 plain-HTTP forwarding (absolute-form URIs, one exchange per connection:
 http1.py), for one sandbox per listening address. In a tunnel, a TLS
 ClientHello must ask for a name the policy allows (client_hello.py: no
-domain fronting by SNI), else it gets a TLS alert. Every connection re-reads
-the sandbox's current keyring (cached by the identity of the file
-`keyring.json` points at), so a flipped keyring decides the very next
-connection. Answers: 403 denied (name, port or address), 502 upstream
-failure, 400 malformed, 408 a request head too slow, 431 a request head too big.
+domain fronting by SNI), else it gets a TLS alert. Every connection asks
+the sandbox's keyring store for its policy (KeyringStore.follow: derived
+again only when `keyring.json` names another file), so a flipped keyring
+decides the very next connection. Answers: 403 denied (name, port or
+address), 502 upstream failure, 400 malformed, 408 a request head too slow,
+431 a request head too big.
 """
 
 import asyncio
-import json
-import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from tappass_host.keyring.store import KeyringStore
 from tappass_host.network import client_hello
 from tappass_host.network import policy as egress
 from tappass_host.network.http1 import BadRequest, BadResponse, Request, ResponseHeads, parse_head
@@ -32,31 +31,18 @@ DENY_ALL = egress.Policy((), frozenset(), enabled=False)
 
 @dataclass
 class SandboxPolicy:
-    """One sandbox's policy, re-read when `keyring.json` names another file."""
+    """One sandbox's policy, derived again only when its keyring flips."""
 
     name: str
-    keyring_file: Path
-    _stamp: tuple | None = None
-    _policy: egress.Policy = DENY_ALL
+    keyring: KeyringStore
     connections: set = field(default_factory=set)
 
+    def __post_init__(self):
+        self._policy = self.keyring.follow(egress.from_keyring)
+
     def current(self) -> egress.Policy:
-        try:
-            fd = os.open(self.keyring_file, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return DENY_ALL
-        try:
-            st = os.fstat(fd)
-            stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-            if stamp != self._stamp:
-                with os.fdopen(os.dup(fd), "rb") as f:
-                    self._policy = egress.from_keyring(json.loads(f.read()))
-                self._stamp = stamp
-        except (OSError, ValueError):
-            return DENY_ALL
-        finally:
-            os.close(fd)
-        return self._policy
+        policy = self._policy.current()
+        return DENY_ALL if policy is None else policy
 
 
 def _response(code: int, message: str = "") -> bytes:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tappass_host import network, statefile
+from tappass_host.keyring.store import store_of
 from tappass_host.network import addresses, netns
 from tappass_host.network.addresses import Link
 from tappass_host.network.denials import DenialLog
@@ -168,7 +169,7 @@ class EgressService:
         return link
 
     async def _listen(self, name: str, link: Link) -> None:
-        policy = SandboxPolicy(name, self.paths.sandbox(name).keyring_payload)
+        policy = SandboxPolicy(name, store_of(self.paths.sandbox(name)))
         sock = await self._in_netlink(self.namespaces.listening_socket, link.host_address,
                                       self.settings.port)
         server = await asyncio.start_server(self.proxy.handle, sock=sock, limit=HEAD_LIMIT)

@@ -4,7 +4,6 @@ foreground). What it leaves is plain state on disk (runtime.runstate), so
 the CLI is a thin client and no process of ours stays behind per sandbox.
 """
 
-import json
 import os
 import signal as signals
 import sys
@@ -34,32 +33,13 @@ def foreground(runtime, cid: str, bundle: Path):
     return attached.run(runtime, cid, bundle)
 
 
-def current_keyring(paths: HostPaths, name: str, pull_keyring, limits=None) -> dict:
-    """The sandbox's current keyring payload, which must not have expired.
+def _refuse_expired(name: str, keyring: dict) -> None:
+    from tappass_host.keyring.store import expired
 
-    Without one, `pull_keyring` (the sync code's pull_once, given by the
-    caller) pulls the latest once from the control plane (DESIGN §9).
-    """
-    from tappass_host.clock import parse_timestamp
-    from tappass_host.keyring import Limits
-
-    data = None
-    try:
-        data = paths.sandbox(name).keyring_payload.read_bytes()
-    except (FileNotFoundError, PermissionError):
-        pull_failed = pull_keyring(paths, name, limits or Limits())
-        if pull_failed is None:
-            data = paths.sandbox(name).keyring_payload.read_bytes()
-    if data is None:
+    if expired(keyring, clock.now()):
         raise LifecycleError(
-            f"sandbox {name!r} has no keyring yet ({pull_failed}): run 'tappass-host daemon' "
-            f"to receive one, or 'tappass-host sync apply {name} FILE'")
-    keyring = json.loads(data)
-    if parse_timestamp(keyring["expires_at"]) <= clock.now():
-        raise LifecycleError(
-            f"sandbox {name!r}'s keyring (policy_version {keyring['policy_version']}) expired at "
-            f"{keyring['expires_at']}: run 'tappass-host daemon' or 'sync apply' a fresh one")
-    return keyring
+            f"sandbox {name!r}'s keyring (policy_version {keyring.get('policy_version')}) expired at "
+            f"{keyring.get('expires_at')}: run 'tappass-host daemon' or 'sync apply' a fresh one")
 
 
 @dataclass(frozen=True)
@@ -74,11 +54,11 @@ class Started:
 
 def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: str | None = None,
           foreground_run: bool = False, remove: bool = False, warn=None, *,
-          pull_keyring) -> Started:
-    """Start `name`'s agent. `warn` gets each warning of the layers as soon as
-    the sandbox is up (before a foreground agent runs, not after it ends).
-    `pull_keyring(paths, name, limits)` fetches a keyring when the sandbox has
-    none (tappass_host.sync.pull.pull_once): None, or why it could not."""
+          keyring: dict) -> Started:
+    """Start `name`'s agent under `keyring`, the payload its caller read
+    (tappass_host.sync.start_keyring), refused if expired. `warn` gets each
+    warning of the layers as soon as the sandbox is up (before a foreground
+    agent runs, not after it ends)."""
     from tappass_host import agent, ids, workspace
     from tappass_host import sandbox_record
     from tappass_host.audit import AuditLog
@@ -92,9 +72,7 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
     agent.check_entrypoint(manifest)
     runtime = find_runtime(paths, config, runtime_name)
     conmon = None if foreground_run else monitor.find_conmon(config["conmon_path"])
-    from tappass_host.keyring import Limits
-
-    keyring = current_keyring(paths, name, pull_keyring, Limits(**config["limits"]))
+    _refuse_expired(name, keyring)
     agent_ids = ids.agent_ids(paths, name, config.agent_id_range)
     ids.check_runtime(agent_ids, runtime.name)
     record = sandbox_record.load(paths, name)

@@ -12,15 +12,15 @@ from tappass_host.runtime.runstate import (
 
 def status(paths: HostPaths, name: str) -> dict:
     """Everything `status` shows, from files only (no runtime call, no crypto)."""
-    from tappass_host.clock import parse_timestamp
+    from tappass_host.keyring.store import expired, store_of
 
     sandbox = ensure_known(paths, name)
     state = read_json(state_file(sandbox)) or {}
     running = is_running(sandbox)
     exit_record = None if running else last_exit(sandbox, state)
-    keyring = read_json(sandbox.keyring_payload)
+    keyring = store_of(sandbox).read_current()
     flags = []
-    if keyring and parse_timestamp(keyring["expires_at"]) <= clock.now():
+    if keyring and expired(keyring, clock.now()):
         flags.append("stale")
     if running and keyring and state.get("restart_aspects") and restart_aspects(
             keyring, frozenset(json.loads(sandbox.bundle_layers.read_text())

@@ -2,11 +2,11 @@
 tappass_host.sync.apply, then apply what can be applied live. Shared by the daemon,
 `start`'s one-time pull and `sync apply`."""
 
-import json
 from dataclasses import dataclass
 
 from tappass_host.errors import TappassError
 from tappass_host.sync.apply import apply_update
+from tappass_host.keyring.store import store_of
 from tappass_host.keyring.verify import KeyringRejected, Limits
 from tappass_host.paths import HostPaths
 
@@ -25,27 +25,17 @@ class Outcome:
     rejection: KeyringRejected | None = None  # why it was rejected (its message is one line)
 
 
-def _current_payload(paths: HostPaths, name: str) -> dict | None:
-    try:
-        return json.loads(paths.sandbox(name).keyring_payload.read_bytes())
-    except (OSError, ValueError):
-        return None
-
-
 def is_current(paths: HostPaths, name: str, data: bytes) -> bool:
     """True when `data` is the envelope of the keyring in place (a pull after
     a reconnect usually is: it must not be re-applied as a replay)."""
-    try:
-        return paths.sandbox(name).keyring_envelope.read_bytes() == data
-    except OSError:
-        return False
+    return store_of(paths.sandbox(name)).is_current(data)
 
 
 def receive(paths: HostPaths, name: str, data: bytes, *, limits: Limits = Limits(),
             claimed_version: int | None = None) -> Outcome:
     from tappass_host.sync import hotreload
 
-    previous = _current_payload(paths, name)
+    previous = store_of(paths.sandbox(name)).read_current()
     try:
         applied = apply_update(paths, name, data, limits=limits)
     except KeyringRejected as rejection:
