@@ -129,14 +129,6 @@ class SandboxPaths:
         return self.root / "keyring"
 
     @property
-    def keyring_payload(self) -> Path:
-        return self.keyring / KEYRING_PAYLOAD
-
-    @property
-    def keyring_envelope(self) -> Path:
-        return self.keyring / KEYRING_ENVELOPE
-
-    @property
     def keyring_expired(self) -> Path:
         return self.root / "keyring-expired.json"
 
