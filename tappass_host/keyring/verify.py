@@ -35,6 +35,7 @@ from tappass_host.keyring import (  # noqa: F401  (KeyringVersion, VerifiedKeyri
     VerifiedKeyring,
     envelope,
     harness_rules,
+    image_policy,
 )
 
 CLOCK_SKEW = timedelta(seconds=60)
@@ -184,6 +185,7 @@ def _semantic_problems(payload: dict, limits: Limits, issued: datetime, expires:
         if url is not None and not url.startswith(("https://", "http://")):
             yield f"{aspect}.{key} is not an http(s) URL"
     yield from harness_rules.problems(payload)
+    yield from image_policy.problems(payload)
 
 
 def verify(data: bytes, trust: Trust, current: KeyringVersion | None, now: datetime,
