@@ -1,9 +1,17 @@
-"""The shipped systemd units (DESIGN §3, systemd/): rendered for this
-installation and installed.
+"""systemd on this host: the shipped units (DESIGN §3, systemd/), rendered
+for this installation and installed, and the systemd cgroup driver.
 
 The units name `/usr/bin/tappass-host`; rendering points ExecStart at the
 tappass-host this code was installed with (a venv, /usr/local, …), so an
 installed unit always starts the same tappass-host that installed it.
+
+Where systemd is PID 1, it owns the cgroup tree: each sandbox's cgroup is
+then a transient scope `tappass-<name>.scope` in `tappass.slice`, which the
+runtime asks systemd for (its `--systemd-cgroup`, with linux.cgroupsPath
+`tappass.slice:tappass:<name>`), so `systemd-cgls` and `systemctl status
+tappass.slice` show the sandboxes, and restarting a unit never touches them.
+Elsewhere (no systemd as PID 1; rootless) the runtime makes the cgroup
+itself, as before.
 """
 
 import os
@@ -13,6 +21,7 @@ from pathlib import Path
 
 from tappass_host import shipped, statefile
 from tappass_host.errors import NotFound, TappassError
+from tappass_host.paths import is_rootless
 
 UNITS = ("tappass-host.service", "tappass-host@.service", "tappass-host-egress.service")
 SHIPPED_EXECUTABLE = "/usr/bin/tappass-host"
@@ -21,6 +30,28 @@ DEFAULT_DIR = Path("/etc/systemd/system")
 # empty and inaccessible to the unit's processes.
 PROTECTED_HOMES = (Path("/root"), Path("/home"), Path("/run/user"))
 PROTECTED_HOME_UNITS = ("tappass-host.service", "tappass-host@.service")
+SLICE = "tappass.slice"
+SCOPE_PREFIX = "tappass"
+SYSTEM_BUS = Path("/run/dbus/system_bus_socket")
+
+
+def manages_cgroups() -> bool:
+    """Whether sandboxes' cgroups are systemd's to create: systemd is PID 1
+    (sd_booted(3)), the runtimes can reach it on the system bus, and we are
+    root in the host's user namespace."""
+    return (os.path.isdir("/run/systemd/system") and SYSTEM_BUS.exists()
+            and not is_rootless())
+
+
+def cgroup_flags() -> list[str]:
+    """The OCI runtime's global flags for where a sandbox's cgroup lives."""
+    return ["--systemd-cgroup"] if manages_cgroups() else []
+
+
+def cgroups_path(name: str) -> str:
+    """linux.cgroupsPath of sandbox `name` under the systemd driver: the
+    scope tappass-<name>.scope in tappass.slice."""
+    return f"{SLICE}:{SCOPE_PREFIX}:{name}"
 
 
 def executable() -> str:

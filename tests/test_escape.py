@@ -11,6 +11,7 @@ Never run the probe on the host: as root its attempts would succeed.
 """
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,8 @@ from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
     unique_name,
     wait_for,
 )
-from tappass_host.runtime import attached
+from tappass_host import systemd
+from tappass_host.runtime import attached, container_id
 
 
 @pytest.fixture(scope="module", params=RUNTIMES)
@@ -150,13 +152,24 @@ def cgroup_limits(pid: int) -> dict:
     v2 memory.max, pids.max, cpu.max; on v1 each controller's own."""
     lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
     if UNIFIED:
-        path = next(line[3:] for line in lines if line.startswith("0::"))
-        files = {kind: Path(f"/sys/fs/cgroup{path}/{kind}.max") for kind in ("memory", "pids", "cpu")}
-        quota, period = files["cpu"].read_text().split()
-        return {"hierarchy": "v2", "memory": int(files["memory"].read_text()),
-                "pids": int(files["pids"].read_text()), "cpu": (int(quota), int(period)),
-                "oom_counter": attached.memory_events(pid) == files["memory"].with_name(
-                    "memory.events")}
+        own = Path("/sys/fs/cgroup" + next(line[3:] for line in lines if line.startswith("0::")))
+
+        def limit(kind: str) -> str:
+            # the nearest limit up from the agent's own cgroup, short of the host's
+            # slice: crun under systemd runs the agent in a `container` subgroup
+            # of the sandbox's scope
+            for directory in (own, *own.parents):
+                if directory == Path("/sys/fs/cgroup") or directory.name.endswith(".slice"):
+                    break
+                value = (directory / f"{kind}.max").read_text().strip()
+                if not value.startswith("max"):
+                    return value
+            return "max"
+
+        quota, period = limit("cpu").split()
+        return {"hierarchy": "v2", "memory": int(limit("memory")), "pids": int(limit("pids")),
+                "cpu": (int(quota), int(period)),
+                "oom_counter": attached.memory_events(pid) == own / "memory.events"}
     mounts = {controller: f"/sys/fs/cgroup/{controllers}{path}"
               for _, controllers, path in (line.split(":", 2) for line in lines)
               for controller in controllers.split(",") if controller}
@@ -199,3 +212,46 @@ def test_the_limits_are_the_cgroups_and_an_update_changes_them_live(runtime, hos
     assert cgroup_limits(pid) == {"hierarchy": hierarchy, "memory": 192 << 20, "pids": 40,
                                   "cpu": (50_000, 100_000), "oom_counter": True}
     assert host.status(name)["pid"] == pid  # live: the same agent
+
+
+def own_cgroup(pid: int) -> str:
+    """`pid`'s cgroup path (v2; on v1 the pids controller's)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if (UNIFIED and controllers == "") or "pids" in controllers.split(","):
+            return path
+    raise AssertionError(f"no cgroup for {pid}")
+
+
+def test_the_sandbox_cgroup_is_a_scope_in_tappass_slice_where_systemd_is_pid_1(runtime, host):
+    """Where systemd is PID 1 (the runtimes' systemd cgroup driver) the
+    sandbox's cgroup is the scope tappass-<name>.scope in tappass.slice,
+    which systemctl and systemd-cgls show, and which goes with the sandbox;
+    elsewhere the runtime makes the cgroup itself, named by the container id."""
+    name = host.enroll(unique_name("scope", runtime))
+    agent = python_agent(host.root / "agent", """
+        import time
+        print("up", flush=True)
+        time.sleep(3600)
+    """)
+    assert host.start(name, agent, runtime).returncode == 0
+    host.wait_log(name, "up")
+    path = own_cgroup(host.status(name)["pid"])
+    scope = f"tappass-{name}.scope"
+    if not systemd.manages_cgroups():
+        assert "tappass.slice" not in path and container_id(name) in path, path
+        return
+
+    def unit(*properties: str) -> dict:
+        shown = subprocess.run(["systemctl", "show", *(f"--property={p}" for p in properties),
+                                scope], capture_output=True, text=True, timeout=60)
+        return dict(line.split("=", 1) for line in shown.stdout.splitlines() if "=" in line)
+
+    assert path == f"/tappass.slice/{scope}" or path.startswith(f"/tappass.slice/{scope}/"), path
+    assert unit("ActiveState", "Slice") == {"ActiveState": "active", "Slice": "tappass.slice"}
+    tree = subprocess.run(["systemd-cgls", "--no-pager", "--unit", "tappass.slice"],
+                          capture_output=True, text=True, timeout=60).stdout
+    assert scope in tree, tree
+    assert host.run("stop", name, "--timeout", "5").returncode == 0
+    wait_for(lambda: unit("ActiveState")["ActiveState"] != "active", 120,
+             what=f"{scope} to go with the sandbox")

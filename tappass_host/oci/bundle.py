@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tappass_host import landlock, layers, shipped
+from tappass_host import landlock, layers, shipped, systemd
 from tappass_host.errors import TappassError
 from tappass_host.layers import files as layer_files
 from tappass_host.oci import field_path, invariants, parent_field, rootfs
@@ -69,6 +69,8 @@ def build(paths: HostPaths, inputs: layers.LayerInputs, rootless: bool) -> Bundl
                          landlock=landlock.missing(inputs.host.landlock_abi) is None)
     except invariants.InvariantViolation as violation:
         raise _blame(violation, rendered.provenance) from None
+    if systemd.manages_cgroups():  # tappass-host's own placement; a layer's is refused above
+        rendered.config.setdefault("linux", {})["cgroupsPath"] = systemd.cgroups_path(inputs.name)
     config_bytes = json.dumps(rendered.config, indent=2).encode()
     schema_dir = inputs.config["oci_schema_dir"]
     if schema_dir:

@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from tappass_host import paths
+from tappass_host import paths, systemd
 from tappass_host.errors import TappassError
 from tappass_host.runtime.ociruntime import OCIRuntime
 
@@ -81,6 +81,8 @@ def launch(runtime: OCIRuntime, conmon: str, cid: str, bundle: Path, files: Moni
         "--exit-dir", str(files.exits), "-0", str(files.persist),
         "--socket-dir-path", str(files.root),
         "--runtime-arg", "--root", "--runtime-arg", str(runtime.root),
+        *[arg for flag in systemd.cgroup_flags() for arg in ("--runtime-arg", flag)],
+        *(["--systemd-cgroup"] if systemd.manages_cgroups() else []),
         "--exit-command", exit_command[0],
     ]
     for arg in exit_command[1:]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from tappass_host import paths
+from tappass_host import paths, systemd
 from tappass_host.errors import TappassError
 
 RUNTIMES = ("crun", "runc")
@@ -55,7 +55,7 @@ class OCIRuntime:
         return cls(name=name, binary=binary, root=runtime_dir / paths.OCI_RUNTIME_STATE / name)
 
     def argv(self, *args: str) -> list[str]:
-        return [self.binary, "--root", str(self.root), *args]
+        return [self.binary, "--root", str(self.root), *systemd.cgroup_flags(), *args]
 
     def _call(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
         self.root.mkdir(parents=True, exist_ok=True)
