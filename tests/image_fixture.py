@@ -7,7 +7,6 @@ import gzip
 import hashlib
 import io
 import json
-import shutil
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +164,12 @@ def tree(root: Path) -> dict[str, tuple]:
     return found
 
 
-def copy_layout(layout: Path, to: Path) -> Path:
-    shutil.copytree(layout, to, symlinks=True)
-    return to
+def import_image(store, reference: str, progress=None):
+    """`store.import_image` from the source `reference` names, closed after."""
+    from tappass_host.image.source import open_source
+
+    source = open_source(reference, store.paths)
+    try:
+        return store.import_image(source, progress)
+    finally:
+        source.close()

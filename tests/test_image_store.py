@@ -14,9 +14,10 @@ import pytest
 from image_fixture import (
     OS_RELEASE,
     busybox_entries,
+    File,
     busybox_image,
     docker_archive,
-    File,
+    import_image,
     oci_archive,
     tar_layer,
     tree,
@@ -25,7 +26,7 @@ from image_fixture import (
 
 from tappass_host import sandbox_record
 from tappass_host.image import ImageError
-from tappass_host.image.source import ImageSourceError, open_source
+from tappass_host.image.source import ImageSourceError
 from tappass_host.image.store import ImageStore, ImageStoreError
 from tappass_host.image.unpack import Limits
 
@@ -42,14 +43,6 @@ def busybox(tmp_path):
     return busybox_image(tmp_path / "layout")
 
 
-def _import(store, reference, progress=None):
-    source = open_source(reference, store.paths)
-    try:
-        return store.import_image(source, progress)
-    finally:
-        source.close()
-
-
 def _sources(tmp_path, image):
     return {
         "oci": f"oci:{image.layout}",
@@ -61,7 +54,7 @@ def _sources(tmp_path, image):
 
 @pytest.mark.parametrize("kind", ["oci", "oci-tag", "oci-archive", "docker-archive"])
 def test_each_source_kind_imports_a_root_that_runs(store, busybox, tmp_path, kind):
-    imported = _import(store, _sources(tmp_path, busybox)[kind])
+    imported = import_image(store, _sources(tmp_path, busybox)[kind])
     assert imported.new
     root = store.rootfs(imported.record.digest)
     if kind != "docker-archive":  # a docker-archive has no manifest: the store writes one
@@ -79,17 +72,17 @@ def test_each_source_kind_imports_a_root_that_runs(store, busybox, tmp_path, kin
 
 
 def test_a_digest_in_the_store_is_a_source(store, busybox):
-    first = _import(store, f"oci:{busybox.layout}")
-    again = _import(store, busybox.digest)
+    first = import_image(store, f"oci:{busybox.layout}")
+    again = import_image(store, busybox.digest)
     assert not again.new and again.record.digest == first.record.digest
     with pytest.raises(ImageSourceError, match="not in the local store"):
-        _import(store, "sha256:" + "0" * 64)
+        import_image(store, "sha256:" + "0" * 64)
 
 
 def test_two_imports_share_one_unpacked_copy(store, busybox, tmp_path):
-    first = _import(store, f"oci:{busybox.layout}")
+    first = import_image(store, f"oci:{busybox.layout}")
     before = tree(store.paths.images)
-    second = _import(store, _sources(tmp_path, busybox)["oci-archive"])
+    second = import_image(store, _sources(tmp_path, busybox)["oci-archive"])
     assert (first.new, second.new) == (True, False)
     assert tree(store.paths.images) == before
     roots = list(store.paths.image_rootfs_dir.iterdir())
@@ -100,7 +93,7 @@ def test_two_imports_share_one_unpacked_copy(store, busybox, tmp_path):
 
 def test_progress_reaches_the_whole_image(store, busybox):
     seen = []
-    _import(store, f"oci:{busybox.layout}", lambda phase, done, total: seen.append(
+    import_image(store, f"oci:{busybox.layout}", lambda phase, done, total: seen.append(
         (phase, done, total)))
     blobs = {p.name: p.stat().st_size for p in (busybox.layout / "blobs/sha256").iterdir()}
     fetched = [s for s in seen if s[0] == "fetch"]
@@ -117,9 +110,9 @@ def test_an_index_of_two_images_needs_a_tag(store, tmp_path):
     index["manifests"] += json.loads((tmp_path / "two/index.json").read_text())["manifests"]
     (tmp_path / "two/index.json").write_text(json.dumps(index))
     with pytest.raises(ImageError, match="holds 2 images, not one; name one of its tags: one, two"):
-        _import(store, f"oci:{tmp_path / 'two'}")
-    assert _import(store, f"oci:{tmp_path / 'two'}:two").record.digest == second.digest
-    assert _import(store, f"oci:{tmp_path / 'two'}:one").record.digest == first.digest
+        import_image(store, f"oci:{tmp_path / 'two'}")
+    assert import_image(store, f"oci:{tmp_path / 'two'}:two").record.digest == second.digest
+    assert import_image(store, f"oci:{tmp_path / 'two'}:one").record.digest == first.digest
 
 
 def _name_image(paths, sandbox_name, digest):
@@ -129,8 +122,8 @@ def _name_image(paths, sandbox_name, digest):
 
 
 def test_rm_and_prune_keep_an_image_a_sandbox_names(store, busybox, tmp_path, sandbox, paths):
-    used = _import(store, f"oci:{busybox.layout}").record
-    unused = _import(store, _sources(tmp_path, busybox)["docker-archive"]).record
+    used = import_image(store, f"oci:{busybox.layout}").record
+    unused = import_image(store, _sources(tmp_path, busybox)["docker-archive"]).record
     _name_image(paths, "demo", used.digest)
     with pytest.raises(ImageStoreError, match="used by sandbox\\(es\\) demo"):
         store.remove(used.digest)
@@ -146,13 +139,13 @@ def test_rm_and_prune_keep_an_image_a_sandbox_names(store, busybox, tmp_path, sa
 
 
 def test_what_a_crashed_import_left_is_swept(store, busybox, tmp_path):
-    kept = _import(store, f"oci:{busybox.layout}").record
+    kept = import_image(store, f"oci:{busybox.layout}").record
     (store.paths.image_staging / "tmpcrash" / "rootfs" / "etc").mkdir(parents=True)
     orphan_root = store.paths.image_rootfs("f" * 64)
     shutil.copytree(store.rootfs(kept.digest), orphan_root, symlinks=True)
     (store.paths.image_blobs / ("e" * 64)).write_bytes(b"half a blob")
     other = write_layout(tmp_path / "other", [tar_layer([File("x", b"y")])])
-    _import(store, f"oci:{other.layout}")
+    import_image(store, f"oci:{other.layout}")
     assert list(store.paths.image_staging.iterdir()) == []
     assert not orphan_root.exists()
     assert not (store.paths.image_blobs / ("e" * 64)).exists()
@@ -163,9 +156,9 @@ def test_a_refused_import_of_a_good_image_after_a_bad_one_works(store, tmp_path)
     """The refusal cleans its staging: the next import is not hindered."""
     bad = write_layout(tmp_path / "bad", [tar_layer([File("../x", b"")])])
     with pytest.raises(ImageError):
-        _import(store, f"oci:{bad.layout}")
+        import_image(store, f"oci:{bad.layout}")
     good = write_layout(tmp_path / "good", [tar_layer(busybox_entries())])
-    assert _import(store, f"oci:{good.layout}").new
+    assert import_image(store, f"oci:{good.layout}").new
     assert list(store.paths.image_staging.iterdir()) == []
 
 
@@ -197,5 +190,5 @@ def test_the_cli_imports_lists_removes_and_prunes(paths, busybox, tmp_path):
 
 
 def test_the_store_is_private_to_its_owner(store, busybox):
-    _import(store, f"oci:{busybox.layout}")
+    import_image(store, f"oci:{busybox.layout}")
     assert os.stat(store.paths.images).st_mode & 0o077 == 0

@@ -204,6 +204,8 @@ class _Root:
                                             "an entry needs a directory there") from None
             except NotADirectoryError:
                 raise LayerRejected("path", f"{done[:200]!r} is not a directory") from None
+            except OSError as exc:
+                raise self._refusal(done, exc) from None
         return openat2(self.fd, rel, flags | os.O_DIRECTORY)
 
     @staticmethod
@@ -243,7 +245,9 @@ class _Layer:
         self.budget = budget
         self.written: set[str] = set()
 
-    def apply(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+    def apply(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> int:
+        """Apply one entry; returns how many of its data bytes it left for
+        tarfile to skip (a whiteout's, which should have none)."""
         name = entry_name(member.name)
         limits = self.budget.limits
         self.budget.entries += 1
@@ -251,15 +255,18 @@ class _Layer:
             raise LayerRejected("too_large", f"the image has more than {limits.max_entries} "
                                              "entries")
         if not name:
-            return  # the root itself: its mode is the store's
+            return 0  # the root itself: its mode is the store's
         parent, base = _split(name)
         if base.startswith(WHITEOUT):
+            if member.isreg() and member.size > limits.max_file_bytes:
+                raise LayerRejected("too_large", f"whiteout {name[:200]!r} carries "
+                                                 f"{member.size} bytes")
             self._whiteout(parent, base)
-            return
+            return member.size if member.isreg() else 0
         if member.ischr() or member.isblk() or member.isfifo():
             kind = "devices" if member.ischr() or member.isblk() else "fifos"
             self.budget.skipped[kind] = self.budget.skipped.get(kind, 0) + 1
-            return
+            return 0
         if member.issparse():
             raise LayerRejected("entry_type", f"{name[:200]!r} is a sparse file")
         if not (member.isdir() or member.isreg() or member.issym() or member.islnk()):
@@ -282,6 +289,7 @@ class _Layer:
         finally:
             os.close(parent_fd)
         self.written.add(name)
+        return 0
 
     def _directory(self, member: tarfile.TarInfo, base: str, parent_fd: int) -> None:
         st = _lstat(base, parent_fd)
@@ -380,14 +388,15 @@ def unpack_layer(blob: BinaryIO, media_type: str, diff_id: str, root_fd: int,
     try:
         stream.header_budget = MAX_HEADER_BYTES  # open() reads the first header
         with tarfile.open(fileobj=stream, mode="r|") as tar:
+            unread = 0
             while True:
-                stream.header_budget = MAX_HEADER_BYTES
+                stream.header_budget = MAX_HEADER_BYTES + unread
                 member = tar.next()
                 stream.header_budget = None
                 if member is None:
                     break
                 tar.members.clear()  # tarfile keeps every header; a layer may have millions
-                layer.apply(tar, member)
+                unread = layer.apply(tar, member)
         stream.drain(MAX_TRAILER_BYTES)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise LayerRejected("malformed", f"layer {diff_id[:19]} is not a readable tar: "
