@@ -54,6 +54,19 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     fsync_dir(path.parent)
 
 
+def write_runtime_file(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Atomic (temp file + rename) but not fsynced: runtime files are rewritten
+    by every start and live under /run, which a crash empties anyway; the
+    durable state (sandbox.json, exit.json, the keyring, audit) is fsynced."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.urandom(4).hex()}")
+    try:
+        write_file_durably(tmp, data, mode, sync=False)
+        os.rename(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 @contextmanager
 def locked(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on the lock file `path` (made 0600 if missing)

@@ -13,6 +13,7 @@ from tappass_host.layers import files as layer_files
 from tappass_host.oci import field_path, invariants, parent_field, rootfs
 from tappass_host.oci.render import Rendered, render
 from tappass_host.paths import HostPaths
+from tappass_host.statefile import write_runtime_file
 
 
 @dataclass(frozen=True)
@@ -137,21 +138,6 @@ def _write_agent_env(inputs: layers.LayerInputs, env: list[str] | None) -> None:
     write_runtime_file(path, landlock.encode_env(env), 0o440)
     if (group := keyring_group(inputs.record)) is not None:
         os.chown(path, -1, group)
-
-
-def write_runtime_file(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Atomic (temp file + rename) but not fsynced: runtime files are rewritten
-    by every start and live under /run, which a crash empties anyway; the
-    durable state (sandbox.json, exit.json, the keyring, audit) is fsynced."""
-    from tappass_host.statefile import write_file_durably
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.urandom(4).hex()}")
-    try:
-        write_file_durably(tmp, data, mode, sync=False)
-        os.rename(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _blame(violation: "invariants.InvariantViolation", provenance: dict[str, str]):

@@ -11,7 +11,6 @@ daemon just gets ECONNREFUSED.
 """
 
 import os
-import socket
 
 from tappass_host.paths import HostPaths
 from tappass_host.unixaddress import short_address
@@ -19,11 +18,17 @@ from tappass_host.unixaddress import short_address
 
 def ring(paths: HostPaths, name: str) -> None:
     """Tell a listening daemon that `name` changed state; silent if none listens."""
+    # The C module: `socket` builds its enums at import, a few ms of every exit hook.
+    import _socket
+
     try:
-        with short_address(paths.daemon_socket) as address, \
-                socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.setblocking(False)
-            sock.sendto(name.encode(), address)
+        with short_address(paths.daemon_socket) as address:
+            sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
+            try:
+                sock.setblocking(False)
+                sock.sendto(name.encode(), address)
+            finally:
+                sock.close()
     except OSError:
         pass  # no daemon, or its queue is full: its next rescan sees the exit anyway
 
@@ -32,6 +37,8 @@ class Doorbell:
     """The daemon's end: a datagram socket that wakes it up."""
 
     def __init__(self, paths: HostPaths):
+        import socket
+
         paths.runtime.mkdir(parents=True, exist_ok=True)
         self.path = paths.daemon_socket
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -46,6 +53,7 @@ class Doorbell:
     def wait(self, timeout: float) -> set[str]:
         """Names rung within `timeout` seconds (empty when it timed out)."""
         import select
+        import socket
 
         ready, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
         names = set()

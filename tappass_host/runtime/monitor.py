@@ -11,14 +11,11 @@ message) to it; the caller then runs `<runtime> start`.
 
 import json
 import os
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from tappass_host import paths, systemd
 from tappass_host.errors import TappassError
-from tappass_host.runtime.ociruntime import OCIRuntime
 
 
 class MonitorError(TappassError):
@@ -58,15 +55,21 @@ class MonitorFiles:
 
 
 def find_conmon(override: str = "") -> str:
+    import shutil
+
     binary = override or shutil.which("conmon")
     if not binary:
         raise MonitorError("conmon is not installed (apt-get install -y conmon)")
     return binary
 
 
-def launch(runtime: OCIRuntime, conmon: str, cid: str, bundle: Path, files: MonitorFiles,
+def launch(runtime, conmon: str, cid: str, bundle: Path, files: MonitorFiles,
            log_path: Path, log_max_bytes: int, exit_command: list[str]) -> int:
-    """Start conmon (which creates the container), return the agent's host pid."""
+    """Start conmon (which creates the container), return the agent's host pid.
+    `runtime`: the sandbox's tappass_host.runtime.ociruntime.OCIRuntime."""
+    import shutil
+    import subprocess
+
     for directory in (files.exits, files.persist):
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)

@@ -36,10 +36,8 @@ def read_json(path: Path) -> dict | None:
 
 
 def write_state(sandbox: SandboxPaths, state: dict) -> None:
-    from tappass_host.oci.bundle import write_runtime_file
-
     sandbox.runtime.mkdir(parents=True, exist_ok=True)
-    write_runtime_file(state_file(sandbox), json.dumps(state, indent=2).encode(), 0o644)
+    statefile.write_runtime_file(state_file(sandbox), json.dumps(state, indent=2).encode(), 0o644)
 
 
 def runtime_of(paths: HostPaths, state: dict, default: str | None = None):

@@ -1,0 +1,107 @@
+"""The import budget of the hot commands (issue 13): `start NAME --agent PKG
+--foreground --rm`, `status`, `stop` and `logs --tail 1` import nothing they
+do not use. Each runs for real (a real sandbox under crun and runc) and the
+modules it had loaded when it exited are held to a budget:
+
+- outside the standard library, only the packages listed for the command
+  (click everywhere; cryptography where an audit record is signed);
+- of the standard library, none of the heavy modules below (network
+  clients, asyncio, email, importlib.metadata and .resources, zipfile,
+  socket, ...), nor what the command has no use for (subprocess for
+  `status`, ...);
+- of tappass_host, none of the control-plane, daemon, devplane, egress
+  proxy or keyring-verification modules, and no jsonschema-backed schema
+  check once its verdict is cached.
+"""
+
+import json
+import subprocess
+import sys
+
+from sandbox_fixture import PYTHON, host, runtime, unique_name, write_agent  # noqa: F401  (fixtures)
+
+THIRD_PARTY = {
+    "start": {"click", "cryptography", "_cffi_backend", "_openssl"},  # the audit record's signature
+    "stop": {"click", "cryptography", "_cffi_backend", "_openssl"},
+    "status": {"click"},
+    "logs": {"click"},
+}
+HEAVY_STDLIB = {
+    "asyncio", "ssl", "http", "email", "xml", "sqlite3", "concurrent", "multiprocessing",
+    "logging", "urllib.request", "importlib.metadata", "importlib.resources", "zipfile", "csv",
+    "decimal", "argparse", "unittest", "pydoc", "pickle", "socket", "tempfile", "random",
+}
+# What each command does not use at all, on top of HEAVY_STDLIB.
+UNUSED_STDLIB = {
+    "start": set(),
+    "stop": {"ctypes"},
+    "status": {"subprocess", "ctypes", "tomllib"},
+    "logs": {"subprocess", "shutil", "ctypes", "tomllib", "hashlib"},
+}
+OURS_NEVER = ("tappass_host.daemon", "tappass_host.devplane", "tappass_host.identity",
+              "tappass_host.controlplane", "tappass_host.sync.transport",
+              "tappass_host.sync.sse", "tappass_host.sync.receive", "tappass_host.network.proxy",
+              "tappass_host.network.service", "tappass_host.keyring.verify",
+              "tappass_host.keyring.envelope", "tappass_host.oci.schema",
+              "tappass_host.image")
+STDLIB = set(sys.stdlib_module_names)
+# What the interpreter loads before any command (site, a venv's .pth files): not the command's.
+AT_STARTUP = set(json.loads(subprocess.run(
+    [PYTHON, "-c", "import json, sys; print(json.dumps(sorted(sys.modules)))"],
+    check=True, capture_output=True, text=True).stdout)) - {"json", "json.decoder",
+                                                            "json.scanner", "json.encoder"}
+
+
+def over_budget(command: str, modules: set[str]) -> list[str]:
+    """The modules of `modules` the command's budget does not allow."""
+    over = []
+    for module in sorted(modules - AT_STARTUP):
+        top = module.split(".")[0]
+        if top == "tappass_host":
+            forbidden = module.startswith(OURS_NEVER)
+        elif top in STDLIB or module == "__main__":
+            forbidden = any(module == heavy or module.startswith(heavy + ".")
+                            for heavy in HEAVY_STDLIB | UNUSED_STDLIB[command])
+        else:
+            forbidden = top not in THIRD_PARTY[command]
+        if forbidden:
+            over.append(module)
+    return over
+
+
+def test_the_budget_catches_what_it_forbids():
+    assert over_budget("status", {"click.core", "json", "tappass_host.cli"}) == []
+    assert over_budget("status", {"cryptography.hazmat"}) == ["cryptography.hazmat"]
+    assert over_budget("logs", {"subprocess"}) == ["subprocess"]
+    assert over_budget("start", {"subprocess", "zipfile"}) == ["zipfile"]
+    assert over_budget("start", {"httpx", "jsonschema", "pyroute2", "importlib.metadata",
+                                 "tappass_host.oci.schema", "cryptography"}) == [
+        "httpx", "importlib.metadata", "jsonschema", "pyroute2", "tappass_host.oci.schema"]
+
+
+def test_start_foreground_stays_in_its_import_budget(host, runtime):
+    name = host.enroll(unique_name("budget", runtime))
+    agent = write_agent(host.root / "agent", ["/bin/true"])
+    args = ("start", name, "--agent", str(agent), "--runtime", runtime, "--foreground", "--rm")
+    host.started.append(name)
+    assert "jsonschema" in host.modules_loaded(*args)  # the first start checks the schema
+    modules = host.modules_loaded(*args)               # then its verdict is cached
+    assert {"tappass_host.runtime.start", "tappass_host.audit"} <= modules  # it really ran
+    assert over_budget("start", modules) == []
+
+
+def test_status_logs_and_stop_stay_in_their_import_budget(host, runtime):
+    name = host.enroll(unique_name("budget", runtime))
+    agent = write_agent(host.root / "agent", [
+        "/bin/sh", "-c", "trap 'exit 0' TERM; echo ready; sleep 1000 & wait"])
+    assert host.start(name, agent, runtime).returncode == 0
+    host.wait_log(name, "ready")
+    for command, args in (("status", ("status",)), ("status", ("status", name)),
+                          ("status", ("--json", "status", name)),
+                          ("logs", ("logs", name, "--tail", "1"))):
+        modules = host.modules_loaded(*args)
+        assert "tappass_host.cli.sandbox" in modules  # the measurement is real
+        assert over_budget(command, modules) == [], args
+    modules = host.modules_loaded("stop", name, "--timeout", "10")
+    assert host.exit_record(name)["code"] == 0  # it really stopped the agent
+    assert over_budget("stop", modules) == []
