@@ -192,3 +192,44 @@ def test_the_cli_imports_lists_removes_and_prunes(paths, busybox, tmp_path):
 def test_the_store_is_private_to_its_owner(store, busybox):
     import_image(store, f"oci:{busybox.layout}")
     assert os.stat(store.paths.images).st_mode & 0o077 == 0
+
+
+def _blocked_on_a_lock(pid: int) -> bool:
+    """/proc/locks lists a process waiting for a lock with `->`."""
+    with open("/proc/locks") as f:
+        return any("->" in line and line.split()[5] == str(pid) for line in f)
+
+
+def test_an_import_waits_for_the_store_lock(paths, busybox):
+    from tappass_host import statefile
+
+    ImageStore(paths, Limits(MiB, MiB, 10))._prepare()
+    with statefile.locked(paths.image_lock):
+        waiting = subprocess.Popen([sys.executable, "-m", "tappass_host", "--state-dir",
+                                    str(paths.state), "image", "import", f"oci:{busybox.layout}"])
+        while not _blocked_on_a_lock(waiting.pid):
+            assert waiting.poll() is None, "the import did not wait for the lock"
+            os.sched_yield()
+        assert list(paths.image_records.iterdir()) == []
+    assert waiting.wait() == 0
+    assert [p.stem for p in paths.image_records.iterdir()] == [busybox.digest[7:]]
+
+
+def test_the_cli_shows_progress_on_a_terminal(paths, busybox):
+    import pty
+
+    main, terminal = pty.openpty()
+    done = subprocess.run([sys.executable, "-m", "tappass_host", "--state-dir", str(paths.state),
+                           "image", "import", f"oci:{busybox.layout}"],
+                          stderr=terminal, stdout=subprocess.PIPE, text=True)
+    os.close(terminal)
+    shown = b""
+    try:
+        while chunk := os.read(main, 65536):
+            shown += chunk
+    except OSError:  # EIO: the terminal's other end is closed and drained
+        pass
+    os.close(main)
+    assert done.returncode == 0
+    assert b"fetch:" in shown and b"unpack:" in shown
+    assert "fetch:" not in done.stdout
