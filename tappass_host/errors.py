@@ -27,7 +27,7 @@ class with the module (under tappass_host/) that defines and raises it:
             AlreadyEnrolled         identity/errors.py
             BadBootstrap            identity/errors.py
             BootstrapConsumed       identity/errors.py
-            ControlPlaneError       identity/errors.py
+            EnrollmentRefused       identity/errors.py
             RenewalError            identity/errors.py
             BadMachineKey           identity/certs.py
         KeyringRejected             keyring/verify.py   (carries `reason`)
@@ -47,11 +47,14 @@ class with the module (under tappass_host/) that defines and raises it:
             StopNotRecorded         runtime/stop.py
         EgressError                 network/control.py
         PoolExhausted               network/addresses.py
-        SyncError                   sync/transport.py
-            Unreachable             sync/transport.py
-            Refused                 sync/transport.py
-            Stalled                 sync/transport.py
-            AnswerTooLarge          sync/transport.py
+        ControlPlaneError           controlplane/errors.py   (carries `reason`)
+            Unreachable             controlplane/errors.py
+                Untrusted           controlplane/errors.py
+            NoIdentity              controlplane/errors.py
+            Refused                 controlplane/errors.py   (carries `status`)
+            Stalled                 controlplane/errors.py
+            AnswerTooLarge          controlplane/errors.py
+            BadAnswer               controlplane/errors.py
         UnreadableURL               cli/enroll.py
         DevplaneError               devplane/state.py   (the development control plane)
 

@@ -24,8 +24,15 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "tappass_host", "paths", "statefile", "clock", "errors", "config", "strictjson",
         "unixaddress", "domains", "responses", "shipped", "signing", "sandbox_record", "ids",
         "workspace", "agent", "audit", "systemd", "processes", "sandbox_launcher")),
-    # The keyring (envelope, verification, the store) and the host's identity.
-    ("keyring and identity", ("keyring", "identity")),
+    # The keyring (envelope, verification, the store), and the TLS contexts
+    # pinned to the control plane's CA.
+    ("keyring and the pinned TLS", ("keyring", "identity.tls")),
+    # The one client of the control plane (DESIGN §5, §7): connections, the
+    # mapping of their failures, the SSE reader, every endpoint.
+    ("control-plane client", ("controlplane",)),
+    # The host's identity: bootstrap, enrollment, certificates and renewal,
+    # which call the control plane through its client.
+    ("identity", ("identity",)),
     # The local image store: sources, verification, safe unpacking of layers.
     ("images", ("image",)),
     # What a keyring turns into: the policy layers (appliers), the Landlock
@@ -36,7 +43,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("oci bundle", ("oci",)),
     # The OCI runtime, conmon and the run state; start, stop, shell.
     ("runtime", ("runtime",)),
-    # Control-plane transport, the SSE reader, receiving and hot-reloading an update.
+    # Receiving an update: apply then ack, the one-time pull, hot reload.
     ("sync", ("sync",)),
     # Long-running host processes: the host daemon (main loop, per-sandbox
     # worker, supervision, renewal, sd_notify), and the egress service, a
@@ -188,3 +195,24 @@ def test_the_check_sees_lazy_relative_and_upward_imports(tmp_path):
     assert graph["tappass_host.cli.sandbox"] == {"tappass_host.paths"}
     assert violations(graph) == {("up", "paths", "cli.sandbox"),
                                  ("cycle", "cli.sandbox", "paths")}
+
+
+# Who may import httpx: the control-plane client (issue 11 item 4), the
+# bounded reader it reads every answer through (it raises httpx's own
+# timeout and decoding errors, which the client translates), and the
+# development control plane, which is not the host.
+HTTPX_IMPORTERS = ("controlplane", "responses", "devplane")
+
+
+def test_only_the_control_plane_client_speaks_http():
+    speakers = set()
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            if any(name.split(".")[0] == "httpx" for name in names):
+                speakers.add(_short(module))
+    assert speakers, "the walk found no httpx import at all"
+    outside = sorted(m for m in speakers if m.split(".")[0] not in HTTPX_IMPORTERS)
+    assert not outside, f"httpx imported by {', '.join(outside)}: go through " \
+        "tappass_host.controlplane's client"

@@ -13,6 +13,7 @@ before the fix, a pull peaked above 1 GiB.
 
 import json
 import os
+import socket
 import ssl
 import subprocess
 import threading
@@ -64,6 +65,7 @@ class HostileControlPlane:
         self.accept_encodings: list[str | None] = []
         self.paths: list[str] = []
         self.trickled = threading.Event()
+        self.released = threading.Event()  # ends the stalled answers
         plane = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -106,6 +108,22 @@ class HostileControlPlane:
     def _missing(self, handler):
         self._send(handler, 404, b"")
 
+    def _unavailable(self, handler):
+        self._send(handler, 503, b"")
+
+    def _closed(self, handler):
+        """The connection closed without an answer."""
+        handler.close_connection = True
+
+    def _stalled(self, handler):
+        """Headers (an event stream's, for the events call), then nothing."""
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Content-Length", "10")
+        handler.end_headers()
+        handler.wfile.flush()
+        self.released.wait(60)
+
     def _accepted(self, handler):
         self._send(handler, 204, b"")
 
@@ -138,6 +156,7 @@ class HostileControlPlane:
             time.sleep(0.05)
 
     def close(self) -> None:
+        self.released.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -169,12 +188,13 @@ PULL = """
 import json, sys
 from tappass_host.paths import HostPaths
 from tappass_host.sync.receive import receive
-from tappass_host.sync.transport import SyncClient, SyncError
+from tappass_host.controlplane.client import ControlPlaneClient
+from tappass_host.controlplane.errors import ControlPlaneError
 paths = HostPaths.resolve(sys.argv[1])
-client = SyncClient(paths, **({"answer_deadline": float(sys.argv[3])} if sys.argv[3:] else {}))
+client = ControlPlaneClient(paths, **({"answer_deadline": float(sys.argv[3])} if sys.argv[3:] else {}))
 try:
     data = client.pull_latest(sys.argv[2])
-except SyncError as exc:
+except ControlPlaneError as exc:
     print(json.dumps({"error": type(exc).__name__, "reason": exc.reason, "message": str(exc)}),
           file=sys.stderr)
     sys.exit(3)
@@ -216,11 +236,11 @@ def test_a_trickled_pull_ends_at_its_deadline(devplane, hostile, host, tmp_path,
     assert failure["reason"] == "unreachable" and "took over 1 s" in failure["message"]
 
 
-def test_start_rejects_an_oversize_latest_keyring_audited_and_acked(devplane, hostile, host,
-                                                                    tmp_path, name):
+def _start_with_a_bomb(devplane, hostile, host, tmp_path, name, acks: str) -> int:
+    """`start` NAME, whose latest keyring is a gzip bomb; its peak RSS in KiB."""
     enroll(devplane, host, name)
     _point_at(host, name, hostile.url)
-    hostile.answers.update({"/keyring": "bomb", "/acks": "accepted"})
+    hostile.answers.update({"/keyring": "bomb", "/acks": acks})
 
     code, err, rss_kib = measured(
         [PYTHON, "-m", "tappass_host", "--state-dir", str(host.root), "--config",
@@ -228,6 +248,12 @@ def test_start_rejects_an_oversize_latest_keyring_audited_and_acked(devplane, ho
 
     assert code != 0
     assert err.count("\n") == 1 and "rejected (too_large)" in err, err
+    return rss_kib
+
+
+def test_start_rejects_an_oversize_latest_keyring_audited_and_acked(devplane, hostile, host,
+                                                                    tmp_path, name):
+    rss_kib = _start_with_a_bomb(devplane, hostile, host, tmp_path, name, "accepted")
     assert rss_kib < RSS_CEILING_KIB, f"peak RSS {rss_kib} KiB"
     rejected = [e for e in read_audit(host.paths.audit_log) if e["event"] == "keyring.rejected"]
     assert [e["details"]["reason"] for e in rejected] == ["too_large"]
@@ -303,3 +329,72 @@ def test_a_renewal_answer_is_bounded_and_the_certificate_kept(devplane, hostile,
     failed = [e for e in read_audit(host.paths.audit_log) if e["event"] == "cert.renewal_failed"]
     assert [e["details"]["reason"] for e in failed] == ["too_large"]
     assert hostile.accept_encodings == ["identity"]
+
+
+def _closed_port() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"https://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def _calls(paths, name: str, ca_pem: bytes, origin: str) -> dict:
+    """Every call of the control-plane client; the sandbox's record points at `origin`."""
+    from tappass_host.controlplane.client import ControlPlaneClient, Enrollment, fetch_ca
+
+    sandbox = ControlPlaneClient(paths, timeout=1, keepalive_timeout=1)
+    return {
+        "/v1/enroll/ca": lambda: fetch_ca(origin, timeout=1),
+        "/v1/enroll/challenge": lambda: Enrollment(origin, ca_pem, timeout=1).challenge("t"),
+        "/v1/enroll/complete": lambda: Enrollment(origin, ca_pem, timeout=1).complete(
+            "t", "n", b"csr", "pop"),
+        "/keyring": lambda: sandbox.pull_latest(name),
+        "/events": lambda: next(iter(sandbox.events(name, None))),
+        "/acks": lambda: sandbox.ack(name, 1, "applied", None),
+        "/certificate": lambda: sandbox.renew_certificate(name, b"csr"),
+    }
+
+
+def test_every_call_fails_the_same_way_for_the_same_fault(devplane, hostile, host, name):
+    """One translation for every endpoint (issue 11 item 4): a server that
+    refuses the connection, closes it unanswered, stalls after its headers,
+    answers 503, or answers too much gives each call the same error of the
+    ControlPlaneError family, with the same reason."""
+    from tappass_host.controlplane import errors
+
+    enroll(devplane, host, name)
+    expected = {"refused": errors.Unreachable, "closed": errors.Unreachable,
+                "stalled": errors.Unreachable, "unavailable": errors.Refused,
+                "oversize": errors.AnswerTooLarge}
+    seen = {}
+    for fault, error in expected.items():
+        origin = _closed_port() if fault == "refused" else hostile.url
+        _point_at(host, name, origin)
+        for path, call in _calls(host.paths, name, devplane.ca_pem, origin).items():
+            hostile.answers = {path: fault}
+            if fault == "oversize" and path in ("/keyring", "/events"):
+                continue  # cut and rejected as a keyring: the tests above
+            # the stream's own timeout: no byte, not even a keepalive
+            want = errors.Stalled if (fault, path) == ("stalled", "/events") else error
+            with pytest.raises(errors.ControlPlaneError) as raised:
+                call()
+            seen[fault, path] = raised.value.reason
+            assert type(raised.value) is want, (fault, path, raised.value)
+            assert "\n" not in str(raised.value)
+    assert {reason for (fault, _), reason in seen.items() if fault == "unavailable"} == {"refused"}
+    assert {reason for (fault, _), reason in seen.items() if fault == "oversize"} == {"too_large"}
+    assert len(seen) == 5 * 7 - 2
+
+
+def test_a_pull_at_start_keeps_an_ack_it_could_not_send_for_the_daemon(devplane, hostile, host,
+                                                                       tmp_path, daemons, name):
+    """`start`'s pull delivers like the daemon (issue 11 item 4): an ack the
+    control plane does not take is kept in unacked.json, and the daemon sends
+    it on its first pull."""
+    _start_with_a_bomb(devplane, hostile, host, tmp_path, name, "unavailable")
+    unacked = json.loads(host.paths.sandbox(name).unacked.read_bytes())
+    assert {k: unacked[k] for k in ("policy_version", "status", "reason")} == {
+        "policy_version": 0, "status": "rejected", "reason": "too_large"}
+    hostile.answers["/acks"] = "accepted"
+    daemon = daemons(host)
+    daemon.wait_line(f"{name}: ack of policy_version 0 sent on retry")
+    assert not host.paths.sandbox(name).unacked.exists()

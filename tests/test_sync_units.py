@@ -6,7 +6,8 @@ import threading
 
 from tappass_host.sync.backoff import Backoff
 from tappass_host.daemon.worker import SandboxWorker, SyncSettings
-from tappass_host.sync.transport import Event, Unreachable
+from tappass_host.controlplane.client import Event
+from tappass_host.controlplane.errors import Unreachable
 
 import keyrings
 
@@ -87,7 +88,7 @@ def test_worker_applies_acks_and_does_not_reprocess_a_resent_rejection(paths, si
 
 # --- the capped SSE reader -----------------------------------------------------------
 
-from tappass_host.sync.sse import HEARTBEAT, EventReader, Message, Oversized  # noqa: E402
+from tappass_host.controlplane.sse import HEARTBEAT, EventReader, Message, Oversized  # noqa: E402
 
 
 def _read(chunks, limit=100):
@@ -147,7 +148,7 @@ def test_sse_reader_scans_a_trickled_line_once():
 def test_an_sse_id_is_a_policy_version_only_when_it_looks_like_one():
     """The id of an event whose envelope cannot be read is what gets audited
     and acked: a hostile one must not become a huge or odd version."""
-    from tappass_host.sync.transport import _event_id
+    from tappass_host.controlplane.client import _event_id
 
     assert [_event_id(t) for t in ("7", "0", "9999999999")] == [7, 0, 9999999999]
     for text in ("", "+7", " 7", "7 ", "-1", "1_0", "\u0663", "1e3", "99999999999", "9" * 5000):

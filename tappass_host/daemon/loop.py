@@ -13,12 +13,12 @@ import threading
 import time
 from collections.abc import Callable
 
+from tappass_host.controlplane.client import ControlPlaneClient, SyncTransport
 from tappass_host.daemon.notify import sd_notify, watchdog_interval
 from tappass_host.daemon.renewal import RenewalSchedule
 from tappass_host.daemon.worker import Log, SandboxWorker, SyncSettings
 from tappass_host.errors import TappassError
 from tappass_host.paths import HostPaths
-from tappass_host.sync.transport import SyncClient, SyncTransport
 
 READY_WAIT_S = 10.0
 JOIN_S = 5.0
@@ -34,7 +34,7 @@ class Daemon:
         self.settings = settings
         self.log = log
         self.transport_factory = transport_factory or (
-            lambda: SyncClient(paths, keepalive_timeout=settings.keepalive_timeout))
+            lambda: ControlPlaneClient(paths, keepalive_timeout=settings.keepalive_timeout))
         self.stopping = threading.Event()
         self.workers: dict[str, SandboxWorker] = {}
         self.renewals = RenewalSchedule(paths, log)

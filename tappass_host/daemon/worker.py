@@ -2,25 +2,25 @@
 (DESIGN §7).
 
 Each sandbox gets a worker thread: pull the latest keyring, then hold the
-event stream from the current policy_version; every event goes through
-`receive` (the keyring core, then live limits) and is acknowledged. A broken
+event stream from the current policy_version; every event is delivered
+(tappass_host.sync.delivery: received, then acknowledged). A broken
 or stalled stream is reopened after a capped, jittered backoff; the last
 good keyring stays in place meanwhile. The daemon's main loop (loop.py)
 starts and stops the workers.
 """
 
-import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tappass_host import clock
+from tappass_host.controlplane.client import Keepalive, SyncTransport, TooLarge
+from tappass_host.controlplane.errors import ControlPlaneError
 from tappass_host.errors import TappassError
 from tappass_host.keyring import Limits
 from tappass_host.paths import HostPaths
 from tappass_host.sync.backoff import Backoff
-from tappass_host.sync.receive import APPLIED, Outcome, is_current, receive
-from tappass_host.sync.transport import Keepalive, SyncError, SyncTransport, TooLarge
+from tappass_host.sync.delivery import Delivery, current_version
+from tappass_host.sync.receive import APPLIED, Outcome, is_current
 
 Log = Callable[[str], None]
 
@@ -41,14 +41,6 @@ class SyncSettings:
                    limits=Limits(**config["limits"]))
 
 
-def current_version(paths: HostPaths, name: str) -> int | None:
-    from tappass_host import sandbox_record
-    from tappass_host.keyring.store import store_for
-
-    version = store_for(paths, sandbox_record.load(paths, name)).current_version()
-    return version.policy_version if version else None
-
-
 class SandboxWorker:
     """Keeps one sandbox's keyring in step with the control plane."""
 
@@ -61,10 +53,7 @@ class SandboxWorker:
         self.transport = transport
         self.log = log
         self.on_applied = on_applied or (lambda name: None)
-        # the latest ack the control plane has not taken; on disk too, so that
-        # a daemon restart does not lose it
-        self._unacked: Ack | None = Ack.load(self._unacked_file)
-        self._unacked_saved = self._unacked is not None
+        self.delivery = Delivery(paths, name, transport, limits=settings.limits, log=log)
         self.stopping = threading.Event()
         self.settled = threading.Event()  # the first stream is open, or failed once
         self._thread = threading.Thread(target=self._run, name=f"sync-{name}", daemon=True)
@@ -104,7 +93,7 @@ class SandboxWorker:
         self._applying = False
         try:
             self._session(reconnect)
-        except SyncError as exc:
+        except ControlPlaneError as exc:
             self._troubled(exc.reason, str(exc))
         except Exception as exc:  # e.g. ENOSPC from a flip: a later try may work
             if isinstance(exc, TappassError) and not self._applying:
@@ -116,7 +105,7 @@ class SandboxWorker:
     def _session(self, backoff: Backoff) -> None:
         data = self.transport.pull_latest(self.name)
         backoff.reset()
-        self._retry_ack()
+        self.delivery.retry()
         if data is not None and not is_current(self.paths, self.name, data):
             self._handle(data, None)
         since = current_version(self.paths, self.name)
@@ -125,7 +114,7 @@ class SandboxWorker:
             if self.stopping.is_set():
                 return
             if isinstance(event, Keepalive):
-                self._retry_ack()
+                self.delivery.retry()
             elif isinstance(event, TooLarge):
                 self._too_large(event)
             else:
@@ -178,18 +167,12 @@ class SandboxWorker:
         if data == self._last_rejected:
             return  # resent on reconnect: rejected, audited and acked already
         self._applying = True
-        try:
-            outcome = receive(self.paths, self.name, data, limits=self.settings.limits,
-                              claimed_version=event_id)
-        except Exception as exc:
-            if not is_current(self.paths, self.name, data):
-                raise
-            # flipped, and then something failed (its audit, on a full disk): the
-            # agent has it, so the control plane learns it is applied
-            from tappass_host.errors import describe
+        self.delivery.deliver(data, event_id,
+                              announce=lambda outcome: self._announce(data, outcome))
 
-            outcome = Outcome(APPLIED, current_version(self.paths, self.name),
-                              live_error=f"after the flip: {describe(exc)}")
+    def _announce(self, data: bytes, outcome: Outcome) -> None:
+        """After the flip (or the rejection), before the ack: logged, and the
+        main loop told, without waiting for the control plane."""
         self._applying = False
         self._retry.reset()
         if self._trouble and self._trouble.startswith("failed:"):
@@ -208,8 +191,6 @@ class SandboxWorker:
         self.log(line)
         if outcome.status == APPLIED:
             self.on_applied(self.name)
-        self._ack(Ack(outcome.policy_version or 0, outcome.status, outcome.reason,
-                      clock.now_text("microseconds")))
 
     def _too_large(self, event: TooLarge) -> None:
         """An event the stream reader dropped unread: over the envelope size
@@ -223,67 +204,4 @@ class SandboxWorker:
                                              details=details)
         self.log(f"{self.name}: rejected policy_version {event.id}: too_large "
                  f"(event over {event.size} bytes, dropped unread)")
-        self._ack(Ack(event.id or 0, "rejected", "too_large", clock.now_text("microseconds")))
-
-    @property
-    def _unacked_file(self):
-        return self.paths.sandbox(self.name).unacked
-
-    def _ack(self, ack: "Ack") -> None:
-        """Acknowledge; one the control plane cannot take now is kept (the
-        latest only: it supersedes older ones, in memory and in unacked.json)
-        and sent again with the next keepalive, after the next reconnect, or
-        by the next daemon."""
-        self._unacked = ack
-        self._retry_ack()
-
-    def _retry_ack(self) -> None:
-        ack = self._unacked
-        if ack is None:
-            return
-        try:
-            self.transport.ack(self.name, ack.policy_version, ack.status, ack.reason,
-                               applied_at=ack.at)
-        except SyncError as exc:
-            if not ack.failed:  # one line per ack, not per retry
-                self.log(f"{self.name}: ack of policy_version {ack.policy_version} failed "
-                         f"({exc}); kept for a retry")
-                ack.failed = True
-                self._unacked_saved = ack.save(self._unacked_file) or self._unacked_saved
-            return
-        if ack.failed:
-            self.log(f"{self.name}: ack of policy_version {ack.policy_version} sent on retry")
-        if self._unacked_saved:  # this one, or an older one it supersedes
-            self._unacked_file.unlink(missing_ok=True)
-            self._unacked_saved = False
-        if self._unacked is ack:
-            self._unacked = None
-
-
-@dataclass
-class Ack:
-    policy_version: int
-    status: str
-    reason: str | None
-    at: str
-    failed: bool = False
-
-    def save(self, path) -> bool:
-        from tappass_host import statefile
-
-        doc = {"policy_version": self.policy_version, "status": self.status,
-               "reason": self.reason, "at": self.at}
-        try:
-            statefile.write_atomic(path, json.dumps(doc).encode(), 0o600)
-        except OSError:
-            return False  # kept in memory all the same
-        return True
-
-    @classmethod
-    def load(cls, path) -> "Ack | None":
-        try:
-            doc = json.loads(path.read_bytes())
-            return cls(int(doc["policy_version"]), str(doc["status"]), doc.get("reason"),
-                       str(doc["at"]), failed=True)
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        self.delivery.acknowledge(event.id or 0, "rejected", "too_large")

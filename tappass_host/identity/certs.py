@@ -8,7 +8,6 @@ certificates of every sandbox on the host. It never leaves the host.
 import os
 import random
 import secrets
-import ssl
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tappass_host import clock, statefile, strictjson
+from tappass_host import clock, statefile
 from tappass_host.identity.bootstrap import b64url_decode, b64url_encode
 from tappass_host.identity.errors import IdentityError, RenewalError
 from tappass_host.paths import HostPaths
@@ -182,41 +181,32 @@ def renew_certificate(paths: HostPaths, name: str, *, timeout: float = 10.0,
 
 
 def _renew(paths: HostPaths, name: str, record, timeout: float, now) -> x509.Certificate:
-    import httpx
-
-    from tappass_host.identity.tls import mtls_context
+    from tappass_host.controlplane.client import ControlPlaneClient
+    from tappass_host.controlplane.errors import ControlPlaneError, Refused, Unreachable
 
     sandbox = paths.sandbox(name)
+    failed = f"certificate renewal for {name!r} failed"
     try:
         key = load_machine_key(paths.machine_key)
-        context = mtls_context(paths, name)
     except FileNotFoundError as exc:
         raise RenewalError("missing_identity",
                            f"cannot renew {name!r}: {exc.filename} is missing") from None
-    except (ssl.SSLError, BadMachineKey) as exc:
+    except BadMachineKey as exc:
         raise RenewalError("missing_identity", f"cannot renew {name!r}: "
                                                f"unusable identity files ({exc})") from None
-    url = f"{record.sync_url}/v1/sandboxes/{record.sandbox_id}/certificate"
-    failed = f"certificate renewal for {name!r} failed"
-    from tappass_host import responses
-
+    client = ControlPlaneClient(paths, timeout=timeout)
     try:
-        with httpx.Client(verify=context, timeout=timeout) as client:
-            response = responses.fetch(client, "POST", url,
-                                       json={"csr_pem": build_csr(key, name).decode("ascii")})
-    except httpx.HTTPError as exc:
-        raise RenewalError("unreachable", f"{failed}: cannot reach {record.sync_url}: "
-                                          f"{exc or type(exc).__name__}") from None
-    except responses.TooLarge as exc:
-        raise RenewalError("too_large", f"{failed}: {exc}") from None
-    if response.status_code != 200:
+        doc = client.renew_certificate(name, build_csr(key, name))
+    except Refused as exc:
         raise RenewalError("rejected", f"{failed}: the control plane answered "
-                                       f"{response.status_code}")
+                                       f"{exc.status}") from None
+    except ControlPlaneError as exc:
+        reason = "unreachable" if isinstance(exc, Unreachable) else exc.reason
+        raise RenewalError(reason, f"{failed}: {exc}") from None
     try:
-        doc = strictjson.loads(response.content)
         cert_pem = doc["cert_pem"].encode("ascii")
         new_ca = doc.get("ca_pem", "").encode("ascii")
-    except (strictjson.StrictJSONError, KeyError, TypeError, AttributeError, UnicodeError):
+    except (KeyError, AttributeError, UnicodeError):
         raise RenewalError("bad_response", f"{failed}: the answer is not a certificate") from None
     ca_pem = sandbox.ca.read_bytes()
     try:

@@ -11,8 +11,11 @@
   6. commit: stage identity + sandbox.json in a hidden directory, rename it
      into place, remember the bootstrap as consumed, audit `enroll.ok`.
 
-On any failure no sandbox directory exists afterwards, `enroll.failed` is
-audited with a reason code, and an IdentityError says what went wrong. The
+Steps 2, 3 and 5 are calls of tappass_host.controlplane.client; this module
+checks what they answer. On any failure no sandbox directory exists
+afterwards, `enroll.failed` is audited with a reason code, and an
+IdentityError says what went wrong (a ControlPlaneError when a call could
+not get a usable answer: unreachable, untrusted TLS, too large). The
 machine key is the one thing that may outlive a failed enrollment: it is per
 host and kept once created. A key trusted on first use is pinned only when
 the enrollment succeeds.
@@ -24,7 +27,6 @@ import hmac
 import os
 import re
 import shutil
-import ssl
 import sys
 import tempfile
 import time
@@ -37,22 +39,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tappass_host import sandbox_record as sandboxes
-from tappass_host import clock, signing, statefile, strictjson
+from tappass_host import clock, signing, statefile
 from tappass_host.identity import bootstrap as bootstraps
 from tappass_host.identity import certs
 from tappass_host.identity.errors import (
     AlreadyEnrolled,
     BadBootstrap,
     BootstrapConsumed,
-    ControlPlaneError,
+    EnrollmentRefused,
     IdentityError,
 )
 from tappass_host.errors import TappassError
 from tappass_host.paths import HostPaths, SandboxPaths, check_sandbox_name
 
-CA_PATH = "/v1/enroll/ca"
-CHALLENGE_PATH = "/v1/enroll/challenge"
-COMPLETE_PATH = "/v1/enroll/complete"
 _SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
@@ -142,72 +141,48 @@ def _key_id(key_text: str) -> str:
 
 def _enroll_online(paths: HostPaths, name: str, bootstrap: bootstraps.BootstrapURL,
                    timeout: float):
-    import httpx
-
-    from tappass_host.identity.tls import pinned_context
+    from tappass_host.controlplane.client import Enrollment
+    from tappass_host.controlplane.errors import Refused
 
     ca_pem = fetch_ca(bootstrap, timeout)
     claims = bootstrap.token.claims
-    with httpx.Client(base_url=bootstrap.origin, verify=pinned_context(ca_pem),
-                      timeout=timeout) as client:
-        answer = _post(client, bootstrap.host, CHALLENGE_PATH, {"token": bootstrap.token_text})
-        nonce = answer.get("nonce")
-        if not isinstance(nonce, str) or not nonce:
-            raise _bad_answer(bootstrap.host, "the challenge has no nonce")
-        key = certs.load_or_create_machine_key(paths.machine_key)
-        answer = _post(client, bootstrap.host, COMPLETE_PATH, {
-            "token": bootstrap.token_text,
-            "nonce": nonce,
-            "csr_pem": certs.build_csr(key, name).decode("ascii"),
-            "pop": certs.proof_of_possession(key, claims.jti, nonce),
-        })
+    try:
+        with Enrollment(bootstrap.origin, ca_pem, timeout=timeout) as control_plane:
+            nonce = control_plane.challenge(bootstrap.token_text).get("nonce")
+            if not isinstance(nonce, str) or not nonce:
+                raise _bad_answer(bootstrap.host, "the challenge has no nonce")
+            key = certs.load_or_create_machine_key(paths.machine_key)
+            answer = control_plane.complete(bootstrap.token_text, nonce,
+                                            certs.build_csr(key, name),
+                                            certs.proof_of_possession(key, claims.jti, nonce))
+    except Refused as exc:
+        raise _refusal(bootstrap.host, exc.status) from None
     record, cert = _accept(name, claims, answer, key, ca_pem, bootstrap.host)
     return record, cert, ca_pem
 
 
 def fetch_ca(bootstrap: bootstraps.BootstrapURL, timeout: float) -> bytes:
     """Step 2: the one request made without verifying TLS, checked against the signed pin."""
-    import httpx
-
-    from tappass_host import responses
+    from tappass_host.controlplane import client
+    from tappass_host.controlplane.errors import Refused
 
     try:
-        with httpx.Client(verify=False, timeout=timeout) as client:
-            response = responses.fetch(client, "GET", bootstrap.origin + CA_PATH)
-    except httpx.HTTPError as exc:
-        raise _transport_error(bootstrap.host, exc) from None
-    if response.status_code != 200:
-        raise ControlPlaneError("bad_response", f"the control plane at {bootstrap.host} answered "
-                                                f"HTTP {response.status_code} for its CA")
+        answer = client.fetch_ca(bootstrap.origin, timeout=timeout)
+    except Refused as exc:
+        raise EnrollmentRefused("bad_response", f"the control plane at {bootstrap.host} "
+                                                f"answered HTTP {exc.status} for its CA") from None
     try:
-        found = x509.load_pem_x509_certificates(response.content)
+        found = x509.load_pem_x509_certificates(answer)
     except ValueError:
         found = []
     if len(found) != 1:
         raise _bad_answer(bootstrap.host, "its CA is not one PEM certificate")
     digest = hashlib.sha256(found[0].public_bytes(serialization.Encoding.DER)).hexdigest()
     if not hmac.compare_digest(digest, bootstrap.token.claims.tls_ca_sha256):
-        raise ControlPlaneError("ca_mismatch", f"the TLS CA of {bootstrap.host} is not the one "
+        raise EnrollmentRefused("ca_mismatch", f"the TLS CA of {bootstrap.host} is not the one "
                                                "the bootstrap names (tls_ca_sha256): possible "
                                                "man-in-the-middle, nothing was sent")
     return found[0].public_bytes(serialization.Encoding.PEM)
-
-
-def _transport_error(host: str, exc: Exception) -> ControlPlaneError:
-    import httpx
-
-    cause = exc.__cause__ or exc.__context__
-    while cause is not None and not isinstance(cause, ssl.SSLError):
-        cause = cause.__cause__ or cause.__context__
-    if isinstance(cause, ssl.SSLCertVerificationError):
-        return ControlPlaneError("tls", f"the TLS certificate of {host} is not issued by the "
-                                        f"pinned CA ({cause.verify_message}): possible "
-                                        "man-in-the-middle")
-    if isinstance(exc, httpx.TimeoutException):
-        return ControlPlaneError("unreachable", f"the control plane at {host} did not answer "
-                                                "in time")
-    detail = str(exc) or type(exc).__name__
-    return ControlPlaneError("unreachable", f"cannot reach the control plane at {host}: {detail}")
 
 
 _REFUSALS = {
@@ -220,35 +195,20 @@ _REFUSALS = {
 }
 
 
-def _post(client, host: str, path: str, body: dict) -> dict:
-    import httpx
-
-    from tappass_host import responses
-
-    try:
-        response = responses.fetch(client, "POST", path, json=body)
-    except httpx.HTTPError as exc:
-        raise _transport_error(host, exc) from None
-    if response.status_code == 410:
-        raise BootstrapConsumed(f"bootstrap was already consumed: the control plane at {host} "
-                                "refused it (410 Gone); ask for a new one")
-    if response.status_code in _REFUSALS:
-        reason, what = _REFUSALS[response.status_code]
-        raise ControlPlaneError(reason, f"the control plane at {host} {what}")
-    if response.status_code != 200:
-        raise ControlPlaneError("bad_response", f"the control plane at {host} answered "
-                                                f"HTTP {response.status_code}")
-    try:
-        answer = strictjson.loads(response.content)
-    except strictjson.StrictJSONError:
-        answer = None
-    if not isinstance(answer, dict):
-        raise _bad_answer(host, "its answer is not a JSON object")
-    return answer
+def _refusal(host: str, status: int) -> IdentityError:
+    """What a refusal of challenge or complete means (DESIGN §5)."""
+    if status == 410:
+        return BootstrapConsumed(f"bootstrap was already consumed: the control plane at {host} "
+                                 "refused it (410 Gone); ask for a new one")
+    if status in _REFUSALS:
+        reason, what = _REFUSALS[status]
+        return EnrollmentRefused(reason, f"the control plane at {host} {what}")
+    return EnrollmentRefused("bad_response", f"the control plane at {host} answered "
+                                             f"HTTP {status}")
 
 
-def _bad_answer(host: str, problem: str) -> ControlPlaneError:
-    return ControlPlaneError("bad_response", f"the control plane at {host} sent a bad answer: "
+def _bad_answer(host: str, problem: str) -> EnrollmentRefused:
+    return EnrollmentRefused("bad_response", f"the control plane at {host} sent a bad answer: "
                                              f"{problem}")
 
 

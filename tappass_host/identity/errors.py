@@ -2,6 +2,9 @@
 
 Each error carries a short `reason` code (what `enroll.failed` audits) and a
 one-line message for the operator. Neither ever holds a token, nonce or key.
+A call that fails on its way to the control plane (unreachable, untrusted
+TLS, an answer too large or not JSON) fails enrollment with the
+tappass_host.controlplane.errors error itself, which carries a `reason` too.
 """
 
 from tappass_host.errors import TappassError
@@ -24,8 +27,9 @@ class BootstrapConsumed(IdentityError):
         super().__init__("consumed", message)
 
 
-class ControlPlaneError(IdentityError):
-    """The control plane is unreachable, untrusted, or refused the request."""
+class EnrollmentRefused(IdentityError):
+    """The control plane refused the enrollment, or an answer of it does not
+    hold up (its CA against the pin, the certificate it issued)."""
 
 
 class AlreadyEnrolled(IdentityError):

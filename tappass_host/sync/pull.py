@@ -1,31 +1,38 @@
 """`start` without a keyring: pull the latest one once (DESIGN §9)."""
 
+from typing import TYPE_CHECKING
+
 from tappass_host.keyring import Limits
 from tappass_host.paths import HostPaths
 
+if TYPE_CHECKING:
+    from tappass_host.controlplane.client import SyncTransport
 
-def pull_once(paths: HostPaths, name: str, limits: Limits = Limits()) -> str | None:
-    """Fetch and apply the control plane's latest keyring for `name`.
+
+def pull_once(paths: HostPaths, name: str, limits: Limits = Limits(), *,
+              transport: "SyncTransport | None" = None) -> str | None:
+    """Fetch the control plane's latest keyring for `name` and deliver it
+    (apply, then ack: tappass_host.sync.delivery) over `transport`, by
+    default the sandbox's ControlPlaneClient.
 
     Returns None when a keyring was applied, else one line saying why not
-    (the caller's error message carries it).
+    (the caller's error message carries it). An ack that cannot be sent is
+    kept for the daemon; the keyring is what counts here.
     """
-    from tappass_host.sync.receive import APPLIED, receive
-    from tappass_host.sync.transport import SyncClient, SyncError
+    from tappass_host.controlplane.client import ControlPlaneClient
+    from tappass_host.controlplane.errors import ControlPlaneError
+    from tappass_host.sync.delivery import Delivery
+    from tappass_host.sync.receive import APPLIED
 
-    client = SyncClient(paths)
+    client = transport or ControlPlaneClient(paths)
     try:
         try:
             data = client.pull_latest(name)
-        except SyncError as exc:
+        except ControlPlaneError as exc:
             return f"pulling from the control plane failed ({exc})"
         if data is None:
             return "the control plane has no keyring for it yet"
-        outcome = receive(paths, name, data, limits=limits)
-        try:
-            client.ack(name, outcome.policy_version or 0, outcome.status, outcome.reason)
-        except SyncError:
-            pass  # the daemon acks again when it sees this version; the keyring is what counts
+        outcome = Delivery(paths, name, client, limits=limits).deliver(data)
     finally:
         client.close()
     if outcome.status != APPLIED:
