@@ -310,7 +310,8 @@ class HostPaths:
         return self.images / "rootfs"
 
     def image_rootfs(self, hex_digest: str) -> Path:
-        """An image's unpacked, read-only root, shared by every sandbox that uses it."""
+        """The unpacked, read-only root of the images of config digest <hex>, shared by
+        every sandbox using one."""
         return self.image_rootfs_dir / hex_digest
 
     @property

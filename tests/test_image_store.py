@@ -85,10 +85,15 @@ def test_two_imports_share_one_unpacked_copy(store, busybox, tmp_path):
     second = import_image(store, _sources(tmp_path, busybox)["oci-archive"])
     assert (first.new, second.new) == (True, False)
     assert tree(store.paths.images) == before
+    docker = import_image(store, _sources(tmp_path, busybox)["docker-archive"])
+    assert docker.new and docker.record.digest != busybox.digest  # other blobs, same config
+    assert store.rootfs(docker.record.digest) == store.rootfs(busybox.digest)
     roots = list(store.paths.image_rootfs_dir.iterdir())
     assert roots == [store.rootfs(busybox.digest)]
     busybox_files = [p for p in store.paths.images.rglob("busybox") if p.is_file()]
     assert len(busybox_files) == 1
+    store.remove(docker.record.digest)
+    assert (store.rootfs(busybox.digest) / "bin/busybox").is_file()
 
 
 def test_progress_reaches_the_whole_image(store, busybox):
@@ -123,13 +128,14 @@ def _name_image(paths, sandbox_name, digest):
 
 def test_rm_and_prune_keep_an_image_a_sandbox_names(store, busybox, tmp_path, sandbox, paths):
     used = import_image(store, f"oci:{busybox.layout}").record
-    unused = import_image(store, _sources(tmp_path, busybox)["docker-archive"]).record
+    other = write_layout(tmp_path / "other", [tar_layer([File("x", b"y")])])
+    unused = import_image(store, f"oci:{other.layout}").record
     _name_image(paths, "demo", used.digest)
     with pytest.raises(ImageStoreError, match="used by sandbox\\(es\\) demo"):
         store.remove(used.digest)
     assert [r.digest for r in store.prune()] == [unused.digest]
     assert [r.digest for r in store.records()] == [used.digest]
-    assert not store.paths.image_rootfs(unused.digest[7:]).exists()
+    assert list(store.paths.image_rootfs_dir.iterdir()) == [store.rootfs(used.digest)]
     layer_blobs = {d[7:] for d in used.blobs}
     assert {p.name for p in store.paths.image_blobs.iterdir()} == layer_blobs
     _name_image(paths, "demo", None)

@@ -4,8 +4,10 @@
     blobs/sha256/<hex>    verified blobs: index, manifest, config and layers
     images/<hex>.json     one record per image, <hex> of its manifest digest;
                           an image is in the store exactly when its record is
-    rootfs/<hex>/         its layers, unpacked once, shared read-only by every
-                          sandbox that uses the image
+    rootfs/<hex>/         an image's layers unpacked once, <hex> of its config
+                          digest (the image ID: its diff_ids fix the root's
+                          content), shared read-only by every sandbox using an
+                          image of that config, whichever source it came from
     staging/<tmp>/        one import in progress: blobs/, rootfs/
 
 An import verifies before it uses: every blob's size and sha256 against the
@@ -199,10 +201,28 @@ class _Import:
                                                  "may unpack to")
         self.total += sum(layer.size for layer in image.layers)
         layer_paths = [self.fetch(layer, f"layer {i}") for i, layer in enumerate(image.layers)]
+        same_root = [r for r in self.store.records() if r.config_digest == image.config.digest]
+        if same_root:  # unpacked already, from an image of the same config
+            budget = Budget(limits, same_root[0].unpacked_bytes, 0, dict(same_root[0].skipped))
+        else:
+            budget = self.unpack(image, config, layer_paths)
+        blobs = list(dict.fromkeys(d.digest for d in self.fetched))
+        return ImageRecord(
+            digest=manifest_descriptor.digest, config_digest=image.config.digest,
+            names=[self.source.name] if self.source.name else [], blobs=blobs,
+            layers=[layer.digest for layer in image.layers],
+            size=sum({d.digest: d.size for d in self.fetched}.values()),
+            unpacked_bytes=budget.unpacked_bytes, imported_at=clock.now_text(),
+            architecture=config.architecture,
+            process={k: v for k, v in config.process.items()
+                     if k in ("Env", "Entrypoint", "Cmd", "WorkingDir", "User")},
+            skipped=dict(budget.skipped))
+
+    def unpack(self, image, config, layer_paths: list[Path]) -> Budget:
         rootfs = self.staging / names.IMAGE_STAGING_ROOTFS
         rootfs.mkdir(mode=0o755)
         root_fd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        budget = Budget(limits)
+        budget = Budget(self.store.limits)
         unpacked = 0
         layers_total = sum(layer.size for layer in image.layers)
         try:
@@ -215,17 +235,7 @@ class _Import:
             _syncfs(root_fd)  # the rootfs, before the record says it is there
         finally:
             os.close(root_fd)
-        blobs = list(dict.fromkeys(d.digest for d in self.fetched))
-        return ImageRecord(
-            digest=manifest_descriptor.digest, config_digest=image.config.digest,
-            names=[self.source.name] if self.source.name else [], blobs=blobs,
-            layers=[layer.digest for layer in image.layers],
-            size=sum({d.digest: d.size for d in self.fetched}.values()),
-            unpacked_bytes=budget.unpacked_bytes, imported_at=clock.now_text(),
-            architecture=config.architecture,
-            process={k: v for k, v in config.process.items()
-                     if k in ("Env", "Entrypoint", "Cmd", "WorkingDir", "User")},
-            skipped=dict(budget.skipped))
+        return budget
 
 
 class ImageStore:
@@ -269,7 +279,8 @@ class ImageStore:
             raise ImageStoreError(f"image {digest} is not in the local store") from None
 
     def rootfs(self, digest: str) -> Path:
-        return self.paths.image_rootfs(self.get(digest).digest.removeprefix("sha256:"))
+        """The unpacked root of image `digest`."""
+        return self.paths.image_rootfs(self.get(digest).config_digest.removeprefix("sha256:"))
 
     def import_image(self, source: ImageSource, progress: Progress | None = None) -> Imported:
         with self._locked():
@@ -301,8 +312,11 @@ class ImageStore:
                 os.rename(blob, target)
         statefile.fsync_dir(self.paths.image_blobs)
         hex_digest = record.digest.removeprefix("sha256:")
-        os.rename(staging / names.IMAGE_STAGING_ROOTFS, self.paths.image_rootfs(hex_digest))
-        statefile.fsync_dir(self.paths.image_rootfs_dir)
+        unpacked = staging / names.IMAGE_STAGING_ROOTFS
+        if unpacked.is_dir():
+            config_hex = record.config_digest.removeprefix("sha256:")
+            os.rename(unpacked, self.paths.image_rootfs(config_hex))
+            statefile.fsync_dir(self.paths.image_rootfs_dir)
         statefile.write_atomic(self.paths.image_record(hex_digest), record.to_json(), 0o600)
 
     def _sweep(self) -> None:
@@ -311,7 +325,7 @@ class ImageStore:
         for leftover in self.paths.image_staging.iterdir():
             shutil.rmtree(leftover, ignore_errors=True)
         records = self.records()
-        recorded = {r.digest.removeprefix("sha256:") for r in records}
+        recorded = {r.config_digest.removeprefix("sha256:") for r in records}
         for root in self.paths.image_rootfs_dir.iterdir():
             if root.name not in recorded:
                 shutil.rmtree(root)
