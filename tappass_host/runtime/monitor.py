@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tappass_host import paths, systemd
+from tappass_host import paths
 from tappass_host.errors import TappassError
 
 
@@ -69,6 +69,8 @@ def launch(runtime, conmon: str, cid: str, bundle: Path, files: MonitorFiles,
     `runtime`: the sandbox's tappass_host.runtime.ociruntime.OCIRuntime."""
     import shutil
     import subprocess
+
+    from tappass_host import systemd
 
     for directory in (files.exits, files.persist):
         shutil.rmtree(directory, ignore_errors=True)
