@@ -30,6 +30,7 @@ needs it. Benchmarks are CPU-sensitive: run on a quiet machine.
 Prints one JSON object. Usage:
   python bench/start_latency.py [--runs N] [--runtime crun|runc|both]
                                 [--network none|proxy] [--cli installed|checkout] [--wheel FILE]
+                                [--baseline-wheel FILE]  (e.g. one built at the commit before)
 """
 
 import argparse
@@ -85,7 +86,7 @@ def timed_rounds(commands: dict[str, list[str]], runs: int) -> dict[str, list[fl
     for _ in range(runs):
         for key, argv in commands.items():
             start = time.perf_counter()
-            result = run(argv)
+            result = run(argv, cwd="/")  # `python -c` would import this checkout's modules
             samples[key].append(time.perf_counter() - start)
             assert result.returncode == 0, (key, result.stderr)
     return samples
@@ -95,7 +96,7 @@ def modules_imported(cli, argv: list[str]) -> list[str]:
     """What the CLI run `argv` imports beyond a bare `python -c pass`."""
     def loaded(args):
         result = subprocess.run(args, capture_output=True, text=True, timeout=60,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, cwd="/")  # not this checkout's modules
         line = next((line for line in result.stderr.splitlines()
                      if line.startswith("MODULES ")), None)
         assert line, result.stderr[-2000:]
@@ -113,7 +114,7 @@ def import_argv(cli, modules: list[str]) -> list[str]:
             "    except Exception: pass" % (modules,)]
 
 
-def measure(cli, runtime: str, runs: int, cold_runs: int, network: str) -> dict:
+def measure(cli, runtime: str, runs: int, cold_runs: int, network: str, baseline=None) -> dict:
     host = new_host()
     host.command = cli.command
     proxied = None
@@ -157,6 +158,8 @@ def measure(cli, runtime: str, runs: int, cold_runs: int, network: str) -> dict:
         podman = podman_argv(runtime, minimal_rootfs)
         if podman:
             commands["podman"] = podman
+        if baseline is not None:  # another build's CLI, on the same state
+            commands["baseline_start"] = [*baseline.command, *ours[len(cli.command):]]
         if proxied:
             commands["tappass_host_start_network_proxy"] = host.argv(
                 "start", proxied, "--agent", str(agent), "--runtime", runtime,
@@ -184,6 +187,10 @@ def measure(cli, runtime: str, runs: int, cold_runs: int, network: str) -> dict:
             result["start_vs_podman"] = round(median["tappass_host_start"] / median["podman"], 2)
         else:
             result["podman"] = "missing"
+        if baseline is not None:
+            result["baseline_ratio"] = ratio("baseline_start")
+            result["saved_vs_baseline_ms"] = round(
+                (median["baseline_start"] - median["tappass_host_start"]) * 1e3, 2)
         result["cold_schema_check"] = ms(cold)
         if proxied:
             result["network_proxy_added_ms"] = round(
@@ -225,9 +232,12 @@ def main() -> None:
                         help="installed: a wheel of this tree in a venv of its own (the "
                              "figures to report); checkout: the test venv's editable install")
     parser.add_argument("--wheel", help="measure this wheel instead of one built from the tree")
+    parser.add_argument("--baseline-wheel",
+                        help="also time this wheel's start in the same rounds (before/after)")
     args = parser.parse_args()
     ensure_crun_works()
     cli = installed_cli(args.cli, args.wheel)
+    baseline = installed_cli("installed", args.baseline_wheel) if args.baseline_wheel else None
     try:
         runtimes = ("crun", "runc") if args.runtime == "both" else (args.runtime,)
         print(json.dumps({
@@ -239,7 +249,8 @@ def main() -> None:
             "podman": shutil.which("podman") and subprocess.run(
                 ["podman", "--version"], capture_output=True, text=True).stdout.strip()
             or "missing",
-            **{runtime: measure(cli, runtime, args.runs, args.cold_runs, args.network)
+            "baseline": args.baseline_wheel,
+            **{runtime: measure(cli, runtime, args.runs, args.cold_runs, args.network, baseline)
                for runtime in runtimes},
             "goal": {"ratio_max": GOAL_RATIO, "faster_than_podman": True,
                      "moonshot_ratio_max": MOONSHOT_RATIO,
@@ -247,6 +258,8 @@ def main() -> None:
         }, indent=2))
     finally:
         cli.cleanup()
+        if baseline is not None:
+            baseline.cleanup()
 
 
 if __name__ == "__main__":
