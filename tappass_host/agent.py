@@ -20,7 +20,7 @@ from tappass_host.errors import TappassError
 
 MANIFEST = "tappass-agent.toml"
 RESTART_POLICIES = ("no", "on-failure", "always")
-ROOTFS_TYPES = ("host",)
+ROOTFS_TYPES = ("host", "image")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KEYS = {"name", "version", "entrypoint", "restart", "env", "rootfs"}
 MOUNT_POINT = "/opt/agent"
@@ -44,6 +44,7 @@ class AgentManifest:
     restart: str = "no"
     env: dict[str, str] = field(default_factory=dict)
     rootfs: str = "host"
+    image: str = ""  # rootfs "image": the image source (tappass_host.image.source)
 
 
 def _locate(spec: str) -> Path:
@@ -99,8 +100,14 @@ def _parse(doc: dict, directory: Path, where: Path) -> AgentManifest:
     rootfs = table.get("type", "host") if isinstance(table, dict) else None
     if rootfs not in ROOTFS_TYPES:
         raise BadAgent(f"{where}: [rootfs] type must be one of {', '.join(ROOTFS_TYPES)}")
+    image = table.get("image", "")
+    if set(table) - {"type", "image"} or not isinstance(image, str) or (
+            bool(image) != (rootfs == "image")):
+        raise BadAgent(f"{where}: [rootfs] holds 'type' and, with type \"image\", "
+                       "'image' (an image source: oci:DIR, sha256:<digest>...)")
     return AgentManifest(name=doc["name"], version=doc["version"], entrypoint=tuple(entrypoint),
-                         directory=directory, restart=restart, env=dict(env), rootfs=rootfs)
+                         directory=directory, restart=restart, env=dict(env), rootfs=rootfs,
+                         image=image)
 
 
 def _host_path(manifest: AgentManifest, path: str) -> str | None:
@@ -122,6 +129,8 @@ def check_entrypoint(manifest: AgentManifest) -> None:
     """Refuse, before anything is created, an entrypoint the sandbox cannot run
     (the runtimes' own message for it is obscure and comes late)."""
     program = manifest.entrypoint[0]
+    if manifest.rootfs != "host":
+        return  # in an image: checked in its root (tappass_host.runtime.imageroot)
     if "/" not in program:
         search = manifest.env.get("PATH", SANDBOX_PATH).split(":")
         if not any(_executable(host) for d in search if d.startswith("/")

@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "max_sandboxes": 8,
     "kernel_layer": "required",  # required | best-effort
     "on_expiry": "keep",  # keep | stop
+    "on_image_revoked": "keep",  # keep | stop: a flip no longer allows a running sandbox's image
     "restart_on_policy_change": False,
     "appliers": [
         "identity", "filesystem", "keyring", "kernel",
@@ -69,6 +70,7 @@ CHOICES = {
     "runtime": ("crun", "runc"),
     "kernel_layer": ("required", "best-effort"),
     "on_expiry": ("keep", "stop"),
+    "on_image_revoked": ("keep", "stop"),
 }
 
 # Numbers outside these bounds (inclusive; None: unbounded) are refused.

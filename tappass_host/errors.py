@@ -23,6 +23,8 @@ class with the module (under tappass_host/) that defines and raises it:
                 LayerRejected       image/unpack.py
             ImageSourceError        image/source.py
             ImageStoreError         image/store.py
+            ImageDenied             runtime/imageroot.py   (carries `reason`)
+            ImageRootUnavailable    runtime/imageroot.py
         IdentityError               identity/errors.py
             AlreadyEnrolled         identity/errors.py
             BadBootstrap            identity/errors.py

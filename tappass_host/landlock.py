@@ -29,6 +29,11 @@ LAUNCHER = f"{LAUNCHER_DIR}/landlock_exec.py"
 AGENT_ENV = "/run/tappass/agent.env"
 LAUNCH = [PYTHON, "-I", "-S", LAUNCHER, "--env", AGENT_ENV]
 LAUNCHER_ENV = ("PATH=/usr/bin:/bin",)
+# An image's root need not hold a python3: there the kernel layer binds the
+# host's /usr read-only at HOST_USR and runs the host's python3 through the
+# host's dynamic loader (host_launch), whose libraries come from HOST_USR too.
+# The ruleset does not list HOST_USR: after it, the agent cannot read it.
+HOST_USR = "/run/tappass/hostusr"
 
 
 def kernel_abi() -> int:
@@ -58,19 +63,69 @@ def missing(abi: int) -> str | None:
     return None
 
 
+def host_launch() -> list[str] | None:
+    """The launcher's argv prefix (like LAUNCH) for a root without python3:
+    the host's python3 and its ELF interpreter, as seen under HOST_USR; None
+    when they are not both under the host's /usr (nothing to bind then)."""
+    python = os.path.realpath(PYTHON)
+    try:
+        with open(python, "rb") as f:
+            interpreter = _elf_interpreter(f.read(64 * 1024))
+    except OSError:
+        return None
+    loader = os.path.realpath(interpreter) if interpreter else ""
+    if not (python.startswith("/usr/") and loader.startswith("/usr/")):
+        return None
+
+    def seen(path: str) -> str:
+        return HOST_USR + path[len("/usr"):]
+
+    return [seen(loader), "--library-path", seen(os.path.dirname(loader)), seen(python),
+            "-I", "-S", LAUNCHER, "--env", AGENT_ENV]
+
+
+def _elf_interpreter(head: bytes) -> str:
+    """PT_INTERP of a little-endian ELF64 executable whose program headers
+    lie in `head`, or ""."""
+    import struct
+
+    if head[:6] != b"\x7fELF\x02\x01":
+        return ""
+    phoff, = struct.unpack_from("<Q", head, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+    for i in range(phnum):
+        at = phoff + i * phentsize
+        if at + 0x28 > len(head):
+            return ""
+        kind, _, offset, _, _, size = struct.unpack_from("<IIQQQQ", head, at)
+        if kind == 3:  # PT_INTERP
+            return head[offset:offset + size].split(b"\0", 1)[0].decode(errors="replace")
+    return ""
+
+
 def launcher_source() -> Path:
     """The host directory bind-mounted read-only at LAUNCHER_DIR."""
     return Path(__file__).resolve().with_name("sandbox_launcher")
 
 
-def command(rules: list[str], argv: list[str]) -> list[str]:
-    return [*LAUNCH, *rules, "--", *argv]
+def command(rules: list[str], argv: list[str], launch: list[str] = LAUNCH) -> list[str]:
+    return [*launch, *rules, "--", *argv]
+
+
+def launches(args: list[str]) -> list[str] | None:
+    """Which launch (LAUNCH or host_launch()) `args` starts with, if any."""
+    if args[:len(LAUNCH)] == LAUNCH:
+        return LAUNCH
+    if args[:1] and args[0].startswith(HOST_USR + "/") and (host := host_launch()) \
+            and args[:len(host)] == host:
+        return host
+    return None
 
 
 def launch_prefix(args: list[str]) -> list[str]:
     """The launcher part of a process's args (up to `--`), or [] if it has none;
     `shell` puts it before its own command so it runs under the same ruleset."""
-    if args[:len(LAUNCH)] != LAUNCH or "--" not in args:
+    if not launches(args) or "--" not in args:
         return []
     return args[:args.index("--") + 1]
 

@@ -198,6 +198,20 @@ class SandboxPaths:
     def rootfs(self) -> Path:
         return self.bundle / "rootfs"
 
+    @property
+    def image_layer(self) -> Path:
+        """An image-based run's own overlay directories (runtime.imageroot):
+        upper and work, over the store's shared root; gone after the run."""
+        return self.runtime / "image-overlay"
+
+    @property
+    def image_upper(self) -> Path:
+        return self.image_layer / "upper"
+
+    @property
+    def image_work(self) -> Path:
+        return self.image_layer / "work"
+
 
 @dataclass(frozen=True)
 class HostPaths:

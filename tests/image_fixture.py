@@ -173,3 +173,57 @@ def import_image(store, reference: str, progress=None):
         return store.import_image(source, progress)
     finally:
         source.close()
+
+
+def _host_file(path: str, mode: int | None = None) -> Entry:
+    """The host's file `path` (symlinks followed) as a layer entry of the same name."""
+    real = Path(path).resolve()
+    return File(path.lstrip("/"), real.read_bytes(), mode if mode is not None
+                else real.stat().st_mode & 0o755)
+
+
+SKIPPED_STDLIB = ("test", "idlelib", "tkinter", "turtledemo", "ensurepip", "site-packages",
+                  "dist-packages", "lib2to3", "pydoc_data", "unittest", "distutils")
+
+
+def python_entries(os_release: bytes = OS_RELEASE) -> list[Entry]:
+    """A Debian-like root with the host's python3 (its binary, the libraries
+    it and ctypes load, the standard library without tests) over busybox: what
+    the escape probe needs, and nothing of the host's /usr besides."""
+    import os
+    import subprocess
+    import sys
+
+    python = os.path.realpath("/usr/bin/python3")
+    libs = {line.split("=>")[-1].split("(")[0].strip()
+            for binary in (python, *Path(sys.base_prefix, "lib", f"python{sys.version_info.major}."
+                                            f"{sys.version_info.minor}", "lib-dynload")
+                           .glob("_ctypes*.so"))
+            for line in subprocess.run(["ldd", str(binary)], capture_output=True, text=True,
+                                       check=True).stdout.splitlines() if "/" in line}
+    dirs = sorted({str(Path(p).parent).lstrip("/") for p in [*libs, python]}
+                  | {"usr", "usr/lib", "usr/bin", "lib", "etc", "tmp", "bin"})
+    entries = [Dir(d) for d in dirs]
+    entries += [_host_file(lib) for lib in sorted(libs)]
+    entries += [_host_file(python, 0o755), Symlink("usr/bin/python3", Path(python).name),
+                File("bin/busybox", BUSYBOX.read_bytes(), 0o755), Symlink("bin/sh", "busybox"),
+                File("etc/os-release", os_release)]
+    stdlib = Path(sys.base_prefix) / "lib" / Path(python).name
+    for path in sorted(stdlib.rglob("*")):
+        rel = path.relative_to(stdlib)
+        if rel.parts[0] in SKIPPED_STDLIB or rel.parts[0].startswith("config-") or (
+                "__pycache__" in rel.parts or rel.name.startswith(("_test", "xx", "_ctypes_test"))):
+            continue
+        name = f"usr/lib/{stdlib.name}/{rel.as_posix()}"
+        if path.is_symlink():
+            entries.append(Symlink(name, os.readlink(path)))
+        elif path.is_dir():
+            entries.append(Dir(name))
+        else:
+            entries.append(File(name, path.read_bytes(), path.stat().st_mode & 0o755))
+    entries.append(Dir(f"usr/lib/{stdlib.name}"))
+    return sorted(entries, key=lambda e: (e.type != tarfile.DIRTYPE, e.name))
+
+
+def python_image(layout: Path, **kw) -> Image:
+    return write_layout(layout, [tar_layer(python_entries())], gzip_layers=False, **kw)

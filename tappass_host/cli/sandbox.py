@@ -23,8 +23,12 @@ from tappass_host.cli import pass_host
 @click.option("--rm", "remove", is_flag=True, help="With --foreground: remove runtime state after.")
 @click.option("--runtime", default=None, metavar="crun|runc",
               help="OCI runtime (default: config 'runtime', crun).")
+@click.option("--image", default=None, metavar="REF",
+              help="Run the agent from this image (oci:DIR[:TAG], oci-archive:FILE[:TAG], "
+                   "docker-archive:FILE, sha256:<digest> in the store), imported if needed; "
+                   "NAME's keyring must allow it. Default: the package's [rootfs] image.")
 @pass_host
-def start(host, name, agent_spec, foreground, remove, runtime):
+def start(host, name, agent_spec, foreground, remove, runtime, image):
     """Start NAME's agent in a locked-down sandbox under its current keyring."""
     from tappass_host.runtime import start as starting
     from tappass_host.runtime.runstate import LifecycleError
@@ -49,7 +53,7 @@ def start(host, name, agent_spec, foreground, remove, runtime):
     started = starting.start(host.paths, name, agent_spec, host.config, runtime,
                              foreground_run=foreground, remove=remove,
                              warn=lambda w: click.echo(f"tappass-host: warning: {w}", err=True),
-                             keyring=keyring)
+                             keyring=keyring, image=image)
     if foreground:
         sys.exit(started.exit_code)
     host.emit({"name": name, "pid": started.pid, "runtime": started.runtime,
@@ -83,8 +87,9 @@ def _status_line(s: dict) -> str:
                                 + (", OOM-killed" if (s['exit'] or {}).get("oom") else ""),
               "created": lambda: "never started"}[s["state"]]()
     flags = f" [{','.join(s['flags'])}]" if s["flags"] else ""
+    image = f"  image {s['image'][7:19]}" if s.get("image") else ""
     return (f"{s['name']:<20} {s['state']:<8} keyring v{s['keyring_version']}  "
-            f"{detail}{flags}")
+            f"{detail}{image}{flags}")
 
 
 @click.command()
@@ -111,7 +116,7 @@ def inspect(host, name):
     """Print NAME's rendered OCI config, which layer set which field, and its keyring version."""
     from tappass_host.errors import NotFound
     from tappass_host.keyring.store import store_of
-    from tappass_host.runtime.runstate import ensure_known, read_json
+    from tappass_host.runtime.runstate import ensure_known, read_json, state_file
 
     sandbox = ensure_known(host.paths, name)
     config = read_json(sandbox.bundle_config)
@@ -119,8 +124,10 @@ def inspect(host, name):
         raise NotFound(f"sandbox {name!r} has no rendered bundle yet: start it first")
     layers = read_json(sandbox.bundle_layers) or {}
     keyring = store_of(sandbox).read_current() or {}
+    image = (read_json(state_file(sandbox)) or {}).get("image")
     click.echo(json.dumps({"name": name, "keyring_version": keyring.get("policy_version"),
-                           "config": config, **layers}, indent=2, sort_keys=True))
+                           "image": image, "config": config, **layers}, indent=2,
+                          sort_keys=True))
 
 
 @click.command()

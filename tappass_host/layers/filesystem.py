@@ -30,7 +30,8 @@ def _bind_ro(source: str, destination: str) -> dict:
 
 def apply(inputs: LayerInputs) -> LayerResult:
     fs = inputs.keyring.get("filesystem", {})
-    mounts = [_bind_ro(d, d) for d in host_dirs()]
+    # rootfs "image": the image's own /usr and /etc (tappass_host.runtime.imageroot)
+    mounts = [_bind_ro(d, d) for d in host_dirs()] if inputs.manifest.rootfs == "host" else []
     mounts.append(_bind_ro(str(inputs.manifest.directory), "/opt/agent"))
     mounts.append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
                    "options": ["nosuid", "nodev", "mode=1777", TMP_SIZE]})

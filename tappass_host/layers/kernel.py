@@ -60,16 +60,26 @@ def launcher_mount() -> dict:
             "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}
 
 
+def host_usr_mount() -> dict:
+    """An image's root: the host's /usr, for the launcher's python3 (landlock.HOST_USR)."""
+    return {"destination": landlock.HOST_USR, "type": "bind", "source": "/usr",
+            "options": ["rbind", "ro", "nosuid", "nodev"]}
+
+
 def apply(inputs: LayerInputs) -> LayerResult:
     seccomp = shipped.load_json(shipped.seccomp_profile(inputs.host.machine))
     oci: dict = {"process": {"noNewPrivileges": True}, "linux": {"seccomp": seccomp}}
     missing = landlock.missing(inputs.host.landlock_abi)
+    in_image = inputs.manifest.rootfs == "image"
+    launch = landlock.host_launch() if in_image else landlock.LAUNCH
+    if missing is None and launch is None:
+        missing = f"the host's {landlock.PYTHON} or its loader is not under /usr"
     if missing is None:
         # A later layer replacing process.args would drop the launcher: the
         # invariants refuse such a config (the launcher mount says it's expected).
         oci["process"]["args"] = landlock.command(rules(inputs.keyring),
-                                                  list(inputs.manifest.entrypoint))
-        oci["mounts"] = [launcher_mount()]
+                                                  list(inputs.manifest.entrypoint), launch)
+        oci["mounts"] = [launcher_mount(), *([host_usr_mount()] if in_image else [])]
         return LayerResult(oci=oci)
     if inputs.config["kernel_layer"] == "required":
         raise LayerUnavailable(f"kernel layer: {missing}; the agent would run without Landlock "

@@ -738,7 +738,7 @@ def _check_landlock_launcher(config: dict, sandbox: _Sandbox) -> None:
     """The kernel layer mounted the Landlock launcher: the agent's argv must
     still go through it, with the kernel layer's rules (a later layer
     replacing process.args would drop or widen them)."""
-    from tappass_host.landlock import LAUNCH, LAUNCHER_DIR
+    from tappass_host.landlock import LAUNCHER_DIR, launches
 
     if not any(m.destination == LAUNCHER_DIR for m in _mounts(config, sandbox)):
         if sandbox.landlock:
@@ -746,7 +746,8 @@ def _check_landlock_launcher(config: dict, sandbox: _Sandbox) -> None:
                                     "has Landlock; the kernel layer applies it)")
         return
     args = _list(_obj(config.get("process")).get("args"))
-    if (args[:len(LAUNCH)] != LAUNCH or "--" not in args[len(LAUNCH):-1]
+    launch = launches(args) or []
+    if (not launch or "--" not in args[len(launch):-1]
             or sandbox.layer_of("process.args") != "kernel"):
         raise sandbox.violation("process.args", "must run the agent through the Landlock launcher "
                                 "as the kernel layer set it")
@@ -756,10 +757,10 @@ def _launch_paths() -> tuple[str, ...]:
     """What the Landlock launcher runs before its ruleset applies: the interpreter and
     its libraries and the dynamic loader's files in /etc (ld.so.preload), which the
     filesystem layer binds read-only from the host, and the launcher itself."""
-    from tappass_host.landlock import LAUNCHER_DIR
+    from tappass_host.landlock import HOST_USR, LAUNCHER_DIR
     from tappass_host.layers.filesystem import HOST_DIRS, MERGED_USR_LINKS
 
-    return (*HOST_DIRS, *MERGED_USR_LINKS, LAUNCHER_DIR)
+    return (*HOST_DIRS, *MERGED_USR_LINKS, LAUNCHER_DIR, HOST_USR)
 
 
 def _check_launch_paths(config: dict, sandbox: _Sandbox) -> None:

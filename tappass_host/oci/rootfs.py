@@ -25,7 +25,7 @@ def prepare(rootfs: Path, mount_destinations: list[str]) -> None:
     os.chmod(rootfs, 0o755)
     for link in MERGED_USR_LINKS:
         target = rootfs / link.lstrip("/")
-        if os.path.islink(link) and not target.is_symlink():
+        if os.path.islink(link) and not os.path.lexists(target):  # an image's own /bin stays
             os.symlink(os.readlink(link), target)
     for path in [mount_point(rootfs, destination) for destination in mount_destinations]:
         path.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from tappass_host.runtime import container_id
 from tappass_host.runtime.runstate import (
     LifecycleError, ensure_known, host_lock, is_running, monitor_files, restart_aspects,
     running_names, state_file, write_exit, write_state)
-from tappass_host.runtime.stop import detach_network, release_workspace
+from tappass_host.runtime.stop import detach_network, release_image_root, release_workspace
 
 
 def exit_command(paths: HostPaths, name: str) -> list[str]:
@@ -54,11 +54,12 @@ class Started:
 
 def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: str | None = None,
           foreground_run: bool = False, remove: bool = False, warn=None, *,
-          keyring: dict) -> Started:
+          keyring: dict, image: str | None = None) -> Started:
     """Start `name`'s agent under `keyring`, the payload its caller read
     (tappass_host.sync.start_keyring), refused if expired. `warn` gets each
     warning of the layers as soon as the sandbox is up (before a foreground
-    agent runs, not after it ends)."""
+    agent runs, not after it ends). `image`: an image source to run the agent
+    from (over its package's [rootfs]), which `keyring` must allow."""
     from tappass_host import agent, ids, workspace
     from tappass_host import sandbox_record
     from tappass_host.audit import AuditLog
@@ -69,10 +70,14 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
 
     sandbox = ensure_known(paths, name)
     manifest = agent.load(agent_spec)
-    agent.check_entrypoint(manifest)
+    if not image:  # from an image: checked in its root (_admit_image)
+        agent.check_entrypoint(manifest)
     runtime = find_runtime(paths, config, runtime_name)
     conmon = None if foreground_run else monitor.find_conmon(config["conmon_path"])
     _refuse_expired(name, keyring)
+    admitted = None
+    if image or manifest.rootfs == "image":
+        manifest, admitted = _admit_image(paths, config, name, manifest, image, keyring)
     agent_ids = ids.agent_ids(paths, name, config.agent_id_range)
     ids.check_runtime(agent_ids, runtime.name)
     record = sandbox_record.load(paths, name)
@@ -95,19 +100,28 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
             sandbox, config["filesystem.workspace_mb"], agent_ids.owner_uid,
             agent_ids.owner_gid, rootless)
         try:
+            if admitted:
+                _mount_image(sandbox, admitted)
             host = _with_egress(paths, name, keyring, config,
                                 oci_bundle.host_capabilities(agent_ids, rootless, runtime.name))
             inputs = oci_bundle.layer_inputs(paths, name, record, keyring, manifest, config, host)
             built = oci_bundle.build(paths, inputs, rootless)
         except BaseException:
+            _unmount_image(sandbox)
             detach_network(paths, name)
             workspace.release(sandbox)
             raise
         warnings = built.rendered.warnings + workspace_warnings
         if runtime.has_state(cid):
             runtime.delete(cid)  # a stopped container of an earlier run
-        if (record.agent, record.runtime) != (str(manifest.directory), runtime.name):
+        digest = admitted.digest if admitted else None
+        if (record.agent, record.runtime, record.extra.get("image")) != (
+                str(manifest.directory), runtime.name, digest):
             record.agent, record.runtime = str(manifest.directory), runtime.name
+            if digest:  # what `image rm`/`prune` keep (tappass_host.image.store)
+                record.extra["image"] = digest
+            else:
+                record.extra.pop("image", None)
             sandbox_record.save(sandbox, record)
         state = {"runtime": runtime.name, "runtime_binary": runtime.binary, "cid": cid,
                  "started_at": clock.now_text("microseconds"), "policy_version": keyring["policy_version"],
@@ -116,6 +130,9 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
                  "restart_aspects": restart_aspects(keyring, built.rendered.restart),
                  "warnings": list(warnings),
                  "degraded": bool(built.rendered.unavailable)}
+        if admitted:  # tappass_host.sync.apply reads both after each flip
+            state.update(image=admitted.digest, image_repository=admitted.repository,
+                         on_image_revoked=config["on_image_revoked"])
         had_log = sandbox.agent_log.exists()
         try:
             if foreground_run:
@@ -141,7 +158,8 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
     audit = AuditLog.for_host(paths)
     audit.append("sandbox.started", sandbox=name, details={
         "runtime": runtime.name, "policy_version": keyring["policy_version"],
-        "agent": manifest.name, "foreground": foreground_run})
+        "agent": manifest.name, "foreground": foreground_run,
+        **({"image": admitted.digest} if admitted else {})})
     for layer, feature in built.rendered.unavailable:
         audit.append("layer.unavailable", sandbox=name, details={"layer": layer, "feature": feature})
     for warning in warnings if warn else ():
@@ -159,12 +177,43 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
         detach_network(paths, name)
         state_file(sandbox).unlink(missing_ok=True)
         release_workspace(paths, name)
+        release_image_root(paths, name)
         if remove:
             import shutil
 
             shutil.rmtree(sandbox.runtime, ignore_errors=True)
     return Started(name, 0, runtime.name, keyring["policy_version"], warnings,
                    exit_code=code)
+
+
+def _admit_image(paths: HostPaths, config, name: str, manifest, image: str | None,
+                 keyring: dict):
+    """The manifest as run from its image, and the image its keyring admitted
+    (tappass_host.runtime.imageroot)."""
+    from dataclasses import replace
+
+    from tappass_host.paths import is_rootless
+    from tappass_host.runtime import imageroot
+
+    imageroot.require_root(is_rootless())
+    manifest = replace(manifest, rootfs="image", image=imageroot.source_of(manifest, image))
+    admitted = imageroot.admit(paths, config, name, manifest.image, keyring)
+    imageroot.check_entrypoint(manifest, admitted.lower)
+    return manifest, admitted
+
+
+def _mount_image(sandbox: SandboxPaths, admitted) -> None:
+    from tappass_host.runtime import imageroot
+
+    imageroot.mount(sandbox, admitted.lower)
+
+
+def _unmount_image(sandbox: SandboxPaths) -> None:
+    """Under the host lock already (start's failure paths)."""
+    if os.path.ismount(sandbox.rootfs):
+        from tappass_host.runtime import imageroot
+
+        imageroot.unmount(sandbox)
 
 
 def find_runtime(paths: HostPaths, config, name: str | None = None, binary: str = ""):
@@ -207,4 +256,5 @@ def _undo_start(sandbox: SandboxPaths, runtime, cid: str) -> None:
             pass
     if runtime.has_state(cid):
         runtime.delete(cid)
+    _unmount_image(sandbox)
     shutil.rmtree(sandbox.runtime, ignore_errors=True)

@@ -26,6 +26,8 @@ def status(paths: HostPaths, name: str) -> dict:
             keyring, frozenset(json.loads(sandbox.bundle_layers.read_text())
                                ["restart"])) != state["restart_aspects"]:
         flags.append("restart-pending")
+    if running and keyring and state.get("image") and not image_allowed(keyring, state):
+        flags += ["image-revoked"] + ([] if "restart-pending" in flags else ["restart-pending"])
     if state.get("degraded"):
         flags.append("degraded")
     if running:
@@ -45,4 +47,13 @@ def status(paths: HostPaths, name: str) -> dict:
         "keyring_version": keyring.get("policy_version") if keyring else None,
         "started_with_version": state.get("policy_version"),
         "exit": exit_record if not running else None, "flags": flags,
+        "image": state.get("image"),
     }
+
+
+def image_allowed(keyring: dict, state: dict):
+    """Whether `keyring` still allows the image of the run `state` describes
+    (tappass_host.keyring.image_policy.Verdict)."""
+    from tappass_host.keyring.image_policy import allowed
+
+    return allowed(keyring, state["image"], state.get("image_repository"))

@@ -18,7 +18,8 @@ class StopNotRecorded(LifecycleError):
 
 def stop(paths: HostPaths, name: str, runtime, timeout: float = 10,
          intent: str = "operator") -> dict:
-    """Stop a running sandbox. `intent` (operator | expiry | policy_change) is
+    """Stop a running sandbox. `intent` (operator | expiry | policy_change |
+    image_revoked) is
     recorded in state.json before the signal: the daemon's supervision never
     restarts a sandbox stopped on purpose (supervision.py)."""
     sandbox = paths.sandbox(name)
@@ -45,6 +46,7 @@ def stop(paths: HostPaths, name: str, runtime, timeout: float = 10,
     runtime.delete(cid)
     detach_network(paths, name)
     release_workspace(paths, name)
+    release_image_root(paths, name)
     from tappass_host.audit import AuditLog
 
     try:
@@ -78,6 +80,7 @@ def exit_hook(paths: HostPaths, name: str) -> dict | None:
     then has no exit code, and there is no exit to record."""
     detach_network(paths, name)
     release_workspace(paths, name)
+    release_image_root(paths, name)
     if monitor_files(paths.sandbox(name)).exit_code() is None:
         return None
     return record_exit_from_monitor(paths, name)
@@ -94,6 +97,21 @@ def release_workspace(paths: HostPaths, name: str) -> None:
     with host_lock(paths):
         if not is_running(sandbox):
             workspace.release(sandbox)
+
+
+def release_image_root(paths: HostPaths, name: str) -> None:
+    """After an image-based run: unmount its overlay (tappass_host.runtime.imageroot),
+    unless a new run of the sandbox has started meanwhile."""
+    import os
+
+    sandbox = paths.sandbox(name)
+    if not os.path.ismount(sandbox.rootfs):
+        return
+    from tappass_host.runtime import imageroot
+
+    with host_lock(paths):
+        if not is_running(sandbox):
+            imageroot.unmount(sandbox)
 
 
 def detach_network(paths: HostPaths, name: str) -> None:

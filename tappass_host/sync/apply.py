@@ -50,6 +50,7 @@ class LayerFilesInvalid(KeyringRejected):
 class Applied:
     keyring: VerifiedKeyring
     previous: KeyringVersion | None
+    image_revoked: str | None = None  # the running image the new keyring no longer allows
 
 
 def apply_update(paths: HostPaths, name: str, data: bytes, *, limits: Limits = Limits(),
@@ -87,4 +88,34 @@ def apply_update(paths: HostPaths, name: str, data: bytes, *, limits: Limits = L
             "sha256": keyring.sha256,
             "previous": previous.policy_version if previous else None,
         })
-    return Applied(keyring=keyring, previous=previous)
+    revoked = _withdraw_image(paths, name, keyring.payload, audit)
+    return Applied(keyring=keyring, previous=previous, image_revoked=revoked)
+
+
+def _withdraw_image(paths: HostPaths, name: str, payload: dict, audit: AuditLog) -> str | None:
+    """After a flip: a running sandbox whose image the new keyring no longer
+    allows is audited (`image.revoked`); it shows `restart-pending` in status,
+    or is stopped when its start's config said `on_image_revoked = "stop"`."""
+    from tappass_host.runtime import runstate
+
+    sandbox = paths.sandbox(name)
+    state = runstate.read_json(runstate.state_file(sandbox)) or {}
+    if not state.get("image") or not runstate.is_running(sandbox):
+        return None
+    from tappass_host.runtime.status import image_allowed
+
+    if image_allowed(payload, state):
+        return None
+    stopping = state.get("on_image_revoked") == "stop"
+    audit.append("image.revoked", sandbox=name, details={
+        "digest": state["image"], "policy_version": payload["policy_version"],
+        "action": "stop" if stopping else "keep"})
+    if stopping:
+        from tappass_host.errors import TappassError
+        from tappass_host.runtime.stop import stop
+
+        try:
+            stop(paths, name, runstate.runtime_of(paths, state), intent="image_revoked")
+        except TappassError:
+            pass  # the keyring is applied all the same; status still says restart-pending
+    return state["image"]
