@@ -47,8 +47,8 @@ import fcntl
 import hashlib
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography.exceptions import InvalidSignature
 
@@ -85,8 +85,7 @@ class AuditWriteFailed(AuditError):
         self.errno = cause.errno
 
 
-@dataclass(frozen=True)
-class VerifyReport:
+class VerifyReport(NamedTuple):
     ok: bool
     events: int
     broken_line: int | None = None

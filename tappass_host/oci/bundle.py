@@ -4,8 +4,8 @@ where a runtime could pick it up."""
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from tappass_host import landlock, layers, shipped, systemd
 from tappass_host.errors import TappassError
@@ -16,8 +16,7 @@ from tappass_host.paths import HostPaths
 from tappass_host.statefile import write_runtime_file
 
 
-@dataclass(frozen=True)
-class Bundle:
+class Bundle(NamedTuple):
     directory: Path
     rendered: Rendered
 

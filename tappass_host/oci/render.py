@@ -9,7 +9,7 @@ deduplicated by name and namespaces by type, the last layer winning.
 """
 
 import copy
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from tappass_host import shipped
 from tappass_host.layers import LayerResult
@@ -19,8 +19,7 @@ from tappass_host.oci import field_path
 REPLACED_LISTS = {"process.args"}
 
 
-@dataclass(frozen=True)
-class Rendered:
+class Rendered(NamedTuple):
     config: dict
     provenance: dict[str, str]
     files: dict[str, bytes]   # every layer's, by path in the keyring version directory

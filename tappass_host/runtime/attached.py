@@ -13,16 +13,15 @@ the cgroup's `oom_kill` counter, and only then delete the container.
 import os
 import signal as signals
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from tappass_host import paths
 
 PR_SET_CHILD_SUBREAPER = 36
 
 
-@dataclass(frozen=True)
-class Exit:
+class Exit(NamedTuple):
     code: int
     oom: bool
 

@@ -11,8 +11,8 @@ message) to it; the caller then runs `<runtime> start`.
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from tappass_host import paths
 from tappass_host.errors import TappassError
@@ -22,8 +22,7 @@ class MonitorError(TappassError):
     pass
 
 
-@dataclass(frozen=True)
-class MonitorFiles:
+class MonitorFiles(NamedTuple):
     """conmon's files for one sandbox, under `<runtime>/<name>/`."""
 
     root: Path

@@ -5,9 +5,9 @@ import json
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 from tappass_host import paths, systemd
 from tappass_host.errors import TappassError
@@ -36,8 +36,7 @@ def _check_runtime_binary(name: str, binary: str) -> None:
         raise OCIRuntimeFailed(f"{problem}: its --version does not say '{name} version'")
 
 
-@dataclass(frozen=True)
-class OCIRuntime:
+class OCIRuntime(NamedTuple):
     name: str
     binary: str
     root: Path
