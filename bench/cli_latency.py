@@ -11,6 +11,7 @@ crun or runc (`--runtime`), its agent a shell that exits on SIGTERM.
 
 Prints one JSON object. Usage:
   python bench/cli_latency.py [--runs N] [--runtime runc|crun] [--cli installed|checkout] [--wheel FILE]
+                              [--baseline-wheel FILE]
 """
 
 import argparse
@@ -32,9 +33,12 @@ def main() -> None:
     parser.add_argument("--runtime", choices=("crun", "runc"), default="runc")
     parser.add_argument("--cli", choices=("installed", "checkout"), default="installed")
     parser.add_argument("--wheel", help="measure this wheel instead of one built from the tree")
+    parser.add_argument("--baseline-wheel",
+                        help="also time this wheel's commands in the same rounds (before/after)")
     args = parser.parse_args()
     ensure_crun_works()
     cli = installed_cli(args.cli, args.wheel)
+    baseline = installed_cli("installed", args.baseline_wheel) if args.baseline_wheel else None
     host = new_host()
     host.command = cli.command
     try:
@@ -52,6 +56,10 @@ def main() -> None:
             "logs_tail_1": host.argv("logs", ran, "--tail", "1"),
             "help": host.argv("--help"),
         }
+        if baseline is not None:  # another build's CLI, on the same state
+            for key in ("status", "status_name", "logs_tail_1"):
+                commands[f"baseline_{key}"] = [*baseline.command,
+                                               *commands[key][len(cli.command):]]
         start_argv = host.argv("start", stoppable, "--agent", str(waiting), "--runtime",
                                args.runtime)
         stop_argv = host.argv("stop", stoppable, "--timeout", "10")
@@ -82,6 +90,8 @@ def main() -> None:
         base = statistics.median(samples["python_c_pass"])
         ratios = {f"{key}_ratio": round(statistics.median(values) / base, 2)
                   for key, values in samples.items() if key != "python_c_pass"}
+        if baseline is not None:
+            ratios["baseline"] = args.baseline_wheel
         print(json.dumps({
             "benchmark": "cli_latency",
             "runs_each": args.runs,
@@ -97,6 +107,8 @@ def main() -> None:
     finally:
         host.cleanup()
         cli.cleanup()
+        if baseline is not None:
+            baseline.cleanup()
 
 
 if __name__ == "__main__":
