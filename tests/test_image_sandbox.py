@@ -285,3 +285,22 @@ def test_rootless_image_start_is_refused_in_one_line(tmp_path):
         imageroot.require_root(True)
     imageroot.require_root(False)
     assert os.geteuid() == 0
+
+
+def test_a_start_without_agent_reruns_the_last_image(host, images, tmp_path):
+    """`start NAME` (tappass-host@.service, and the daemon's restarts through
+    state.json) runs the last run's image again, re-admitted by the keyring:
+    never the host's root in its place."""
+    image = images["allowed"]
+    name = host.enroll(unique_name("img-again"), **pinning(image.digest))
+    agent = shell_agent(tmp_path / "agent", SHOW_ROOT)
+    host.start_ok(name, agent, "crun", "--image", f"oci:{image.layout}")
+    host.wait_exited(name, timeout=60)
+    result = host.run("start", name)
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: host.logs(name).count("SHOWN") == 2, timeout=60, what="the second run")
+    assert host.logs(name).count("TapPass test image") == 2
+    assert host.status(name)["image"] == image.digest
+    host.wait_exited(name, timeout=60)
+    host.apply(name, **pinning("sha256:" + "0" * 64))
+    assert "may not run image" in one_line_error(host.run("start", name))

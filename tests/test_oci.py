@@ -570,7 +570,8 @@ FORBIDDEN_BEYOND_THE_LISTED = [
            "linux.personality.flags"),
     _field(("linux", "personality"), {"domain": "PER_SVR4"}, "linux.personality.domain"),
     *(_over_the_launch_path(d) for d in ("/etc/ld.so.preload", "/usr/bin/python3", "/usr",
-                                         "/run/tappass/launcher/landlock_exec.py", "/lib64")),
+                                         "/run/tappass/launcher/landlock_exec.py", "/lib64",
+                                         "/run/tappass/hostusr/bin/python3.11")),
 ]
 
 

@@ -49,6 +49,7 @@ def start(host, name, agent_spec, foreground, remove, runtime, image):
             raise LifecycleError(f"sandbox {name!r} has never been started: "
                                  "give its agent with --agent PKG")
         agent_spec, runtime = record.agent, runtime or record.runtime
+        image = image or record.extra.get("image")  # its digest: re-admitted by the keyring
     keyring = keyring_for_start(host.paths, name, host.config)
     started = starting.start(host.paths, name, agent_spec, host.config, runtime,
                              foreground_run=foreground, remove=remove,

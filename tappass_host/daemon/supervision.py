@@ -222,7 +222,8 @@ class Supervisor:
             AuditLog.for_host(self.paths).append("sandbox.restarted", sandbox=name, details={
                 "reason": why, "attempt": attempt, "previous_start": state.get("started_at")})
             started = start(self.paths, name, state["agent"], self.config, state.get("runtime"),
-                            keyring=keyring_for_start(self.paths, name, self.config))
+                            keyring=keyring_for_start(self.paths, name, self.config),
+                            image=state.get("image"))  # re-admitted by the current keyring
         except (OSError, TappassError) as exc:
             # No run, no exit hook: try again after the next backoff step.
             backoff = self._backoff.setdefault(name, self._new_backoff())
