@@ -34,7 +34,8 @@ def main() -> None:
     parser.add_argument("--cli", choices=("installed", "checkout"), default="installed")
     parser.add_argument("--wheel", help="measure this wheel instead of one built from the tree")
     parser.add_argument("--baseline-wheel",
-                        help="also time this wheel's commands in the same rounds (before/after)")
+                        help="also time this wheel's status, logs and stop in the same rounds "
+                             "(before/after)")
     args = parser.parse_args()
     ensure_crun_works()
     cli = installed_cli(args.cli, args.wheel)
@@ -64,7 +65,7 @@ def main() -> None:
                                args.runtime)
         stop_argv = host.argv("stop", stoppable, "--timeout", "10")
 
-        def stop_once() -> float:
+        def stop_once(stop_argv: list[str] = stop_argv) -> float:
             started = run(start_argv)
             assert started.returncode == 0, started.stderr
             host.started.append(stoppable)
@@ -81,12 +82,17 @@ def main() -> None:
         assert host.run("logs", ran, "--tail", "1").stdout == "two\n"
         stop_once()
         samples = {key: [] for key in [*commands, "stop"]}
+        if baseline is not None:
+            samples["baseline_stop"] = []
         for _ in range(args.runs):
             for key, argv in commands.items():
                 start = time.perf_counter()
                 run(argv)
                 samples[key].append(time.perf_counter() - start)
             samples["stop"].append(stop_once())
+            if baseline is not None:
+                samples["baseline_stop"].append(
+                    stop_once([*baseline.command, *stop_argv[len(cli.command):]]))
         base = statistics.median(samples["python_c_pass"])
         ratios = {f"{key}_ratio": round(statistics.median(values) / base, 2)
                   for key, values in samples.items() if key != "python_c_pass"}

@@ -18,9 +18,11 @@ def process_alive(pid: int | None, comm: str | None = None) -> bool:
     return comm is None or stat[stat.find("(") + 1:stat.rfind(")")] == comm
 
 
-def wait_until(predicate, timeout: float, max_delay: float = 0.1) -> bool:
+def wait_until(predicate, timeout: float, max_delay: float = 0.02) -> bool:
     """Poll `predicate` with a growing delay (up to `max_delay`) until it is
-    true (True) or `timeout` seconds have passed (False)."""
+    true (True) or `timeout` seconds have passed (False). The cap bounds how
+    late a wait sees its condition (e.g. `stop`, waiting out the exit hook);
+    a poll is a file read, 50 of them a second cost nothing."""
     deadline = time.monotonic() + timeout
     delay = min(0.005, max_delay)
     while not predicate():
