@@ -6,7 +6,6 @@ A key's id is the hex SHA-256 of its raw 32-byte public key (the DSSE keyid).
 import base64
 import binascii
 import hashlib
-import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (

@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from tappass_host import clock, responses
-from tappass_host import sandbox_record
+from tappass_host import clock, responses, sandbox_record
 from tappass_host.controlplane.connection import Connection, host_of
 from tappass_host.controlplane.errors import ControlPlaneError, NoIdentity, Refused, Unreachable
+from tappass_host.controlplane.sse import EventReader, Heartbeat, Oversized
 from tappass_host.identity.tls import mtls_context, pinned_context
 from tappass_host.keyring import MAX_ENVELOPE_BYTES
 from tappass_host.paths import HostPaths
@@ -191,8 +191,6 @@ class ControlPlaneClient:
         """`keyring` events, forever; raises ControlPlaneError when the stream
         breaks or ends. `on_open` is called once the control plane has
         accepted the stream."""
-        from tappass_host.controlplane.sse import EventReader, Heartbeat, Oversized
-
         url = self._url(sandbox, "events")
         # identity: a compressed stream would be inflated before any cap applies
         headers = {"Accept": "text/event-stream", "Cache-Control": "no-store",

@@ -17,8 +17,11 @@ from tappass_host.controlplane.client import ControlPlaneClient, SyncTransport
 from tappass_host.daemon.notify import sd_notify, watchdog_interval
 from tappass_host.daemon.renewal import RenewalSchedule
 from tappass_host.daemon.worker import Log, SandboxWorker, SyncSettings
-from tappass_host.errors import TappassError
+from tappass_host.errors import describe, TappassError
+from tappass_host.network import control
 from tappass_host.paths import HostPaths
+from tappass_host.runtime.doorbell import Doorbell, ring
+from tappass_host.runtime.runstate import host_lock, is_running
 
 READY_WAIT_S = 10.0
 JOIN_S = 5.0
@@ -28,8 +31,6 @@ class Daemon:
     def __init__(self, paths: HostPaths, settings: SyncSettings, log: Log,
                  transport_factory: Callable[[], SyncTransport] | None = None,
                  supervisor=None):
-        from tappass_host.runtime.doorbell import Doorbell
-
         self.paths = paths
         self.settings = settings
         self.log = log
@@ -44,8 +45,6 @@ class Daemon:
 
     def stop(self) -> None:
         """Safe from a signal handler: wakes the main loop at once."""
-        from tappass_host.runtime.doorbell import ring
-
         self.stopping.set()
         ring(self.paths, "")
 
@@ -70,8 +69,6 @@ class Daemon:
     def _guarded(self, what: str, step: Callable[[], None]) -> None:
         """One step of the main loop; its failure (e.g. a full disk) is logged
         and the step is taken again on the next tick, the daemon goes on."""
-        from tappass_host.errors import describe
-
         try:
             step()
         except Exception as exc:
@@ -85,9 +82,6 @@ class Daemon:
     def _reap_network(self) -> None:
         """Remove the namespaces and veths of sandboxes that died with their
         proxy (tappass_host.network); under the start lock, never mid-start."""
-        from tappass_host.network import control
-        from tappass_host.runtime.runstate import host_lock, is_running
-
         if not control.leftovers(self.paths, is_running):
             return
         try:
@@ -138,6 +132,4 @@ class Daemon:
     def _flipped(self, name: str) -> None:
         """A worker flipped `name`'s keyring: supervision may have to act
         (restart on a policy change, a fresh keyring after an expiry stop)."""
-        from tappass_host.runtime.doorbell import ring
-
         ring(self.paths, name)

@@ -4,6 +4,9 @@ lifetime (tappass_host.identity.certs.renewal_delay), retried on failure."""
 import time
 from collections.abc import Callable
 
+from tappass_host.errors import TappassError
+from tappass_host.identity.certs import renew_certificate, renewal_delay
+from tappass_host.identity.errors import IdentityError
 from tappass_host.paths import HostPaths
 
 RETRY_S = 60.0
@@ -20,8 +23,6 @@ class RenewalSchedule:
 
     def _delay(self, name: str) -> float:
         from cryptography import x509
-
-        from tappass_host.identity.certs import renewal_delay
 
         try:
             cert = x509.load_pem_x509_certificate(self.paths.sandbox(name).cert.read_bytes())
@@ -40,10 +41,6 @@ class RenewalSchedule:
 
     def tick(self, names: list[str]) -> None:
         """Renew every certificate among `names` that is due."""
-        from tappass_host.identity.errors import IdentityError
-        from tappass_host.identity.certs import renew_certificate
-        from tappass_host.errors import TappassError
-
         now = self.clock()
         for name in names:
             if name not in self._due:

@@ -25,9 +25,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from tappass_host import statefile
+from tappass_host import statefile, workspace
+from tappass_host.audit import AuditLog
 from tappass_host.errors import TappassError
+from tappass_host.keyring.store import expires_at, store_of
 from tappass_host.paths import HostPaths
+from tappass_host.runtime import runstate
+from tappass_host.runtime.runstate import runtime_of
+from tappass_host.runtime.start import start
+from tappass_host.runtime.status import status
+from tappass_host.runtime.stop import stop
+from tappass_host.sync.backoff import Backoff
+from tappass_host.sync.start_keyring import keyring_for_start
 
 HOOK_GRACE_S = 10.0  # conmon gone, exit hook silent: record the exit ourselves
 
@@ -82,8 +91,6 @@ class Supervisor:
 
     def __init__(self, paths: HostPaths, config, settings: SupervisionSettings,
                  log: Callable[[str], None], clock: Callable[[], float] = time.monotonic):
-        from tappass_host.sync.backoff import Backoff
-
         self.paths = paths
         self.config = config
         self.settings = settings
@@ -124,9 +131,6 @@ class Supervisor:
     # -- one sandbox --
 
     def _check(self, name: str) -> None:
-        from tappass_host.keyring.store import store_of
-        from tappass_host.runtime import runstate
-
         sandbox = self.paths.sandbox(name)
         keyring = store_of(sandbox).read_current()
         expired = self._watch_expiry(name, keyring)
@@ -161,10 +165,6 @@ class Supervisor:
             self._on_exit(name, state)
 
     def _check_running(self, name: str, state: dict, expired: bool) -> None:
-        from tappass_host import workspace
-        from tappass_host.runtime.status import status
-        from tappass_host.runtime.stop import stop
-
         self._due.pop(name, None)
         workspace.keep_reserved(self.paths.sandbox(name))
         if expired and self.settings.on_expiry == "stop":
@@ -179,8 +179,6 @@ class Supervisor:
 
     def _on_exit(self, name: str, state: dict) -> None:
         """The current run has ended: wait for its exit record, then decide."""
-        from tappass_host.runtime import runstate
-
         sandbox = self.paths.sandbox(name)
         record = runstate.read_json(sandbox.exit_record)
         if not _ends(record, state):
@@ -213,10 +211,6 @@ class Supervisor:
         return self.clock() - first >= HOOK_GRACE_S
 
     def _restart(self, name: str, state: dict, why: str) -> None:
-        from tappass_host.audit import AuditLog
-        from tappass_host.runtime.start import start
-        from tappass_host.sync.start_keyring import keyring_for_start
-
         attempt = self._backoff[name].failures if name in self._backoff else 0
         try:
             AuditLog.for_host(self.paths).append("sandbox.restarted", sandbox=name, details={
@@ -236,16 +230,12 @@ class Supervisor:
                  f"policy_version {started.policy_version})")
 
     def _runtime(self, state: dict):
-        from tappass_host.runtime.runstate import runtime_of
-
         return runtime_of(self.paths, state)
 
     # -- expiry --
 
     def _watch_expiry(self, name: str, keyring: dict | None) -> bool:
         """True when `keyring` has expired; audits each expired keyring once."""
-        from tappass_host.keyring.store import expires_at
-
         expires = expires_at(keyring) if keyring else None
         if expires is None:
             self._expiries.pop(name, None)
@@ -262,8 +252,6 @@ class Supervisor:
         except (OSError, ValueError):
             already = False
         if not already:
-            from tappass_host.audit import AuditLog
-
             AuditLog.for_host(self.paths).append("keyring.expired", sandbox=name, details={
                 **seen, "expires_at": keyring.get("expires_at"),
                 "on_expiry": self.settings.on_expiry})

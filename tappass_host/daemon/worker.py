@@ -13,14 +13,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tappass_host.audit import AuditLog
 from tappass_host.controlplane.client import Keepalive, SyncTransport, TooLarge
 from tappass_host.controlplane.errors import ControlPlaneError
-from tappass_host.errors import TappassError
+from tappass_host.errors import describe, TappassError
 from tappass_host.keyring import Limits
 from tappass_host.paths import HostPaths
 from tappass_host.sync.backoff import Backoff
-from tappass_host.sync.delivery import Delivery, current_version
-from tappass_host.sync.receive import APPLIED, Outcome, is_current
+from tappass_host.sync.delivery import current_version, Delivery
+from tappass_host.sync.receive import APPLIED, is_current, Outcome
 
 Log = Callable[[str], None]
 
@@ -137,8 +138,6 @@ class SandboxWorker:
     def _failed(self, exc: Exception) -> None:
         """An unexpected failure (not the stream's): logged and audited once
         per kind of failure, not per retry; the keyring in place stays."""
-        from tappass_host.errors import describe
-
         if self.stopping.is_set():
             return
         message = describe(exc)
@@ -149,8 +148,6 @@ class SandboxWorker:
         line = (f"{self.name}: {type(exc).__name__}: {message}; retrying with backoff, "
                 f"keeping policy_version {self._version_text()}")
         try:
-            from tappass_host.audit import AuditLog
-
             AuditLog.for_host(self.paths).append("sync.failed", sandbox=self.name, details={
                 "error": type(exc).__name__, "message": message})
         except Exception as audit_failure:  # the same full disk, most likely
@@ -195,8 +192,6 @@ class SandboxWorker:
     def _too_large(self, event: TooLarge) -> None:
         """An event the stream reader dropped unread: over the envelope size
         limit (plus slack for SSE framing), never buffered whole."""
-        from tappass_host.audit import AuditLog
-
         details = {"reason": "too_large", "bytes_over": event.size}
         if event.id is not None:
             details["policy_version"] = event.id

@@ -14,6 +14,11 @@ from pathlib import Path
 
 import click
 
+from tappass_host import statefile
+from tappass_host.cli import run
+from tappass_host.devplane import keyrings, server
+from tappass_host.devplane.state import DevplaneError, DevplaneState
+
 
 PROG = "tappass-devplane"
 
@@ -25,8 +30,6 @@ def _state_option(command):
 
 
 def _open(state_dir: Path):
-    from tappass_host.devplane.state import DevplaneState
-
     return DevplaneState.open(state_dir)
 
 
@@ -47,8 +50,6 @@ def cli():
 @click.option("--quiet", is_flag=True, help="Do not log requests on stderr.")
 def serve(state_dir, listen, url, keepalive, cert_ttl, quiet):
     """Run the control plane over HTTPS until SIGTERM or Ctrl-C."""
-    from tappass_host.devplane import server
-
     if not 0 < keepalive <= 15:
         raise click.BadParameter("must be more than 0 and at most 15", param_hint="--keepalive")
     try:
@@ -78,8 +79,6 @@ def bootstrap(name, state_dir, count, ttl, url):
     One URL per line, COUNT of them. The URL is the only place the token
     ever appears: the state directory keeps a hash of its id only.
     """
-    from tappass_host.devplane.state import DevplaneError
-
     state = _open(state_dir)
     url = url or state.url
     if not url:
@@ -122,8 +121,6 @@ def publish(name, policy_file, state_dir, ttl, raw_envelope, policy_version):
     `sandbox_id`, `policy_version` (next), `issued_at` and `expires_at` are
     filled in unless the file sets them.
     """
-    from tappass_host.devplane import keyrings
-
     if (policy_file is None) == (raw_envelope is None):
         raise click.UsageError("give either POLICY_FILE or --raw-envelope FILE")
     state = _open(state_dir)
@@ -151,10 +148,6 @@ def sign(name, policy_file, state_dir, output, ttl):
     For air-gapped hosts: `tappass-host sync apply NAME OUT`. NAME must name
     exactly one enrolled sandbox (or be its sandbox id).
     """
-    from tappass_host import statefile
-    from tappass_host.devplane import keyrings
-    from tappass_host.devplane.state import DevplaneError
-
     state = _open(state_dir)
     if len(keyrings.resolve(state, name)) != 1:
         raise DevplaneError(f"{name!r} names several sandboxes: give a sandbox id")
@@ -171,8 +164,6 @@ def acks(name, state_dir):
 
     NAME is the name sandboxes enrolled under, or one sandbox id.
     """
-    from tappass_host.devplane import keyrings
-
     state = _open(state_dir)
     for record in keyrings.resolve(state, name):
         for ack in state.acks(record["sandbox_id"]):
@@ -180,6 +171,4 @@ def acks(name, state_dir):
 
 
 def main(argv=None) -> None:
-    from tappass_host.cli import run
-
     run(cli, PROG, argv)

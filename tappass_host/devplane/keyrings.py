@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tappass_host import strictjson
 from tappass_host.devplane.state import DevplaneError, DevplaneState, Published, utc_text
+from tappass_host.identity.tls import pinned_context
 from tappass_host.keyring import envelope
 
 SCHEMA = "tappass.keyring/v1"
@@ -102,8 +103,6 @@ def _claimed_version(data: bytes) -> int:
 def notify(state: DevplaneState, timeout: float = 5.0) -> bool:
     """Ask the running `serve` to re-read its keyrings now; False if none answers."""
     import httpx
-
-    from tappass_host.identity.tls import pinned_context
 
     if not state.url:
         return False

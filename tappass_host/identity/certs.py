@@ -17,7 +17,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tappass_host import clock, statefile
+from tappass_host import clock, sandbox_record as sandboxes, statefile
+from tappass_host.audit import AuditLog
+from tappass_host.controlplane.client import ControlPlaneClient
+from tappass_host.controlplane.errors import ControlPlaneError, Refused, Unreachable
 from tappass_host.identity.bootstrap import b64url_decode, b64url_encode
 from tappass_host.identity.errors import IdentityError, RenewalError
 from tappass_host.paths import HostPaths
@@ -163,9 +166,6 @@ def renew_certificate(paths: HostPaths, name: str, *, timeout: float = 10.0,
     On any failure the current certificate is left untouched and RenewalError
     (with a reason) is raised; `cert.renewed` is audited on success.
     """
-    from tappass_host import sandbox_record as sandboxes
-    from tappass_host.audit import AuditLog
-
     record = sandboxes.load(paths, name)
     try:
         cert = _renew(paths, name, record, timeout, now)
@@ -181,9 +181,6 @@ def renew_certificate(paths: HostPaths, name: str, *, timeout: float = 10.0,
 
 
 def _renew(paths: HostPaths, name: str, record, timeout: float, now) -> x509.Certificate:
-    from tappass_host.controlplane.client import ControlPlaneClient
-    from tappass_host.controlplane.errors import ControlPlaneError, Refused, Unreachable
-
     sandbox = paths.sandbox(name)
     failed = f"certificate renewal for {name!r} failed"
     try:

@@ -38,10 +38,13 @@ from urllib.parse import urlsplit
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tappass_host import sandbox_record as sandboxes
-from tappass_host import clock, signing, statefile
-from tappass_host.identity import bootstrap as bootstraps
-from tappass_host.identity import certs
+from tappass_host import clock, sandbox_record as sandboxes, signing, statefile
+from tappass_host.audit import AuditLog
+from tappass_host.controlplane import client
+from tappass_host.controlplane.client import Enrollment
+from tappass_host.controlplane.errors import Refused
+from tappass_host.errors import TappassError
+from tappass_host.identity import bootstrap as bootstraps, certs
 from tappass_host.identity.errors import (
     AlreadyEnrolled,
     BadBootstrap,
@@ -49,8 +52,7 @@ from tappass_host.identity.errors import (
     EnrollmentRefused,
     IdentityError,
 )
-from tappass_host.errors import TappassError
-from tappass_host.paths import HostPaths, SandboxPaths, check_sandbox_name
+from tappass_host.paths import check_sandbox_name, HostPaths, SandboxPaths
 
 _SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
@@ -71,8 +73,6 @@ def enroll(paths: HostPaths, name: str, url: str, trust: TrustPolicy, *,
            warn: Callable[[str], None] = _stderr, timeout: float = 10.0,
            now: float | None = None) -> sandboxes.SandboxRecord:
     """Enroll sandbox `name` from the bootstrap `url`; returns its record."""
-    from tappass_host.audit import AuditLog
-
     check_sandbox_name(name)
     audit = AuditLog.for_host(paths)
     try:
@@ -141,9 +141,6 @@ def _key_id(key_text: str) -> str:
 
 def _enroll_online(paths: HostPaths, name: str, bootstrap: bootstraps.BootstrapURL,
                    timeout: float):
-    from tappass_host.controlplane.client import Enrollment
-    from tappass_host.controlplane.errors import Refused
-
     ca_pem = fetch_ca(bootstrap, timeout)
     claims = bootstrap.token.claims
     try:
@@ -163,9 +160,6 @@ def _enroll_online(paths: HostPaths, name: str, bootstrap: bootstraps.BootstrapU
 
 def fetch_ca(bootstrap: bootstraps.BootstrapURL, timeout: float) -> bytes:
     """Step 2: the one request made without verifying TLS, checked against the signed pin."""
-    from tappass_host.controlplane import client
-    from tappass_host.controlplane.errors import Refused
-
     try:
         answer = client.fetch_ca(bootstrap.origin, timeout=timeout)
     except Refused as exc:

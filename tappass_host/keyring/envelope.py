@@ -9,7 +9,8 @@ import binascii
 import json
 from dataclasses import dataclass
 
-from tappass_host import strictjson
+from tappass_host import signing, strictjson
+from tappass_host.keyring import PAYLOAD_TYPE
 
 
 class EnvelopeError(ValueError):
@@ -74,9 +75,6 @@ def parse(data: bytes) -> Envelope:
 
 def sign(payload: bytes, private_keys, payload_type: str | None = None) -> bytes:
     """Return the JSON envelope for `payload`, signed by each Ed25519 key."""
-    from tappass_host import signing
-    from tappass_host.keyring import PAYLOAD_TYPE
-
     payload_type = payload_type or PAYLOAD_TYPE
     message = pae(payload_type, payload)
     doc = {

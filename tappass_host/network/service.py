@@ -29,15 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tappass_host import network, statefile
+from tappass_host.audit import AuditLog
+from tappass_host.daemon.notify import sd_notify
 from tappass_host.keyring.store import store_of
 from tappass_host.network import addresses, netns
 from tappass_host.network.addresses import Link
 from tappass_host.network.denials import DenialLog
-from tappass_host.network.proxy import HEAD_LIMIT, EgressProxy, SandboxPolicy
+from tappass_host.network.proxy import EgressProxy, HEAD_LIMIT, SandboxPolicy
 from tappass_host.network.resolver import Resolver
 from tappass_host.network.settings import Settings
 from tappass_host.paths import HostPaths
-from tappass_host.daemon.notify import sd_notify
+from tappass_host.runtime.runstate import is_running
 from tappass_host.unixaddress import short_address
 
 IDLE_EXIT_S = 60.0
@@ -105,8 +107,6 @@ class EgressService:
             self._idle = asyncio.get_running_loop().call_later(IDLE_EXIT_S, self._stopped.set)
 
     def _append_audit(self, event: str, sandbox: str, details: dict) -> None:
-        from tappass_host.audit import AuditLog
-
         def append():
             try:
                 AuditLog.for_host(self.paths).append(event, sandbox=sandbox, details=details)
@@ -198,8 +198,6 @@ class EgressService:
             print(f"egress: removing {link.host_ifname}: {exc}", file=sys.stderr)
 
     async def _reap(self, keep: str | None = None) -> list[str]:
-        from tappass_host.runtime.runstate import is_running
-
         removed = []
         for name in sorted(set(self.attached) | set(network.recorded(self.paths))):
             if name != keep and not is_running(self.paths.sandbox(name)):
@@ -209,8 +207,6 @@ class EgressService:
 
     async def _recover(self) -> None:
         """After a predecessor died: listen again for sandboxes still running."""
-        from tappass_host.runtime.runstate import is_running
-
         for name in network.recorded(self.paths):
             link = network.read_link(self.paths, name)
             if link and is_running(self.paths.sandbox(name)) and \

@@ -18,21 +18,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from tappass_host import clock
-from tappass_host import sandbox_record
+from tappass_host import clock, sandbox_record
 from tappass_host.audit import AuditLog
+from tappass_host.errors import TappassError
 from tappass_host.keyring.store import store_for
 from tappass_host.keyring.verify import (
+    envelope_sha256,
     KeyringRejected,
     KeyringVersion,
     Limits,
     Trust,
     VerifiedKeyring,
-    envelope_sha256,
     verify,
 )
 from tappass_host.layers import files as layer_files
 from tappass_host.paths import HostPaths
+from tappass_host.runtime import runstate
+from tappass_host.runtime.status import image_allowed
+from tappass_host.runtime.stop import stop
 
 FilesRenderer = Callable[[VerifiedKeyring], dict[str, bytes]]
 
@@ -96,13 +99,10 @@ def _withdraw_image(paths: HostPaths, name: str, payload: dict, audit: AuditLog)
     """After a flip: a running sandbox whose image the new keyring no longer
     allows is audited (`image.revoked`); it shows `restart-pending` in status,
     or is stopped when its start's config said `on_image_revoked = "stop"`."""
-    from tappass_host.runtime import runstate
-
     sandbox = paths.sandbox(name)
     state = runstate.read_json(runstate.state_file(sandbox)) or {}
     if not state.get("image") or not runstate.is_running(sandbox):
         return None
-    from tappass_host.runtime.status import image_allowed
 
     if image_allowed(payload, state):
         return None
@@ -111,9 +111,6 @@ def _withdraw_image(paths: HostPaths, name: str, payload: dict, audit: AuditLog)
         "digest": state["image"], "policy_version": payload["policy_version"],
         "action": "stop" if stopping else "keep"})
     if stopping:
-        from tappass_host.errors import TappassError
-        from tappass_host.runtime.stop import stop
-
         try:
             stop(paths, name, runstate.runtime_of(paths, state), intent="image_revoked")
         except TappassError:

@@ -13,18 +13,17 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tappass_host import clock
+from tappass_host import clock, sandbox_record, statefile
 from tappass_host.controlplane.client import SyncTransport
 from tappass_host.controlplane.errors import ControlPlaneError
+from tappass_host.errors import describe
 from tappass_host.keyring import Limits
+from tappass_host.keyring.store import store_for
 from tappass_host.paths import HostPaths
-from tappass_host.sync.receive import APPLIED, Outcome, is_current, receive
+from tappass_host.sync.receive import APPLIED, is_current, Outcome, receive
 
 
 def current_version(paths: HostPaths, name: str) -> int | None:
-    from tappass_host import sandbox_record
-    from tappass_host.keyring.store import store_for
-
     version = store_for(paths, sandbox_record.load(paths, name)).current_version()
     return version.policy_version if version else None
 
@@ -38,8 +37,6 @@ class Ack:
     failed: bool = False
 
     def save(self, path) -> bool:
-        from tappass_host import statefile
-
         doc = {"policy_version": self.policy_version, "status": self.status,
                "reason": self.reason, "at": self.at}
         try:
@@ -85,7 +82,6 @@ class Delivery:
                 raise
             # flipped, and then something failed (its audit, on a full disk): the
             # agent has it, so the control plane learns it is applied
-            from tappass_host.errors import describe
 
             outcome = Outcome(APPLIED, current_version(self.paths, self.name),
                               live_error=f"after the flip: {describe(exc)}")

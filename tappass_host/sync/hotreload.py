@@ -7,8 +7,9 @@ directory before the flip (tappass_host.layers.files); restart-only aspects
 show as `restart-pending` in `status`.
 """
 
+from tappass_host.layers.resources import linux_resources
 from tappass_host.paths import HostPaths
-from tappass_host.runtime import container_id
+from tappass_host.runtime import container_id, runstate
 
 
 def apply_process_limits(paths: HostPaths, name: str, previous: dict | None,
@@ -18,9 +19,6 @@ def apply_process_limits(paths: HostPaths, name: str, previous: dict | None,
     Returns the OCI resources applied, or None when nothing had to be done.
     Raises the runtime's error when the update fails.
     """
-    from tappass_host.layers.resources import linux_resources
-    from tappass_host.runtime import runstate
-
     if (previous or {}).get("process") == current.get("process"):
         return None
     sandbox = paths.sandbox(name)

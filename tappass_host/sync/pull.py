@@ -1,16 +1,14 @@
 """`start` without a keyring: pull the latest one once (DESIGN §9)."""
 
-from typing import TYPE_CHECKING
-
+from tappass_host.controlplane.client import ControlPlaneClient, SyncTransport
+from tappass_host.controlplane.errors import ControlPlaneError
 from tappass_host.keyring import Limits
 from tappass_host.paths import HostPaths
-
-if TYPE_CHECKING:
-    from tappass_host.controlplane.client import SyncTransport
-
+from tappass_host.sync.delivery import Delivery
+from tappass_host.sync.receive import APPLIED
 
 def pull_once(paths: HostPaths, name: str, limits: Limits = Limits(), *,
-              transport: "SyncTransport | None" = None) -> str | None:
+              transport: SyncTransport | None = None) -> str | None:
     """Fetch the control plane's latest keyring for `name` and deliver it
     (apply, then ack: tappass_host.sync.delivery) over `transport`, by
     default the sandbox's ControlPlaneClient.
@@ -19,11 +17,6 @@ def pull_once(paths: HostPaths, name: str, limits: Limits = Limits(), *,
     (the caller's error message carries it). An ack that cannot be sent is
     kept for the daemon; the keyring is what counts here.
     """
-    from tappass_host.controlplane.client import ControlPlaneClient
-    from tappass_host.controlplane.errors import ControlPlaneError
-    from tappass_host.sync.delivery import Delivery
-    from tappass_host.sync.receive import APPLIED
-
     client = transport or ControlPlaneClient(paths)
     try:
         try:

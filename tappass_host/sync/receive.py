@@ -5,10 +5,11 @@ tappass_host.sync.apply, then apply what can be applied live. Shared by the daem
 from dataclasses import dataclass
 
 from tappass_host.errors import TappassError
-from tappass_host.sync.apply import apply_update
 from tappass_host.keyring.store import store_of
 from tappass_host.keyring.verify import KeyringRejected, Limits
 from tappass_host.paths import HostPaths
+from tappass_host.sync import hotreload
+from tappass_host.sync.apply import apply_update
 
 APPLIED = "applied"
 REJECTED = "rejected"
@@ -33,8 +34,6 @@ def is_current(paths: HostPaths, name: str, data: bytes) -> bool:
 
 def receive(paths: HostPaths, name: str, data: bytes, *, limits: Limits = Limits(),
             claimed_version: int | None = None) -> Outcome:
-    from tappass_host.sync import hotreload
-
     previous = store_of(paths.sandbox(name)).read_current()
     try:
         applied = apply_update(paths, name, data, limits=limits)
