@@ -6,10 +6,8 @@ optional: without it every default applies.
 """
 
 import copy
-import tomllib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tappass_host.errors import ConfigError
 
@@ -95,8 +93,7 @@ BOUNDS = {
 }
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     values: dict[str, Any]
     source: Path | None
 
@@ -186,21 +183,27 @@ def _check_agent_id_range(text: str) -> None:
 def load(path: Path | None, required: bool = False) -> Config:
     """Load `path` over the defaults. A missing file is fine unless `required`."""
     given: dict = {}
+    data = b""
     if path is not None:
         try:
             with open(path, "rb") as f:
-                given = tomllib.load(f)
+                data = f.read()
         except FileNotFoundError:
             if required:
                 raise ConfigError(f"config file {path} does not exist") from None
             path = None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    if data.strip():  # tomllib (its regexes) only for a file that says something
+        import tomllib
+
+        try:
+            given = tomllib.loads(data.decode())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
         except UnicodeDecodeError as exc:
             raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start} is "
                               "not UTF-8)") from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     values = _merge(DEFAULTS, given, "")
     _check_agent_id_range(values["agent_id_range"])
     _check_address_pool(values["network"]["address_pool"])
