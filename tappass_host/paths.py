@@ -9,8 +9,8 @@ touches the disk.
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from tappass_host.errors import InvalidName
 
@@ -103,8 +103,7 @@ def _default_runtime_dir(state: Path, state_overridden: bool) -> Path:
     return Path(xdg) / "tappass-host" if xdg else state / "run"
 
 
-@dataclass(frozen=True)
-class SandboxPaths:
+class SandboxPaths(NamedTuple):
     root: Path
     runtime: Path
 
@@ -213,8 +212,7 @@ class SandboxPaths:
         return self.image_layer / "work"
 
 
-@dataclass(frozen=True)
-class HostPaths:
+class HostPaths(NamedTuple):
     state: Path
     runtime: Path
 
