@@ -11,9 +11,8 @@ import posixpath
 import re
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tappass_host.errors import TappassError
 from tappass_host.layers import Host
@@ -145,8 +144,7 @@ class InvariantViolation(TappassError):
         super().__init__(f"layer {layer!r} broke invariant: {field} {rule}")
 
 
-@dataclass(frozen=True)
-class _Sandbox:
+class _Sandbox(NamedTuple):
     state_dir: str
     keyring_dir: str
     workspace_dir: str
@@ -436,8 +434,7 @@ def _check_root(config: dict, sandbox: _Sandbox) -> None:
         raise sandbox.violation("root.path", f"must be the bundle's own rootfs ({sandbox.rootfs})")
 
 
-@dataclass(frozen=True)
-class _Mount:
+class _Mount(NamedTuple):
     field: str
     destination: str
     type: str
