@@ -22,7 +22,7 @@ sandboxes never share an id even when started concurrently.
 """
 
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from tappass_host import sandbox_record
 from tappass_host import statefile
@@ -41,8 +41,7 @@ class RootlessUnsupported(TappassError):
     pass
 
 
-@dataclass(frozen=True)
-class IdSpace:
+class IdSpace(NamedTuple):
     """The ids this process can give a sandbox, in this process's numbering:
     its own, and its subordinate ranges as (start, count)."""
 
@@ -114,8 +113,7 @@ def id_spaces() -> tuple[IdSpace, IdSpace]:
     return uids, gids
 
 
-@dataclass(frozen=True)
-class AgentIds:
+class AgentIds(NamedTuple):
     uid: int                # process.user inside the sandbox
     gid: int
     owner_uid: int          # the same ids as this process numbers them (for chown)

@@ -8,7 +8,6 @@ import errno
 import importlib
 import json
 import sys
-from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -35,15 +34,14 @@ _COMMANDS = {
 }
 
 
-@dataclass
 class Host:
-    """What every subcommand gets: where state lives, config, output mode."""
+    """What every subcommand gets: where state lives, config, output mode.
+    The common options set its attributes as click parses them."""
 
-    state_dir: str | None = None
-    config_file: Path | None = None
-    json: bool = False
-    verbose: bool = False
-    _config: object = field(default=None, repr=False)
+    def __init__(self, state_dir: str | None = None, config_file: Path | None = None,
+                 json: bool = False, verbose: bool = False):
+        self.state_dir, self.config_file, self.json, self.verbose = (
+            state_dir, config_file, json, verbose)
 
     @cached_property
     def paths(self):
