@@ -16,6 +16,7 @@ class with the module (under tappass_host/) that defines and raises it:
         BadRecord                   sandbox_record.py
         NoFreeIds                   ids.py
         RootlessUnsupported         ids.py
+        UserNamespaceUnavailable    userns.py
         TooLarge                    responses.py
         WorkspaceError              workspace.py
         ImageError                  image/__init__.py

@@ -9,11 +9,12 @@ lays out its own: container id 0 is the user, container ids 1..N are the
 user's subordinate ids in order (/etc/subuid, /etc/subgid). The agent runs
 as a container id of its own among 1..N, allocated once per sandbox and
 recorded like a root-mode id, so it is a distinct subordinate id on the host.
-When tappass-host already runs inside such a namespace (uid 0 there, as under
-`unshare --map-root-user --map-auto` or `podman unshare`), its layout is read
-from /proc/self/uid_map and the container's ids are exactly the ids here.
-A plain user with subordinate ids is told to enter that namespace first: only
-its root can give the keyring and workspace to the agent's subordinate ids.
+tappass-host runs inside such a namespace (uid 0 there): the command line
+enters the user's own (tappass_host.userns, laid out from subordinate_ids()),
+as `unshare --map-root-user --map-auto` or `podman unshare` would. Its layout
+is read from /proc/self/uid_map and the container's ids are exactly the ids
+here. Only its root can give the keyring and workspace to the agent's
+subordinate ids, so a plain user with subordinate ids outside it is refused.
 Without subordinate ids, the single-id fallback: the agent runs as container
 id FALLBACK_AGENT_ID, mapped to the user's own id (the identity layer warns).
 
@@ -103,14 +104,20 @@ def id_spaces() -> tuple[IdSpace, IdSpace]:
     """(uids, gids) this rootless process can map into a sandbox."""
     if os.geteuid() == 0:
         return _proc_map("uid", 0), _proc_map("gid", os.getegid())
-    uids, gids = _subid_file("uid", os.geteuid()), _subid_file("gid", os.getegid())
+    uids, gids = subordinate_ids()
     if min(uids.size, gids.size) > 0:
         # The keyring and workspace must belong to the agent's subordinate ids,
         # which only root of the user's namespace can chown to.
         raise RootlessUnsupported(
-            "with subordinate ids, rootless tappass-host runs inside your user namespace, as "
-            "`podman unshare` does: run it under `unshare --map-root-user --map-auto`")
+            "with subordinate ids, rootless tappass-host runs inside your user namespace, which "
+            "the tappass-host command enters itself; this process is outside it (unset "
+            "TAPPASS_IN_CRUN_NAMESPACE if you set it)")
     return uids, gids
+
+
+def subordinate_ids() -> tuple[IdSpace, IdSpace]:
+    """A plain user's (uids, gids): its own and its /etc/subuid, /etc/subgid ranges."""
+    return _subid_file("uid", os.geteuid()), _subid_file("gid", os.getegid())
 
 
 class AgentIds(NamedTuple):

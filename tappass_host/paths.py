@@ -1,8 +1,9 @@
 """Where tappass-host keeps its files (DESIGN §4).
 
 Root mode uses /etc, /var/lib and /run; rootless mode (anyone but root of
-the initial user namespace: root inside `unshare --map-root-user` or `podman
-unshare` is the user) uses the XDG directories of the invoking user.
+the initial user namespace: root inside the user's namespace, which
+tappass_host.userns enters, as inside `unshare --map-root-user` or `podman
+unshare`, is the user) uses the XDG directories of the invoking user.
 `--state-dir` / TAPPASS_HOST_STATE_DIR override the state root. Nothing here
 touches the disk.
 """
@@ -264,6 +265,15 @@ class HostPaths(NamedTuple):
     @property
     def start_lock(self) -> Path:
         return self.runtime / "start.lock"
+
+    @property
+    def pause_pid(self) -> Path:
+        """Rootless: the pause process holding the user's namespace (tappass_host.userns)."""
+        return self.runtime / "pause.pid"
+
+    @property
+    def pause_lock(self) -> Path:
+        return self.runtime / "pause.lock"
 
     @property
     def daemon_socket(self) -> Path:

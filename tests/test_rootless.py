@@ -256,18 +256,6 @@ def test_runc_refuses_the_single_id_fallback_in_one_line(rootless_users):
     assert not (user.state / "run" / name).exists()
 
 
-def test_a_plain_user_with_subordinate_ids_is_told_to_enter_its_namespace(rootless_users):
-    user = rootless_users["subids"]
-    name = user.enroll(unique_name("rlplain"))
-    agent = write_agent(user.agent_dir("true"), ["/bin/true"])
-    result = user.tappass("start", name, "--agent", str(agent), "--foreground", "--rm",
-                          namespace=False)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "unshare --map-root-user --map-auto" in lines[0], result.stderr
-    assert not (user.state / "run" / name).exists()
-
-
 # --- units: the id layout and the rootless invariants -----------------------------------
 
 

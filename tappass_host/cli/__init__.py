@@ -55,6 +55,9 @@ class Host:
             raise ConfigError(f"state directory {paths.state} is not a directory "
                               f"({existing} is a file)" if existing != paths.state else
                               f"state directory {paths.state} is not a directory")
+        from tappass_host import userns  # rootless: into the user's own namespace
+
+        userns.enter(paths)
         return paths
 
     @cached_property
