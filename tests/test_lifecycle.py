@@ -410,7 +410,7 @@ def test_status_and_logs_stay_light(runtime, host):
     for args in (("status",), ("status", name), ("--json", "status", name), ("logs", name),
                  ("logs", "--tail", "1", name)):
         modules = host.modules_loaded(*args)
-        assert "tappass_host.cli.sandbox" in modules  # the measurement is real
+        assert "tappass_host.cli.lifecycle" in modules  # the measurement is real
         heavy = sorted(m for m in modules if m.split(".")[0] in HEAVY)
         assert heavy == [], (args, heavy)
 

@@ -1,18 +1,20 @@
 """The `tappass-host` command line: parses arguments and prints results.
 
 Subcommands live in sibling modules and are imported only when invoked, so
-`tappass-host status` never pays for httpx, jsonschema or cryptography.
+`tappass-host status` never pays for httpx, jsonschema or cryptography. The
+hot commands' common forms are read without click (tappass_host.cli.plain);
+everything else goes to the click group, built when it is needed.
 """
 
 import errno
 import importlib
 import json
+import os
 import sys
 from functools import cached_property
 from pathlib import Path
 
-import click
-
+from tappass_host.cli.plain import Option, click_options, echo, parse, parse_options
 from tappass_host.errors import ConfigError, TappassError
 
 # name -> (module, attribute, one-line help shown by --help without importing)
@@ -32,6 +34,19 @@ _COMMANDS = {
     "image": ("tappass_host.cli.image", "image", "Import, list and remove agent images."),
     "_exited": ("tappass_host.cli.sandbox", "exited", ""),
 }
+
+
+# The options every command takes, before or after its name (`inspect NAME --json`);
+# each sets an attribute of the one Host of the invocation.
+COMMON = (
+    Option(("--state-dir",), "state_dir", metavar="DIR",
+           help="State root (default /var/lib/tappass-host, or XDG state when rootless)."),
+    Option(("--config",), "config_file", kind=Path, metavar="FILE",
+           help="Config file (default /etc/tappass-host/config.toml)."),
+    Option(("--json",), "json", kind=None, help="Print machine-readable JSON."),
+    Option(("-v", "--verbose"), "verbose", kind=None, help="Show tracebacks and debug output."),
+)
+STATE_DIR_ENV = "TAPPASS_HOST_STATE_DIR"  # --state-dir before the command's name
 
 
 class Host:
@@ -72,12 +87,21 @@ class Host:
     def emit(self, data, text: str | None = None) -> None:
         """Print `data` as JSON under --json, else `text` (or nothing)."""
         if self.json:
-            click.echo(json.dumps(data, indent=2, sort_keys=True))
+            echo(json.dumps(data, indent=2, sort_keys=True))
         elif text is not None:
-            click.echo(text)
+            echo(text)
 
 
-pass_host = click.make_pass_decorator(Host)
+def __getattr__(name: str):  # the click side, built for what goes through click
+    if name == "pass_host":
+        import click
+
+        globals()[name] = click.make_pass_decorator(Host)
+    elif name == "cli":
+        globals()[name] = _click_group()
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return globals()[name]
 
 
 def _set_host(ctx, param, value):
@@ -85,26 +109,14 @@ def _set_host(ctx, param, value):
         setattr(ctx.ensure_object(Host), param.name, value)
 
 
-def _common_options(envvar: bool) -> list[click.Option]:
-    """The options every command takes, before or after its name (`inspect NAME --json`);
-    each sets the one Host of the invocation."""
-    common = {"expose_value": False, "callback": _set_host}
-    return [
-        click.Option(["--state-dir", "state_dir"], metavar="DIR", **common,
-                     envvar="TAPPASS_HOST_STATE_DIR" if envvar else None,
-                     help="State root (default /var/lib/tappass-host, or XDG state when "
-                          "rootless)."),
-        click.Option(["--config", "config_file"], metavar="FILE", **common,
-                     type=click.Path(dir_okay=False, path_type=Path),
-                     help="Config file (default /etc/tappass-host/config.toml)."),
-        click.Option(["--json", "json"], is_flag=True, **common,
-                     help="Print machine-readable JSON."),
-        click.Option(["-v", "--verbose", "verbose"], is_flag=True, **common,
-                     help="Show tracebacks and debug output."),
-    ]
+def _common_options(envvar: bool) -> list:
+    options = click_options(COMMON, expose_value=False, callback=_set_host)
+    if envvar:
+        next(o for o in options if o.name == "state_dir").envvar = STATE_DIR_ENV
+    return options
 
 
-def _with_common_options(command: click.Command) -> click.Command:
+def _with_common_options(command):
     if not getattr(command, "_tappass_common", False):
         command.params.extend(_common_options(envvar=False))
         command._tappass_common = True
@@ -113,78 +125,130 @@ def _with_common_options(command: click.Command) -> click.Command:
     return command
 
 
-class _LazyGroup(click.Group):
-    def list_commands(self, ctx):
-        return sorted(set(_COMMANDS) | set(self.commands))
+def _click_group():
+    import click
 
-    def get_command(self, ctx, name):
-        if name in self.commands:
-            return self.commands[name]
-        if name not in _COMMANDS:
-            return None
-        module, attr, _ = _COMMANDS[name]
-        return _with_common_options(getattr(importlib.import_module(module), attr))
+    class LazyGroup(click.Group):
+        def list_commands(self, ctx):
+            return sorted(set(_COMMANDS) | set(self.commands))
 
-    def format_commands(self, ctx, formatter):
-        rows = [(name, _COMMANDS[name][2]) for name in sorted(_COMMANDS) if _COMMANDS[name][2]]
-        with formatter.section("Commands"):
-            formatter.write_dl(rows)
+        def get_command(self, ctx, name):
+            if name in self.commands:
+                return self.commands[name]
+            if name not in _COMMANDS:
+                return None
+            module, attr, _ = _COMMANDS[name]
+            return _with_common_options(getattr(importlib.import_module(module), attr))
 
+        def format_commands(self, ctx, formatter):
+            rows = [(name, _COMMANDS[name][2]) for name in sorted(_COMMANDS) if _COMMANDS[name][2]]
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
-@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]},
-             params=_common_options(envvar=True))
-@click.version_option(package_name="tappass-host")
-@click.pass_context
-def cli(ctx):
-    """tappass-host runs AI agents in locked-down sandboxes under signed policy.
+    @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]},
+                 params=_common_options(envvar=True))
+    @click.version_option(package_name="tappass-host")
+    @click.pass_context
+    def cli(ctx):
+        """tappass-host runs AI agents in locked-down sandboxes under signed policy.
 
-    It enrolls sandboxes with the TapPass control plane, starts agents under
-    crun or runc, and swaps their keyring (policy) atomically while they run.
-    """
-    ctx.ensure_object(Host)
+        It enrolls sandboxes with the TapPass control plane, starts agents under
+        crun or runc, and swaps their keyring (policy) atomically while they run.
+        """
+        ctx.ensure_object(Host)
+
+    return cli
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def run(group: click.Group, prog: str, argv=None, host: Host | None = None) -> None:
+def run(group, prog: str, argv=None, host: Host | None = None) -> None:
     """Run a click group the way every tappass command line behaves: errors
     are one line on stderr with a non-zero exit; -v shows the traceback."""
-    args = sys.argv[1:] if argv is None else argv
+    guarded(lambda: group.main(args=argv, prog_name=prog, standalone_mode=False, obj=host),
+            prog, sys.argv[1:] if argv is None else argv, host)
+
+
+def guarded(call, prog: str, args: list[str], host: Host | None) -> None:
+    """call(), its errors shown as one line with an exit code (click's own
+    errors, when it ran, as click shows them)."""
 
     def verbose() -> bool:  # the host's own -v, wherever it was given; else any -v
         return host.verbose if host else "-v" in args or "--verbose" in args
 
     try:
-        group.main(args=argv, prog_name=prog, standalone_mode=False, obj=host)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo(f"{prog}: aborted", err=True)
-        sys.exit(130)
+        call()
     except TappassError as exc:
         if verbose():
             raise
-        click.echo(f"{prog}: error: {exc}", err=True)
+        echo(f"{prog}: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        click = sys.modules.get("click")
+        if click is not None and isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if click is not None and isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if click is not None and isinstance(exc, click.exceptions.Abort):
+            aborted(prog)
         if verbose():
             raise
         if isinstance(exc, OSError) and exc.errno in _FULL:
             where = exc.filename or (host and host.__dict__.get("paths") and host.paths.state)
-            click.echo(f"{prog}: error: no space left on the device"
-                       + (f" of {where}" if where else "") + ": free some space and try again",
-                       err=True)
+            echo(f"{prog}: error: no space left on the device"
+                 + (f" of {where}" if where else "") + ": free some space and try again",
+                 err=True)
             sys.exit(1)
-        click.echo(f"{prog}: internal error: {type(exc).__name__}: {exc} "
-                   "(run with -v for details)", err=True)
+        echo(f"{prog}: internal error: {type(exc).__name__}: {exc} "
+             "(run with -v for details)", err=True)
         sys.exit(70)
 
 
+def aborted(prog: str) -> None:
+    echo(f"{prog}: aborted", err=True)
+    sys.exit(130)
+
+
+def _plain_call(args: list[str], host: Host):
+    """The call that runs `args` without click (setting `host`'s common
+    options), if they are a hot command's common form; else None."""
+    if "_TAPPASS_HOST_COMPLETE" in os.environ:  # click's shell completion
+        return None
+    before = {}
+    rest = parse_options(args, COMMON, before, up_to_name=True)
+    if not rest or _COMMANDS.get(rest[0], ("",))[0] != "tappass_host.cli.sandbox":
+        return None
+    from tappass_host.cli import lifecycle
+
+    command = lifecycle.COMMANDS.get(rest[0])
+    values = command and parse(command, rest[1:], COMMON)
+    if values is None:
+        return None
+    if os.environ.get(STATE_DIR_ENV):
+        host.state_dir = os.environ[STATE_DIR_ENV]
+    for option in COMMON:  # given after the name wins over before, as in click
+        value = values.pop(option.dest, before.get(option.dest))
+        if value is not None and value is not False:
+            setattr(host, option.dest, value)
+
+    def call():
+        try:
+            command.run(host, **values)
+        except (EOFError, KeyboardInterrupt):  # as click: a blank line closes the ^C
+            echo("", err=True)
+            aborted("tappass-host")
+    return call
+
+
 def main(argv=None) -> None:
-    run(cli, "tappass-host", argv, Host())
+    host = Host()
+    args = sys.argv[1:] if argv is None else list(argv)
+    call = _plain_call(args, host)
+    if call is not None:
+        guarded(call, "tappass-host", args, host)
+    else:
+        run(__getattr__("cli"), "tappass-host", argv, host)
