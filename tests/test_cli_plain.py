@@ -4,7 +4,9 @@ their error forms, gives the same stdout, stderr and exit code read by the
 plain parser as read by click; the plain one loads no click, and whatever it
 does not read (help, unknown options, bad values) is click's own answer."""
 
+import os
 import re
+import signal
 import subprocess
 
 from sandbox_fixture import host, runtime, unique_name, write_agent  # noqa: F401  (fixtures)
@@ -33,18 +35,26 @@ def per_run(text: str) -> str:
 
 
 def both(host, tmp_path, *args: str, normal=lambda text: text, setup=lambda: None,
-         after=lambda: None):
+         after=lambda: None, reader_gone: bool = False):
     """(plain result, whether it loaded click) of `args`; asserts click's is the
-    same. setup() and after() run around each."""
+    same. setup() and after() run around each. `reader_gone`: stdout is a pipe
+    nobody reads (`| head` that has ended)."""
     marker = tmp_path / "click-loaded"
     results = []
     for source in (_PLAIN, _CLICK):
         setup()
         argv = host.argv(*args)
         assert argv[1:3] == ["-m", "tappass_host"]
+        read, write = os.pipe()
+        if reader_gone:
+            os.close(read)
         result = subprocess.run([argv[0], "-c", source, str(marker), *argv[3:]],
-                                capture_output=True, text=True, timeout=60,
+                                stdout=write if reader_gone else subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, timeout=60,
                                 stdin=subprocess.DEVNULL)
+        os.close(write)
+        if not reader_gone:
+            os.close(read)
         after()
         results.append(result)
     plain, clicked = results
@@ -77,6 +87,8 @@ def test_status_and_logs_read_plainly_answer_as_click(host, tmp_path):
         plain_and_no_click(host, tmp_path, *args)
     assert plain_and_no_click(host, tmp_path, "logs", ran).stdout == (
         "one\ntwo\\x1b[31m red\ncafé\n")
+    for args in (("logs", ran), ("status",), ("--json", "status", ran)):  # `| head` ended
+        assert plain_and_no_click(host, tmp_path, *args, reader_gone=True).returncode == 1
     # forms only click reads: the same answer, from click
     for args in (("status", "--help"), ("logs", "-h"), ("status", ran, idle),
                  ("logs", ran, "--tail", "x"), ("logs", ran, "--tail"), ("logs",),
@@ -128,3 +140,22 @@ def test_start_and_stop_read_plainly_answer_as_click(host, runtime, tmp_path):
                  ("start", name, "--foreground=1"), ("stop", "-h")):
         result, click_loaded = both(host, tmp_path, *args)
         assert click_loaded and result.returncode != 0 or "--help" in args or "-h" in args, args
+
+
+def test_an_interrupted_follow_ends_as_under_click(host, tmp_path):
+    name = host.enroll(unique_name("follow"))
+    host.configure("")
+    agent = write_agent(host.root / "agent", ["/bin/sh", "-c", "echo one"])
+    assert host.start(name, agent, "crun").returncode == 0
+    host.wait_exited(name)
+    ended = []
+    for source in (_PLAIN, _CLICK):
+        argv = host.argv("logs", name, "-f")
+        follow = subprocess.Popen([argv[0], "-c", source, str(tmp_path / "m"), *argv[3:]],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  stdin=subprocess.DEVNULL)
+        assert follow.stdout.readline() == "one\n"  # it is following
+        follow.send_signal(signal.SIGINT)
+        out, err = follow.communicate(timeout=30)
+        ended.append((follow.returncode, out, err))
+    assert ended[0] == ended[1] == (130, "", "\ntappass-host: aborted\n")

@@ -241,6 +241,11 @@ def _plain_call(args: list[str], host: Host):
         except (EOFError, KeyboardInterrupt):  # as click: a blank line closes the ^C
             echo("", err=True)
             aborted("tappass-host")
+        except OSError as exc:  # as click: a reader gone (`| head`) ends it quietly, exit 1
+            if exc.errno != errno.EPIPE:
+                raise
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
     return call
 
 
