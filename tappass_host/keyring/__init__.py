@@ -5,16 +5,18 @@ The values every part of the keyring core shares live here, light to import
 that makes a VerifiedKeyring, store.py puts one on disk.
 """
 
-from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
 PAYLOAD_TYPE = "application/vnd.tappass.keyring+json"
 MAX_ENVELOPE_BYTES = 1024 * 1024
 
 
-@dataclass(frozen=True, order=True)
-class KeyringVersion:
-    """A keyring's place in its sandbox's history.
+# NamedTuples, not frozen dataclasses: `status` imports this package, and
+# dataclasses (with inspect, ast, dis) would be a quarter of its start-up.
+class KeyringVersion(NamedTuple):
+    """A keyring's place in its sandbox's history, ordered by
+    (policy_version, issued_at).
 
     `issued_at` is kept at one-second resolution: that is the resolution of
     the version directory's name, so two updates within one second of each
@@ -31,18 +33,20 @@ class KeyringVersion:
                f"{self.issued_at:%m%dT%H%M%SZ}"
 
 
-@dataclass(frozen=True)
-class VerifiedKeyring:
-    payload: dict = field(repr=False)
-    payload_bytes: bytes = field(repr=False)
-    envelope_bytes: bytes = field(repr=False)
+class VerifiedKeyring(NamedTuple):
+    payload: dict
+    payload_bytes: bytes
+    envelope_bytes: bytes
     version: KeyringVersion
     expires_at: datetime
     sha256: str
 
+    def __repr__(self) -> str:  # the payload and its bytes stay out of logs
+        return (f"VerifiedKeyring(version={self.version!r}, expires_at={self.expires_at!r}, "
+                f"sha256={self.sha256!r})")
 
-@dataclass(frozen=True)
-class Limits:
+
+class Limits(NamedTuple):
     """Host maxima for the `process` aspect (config `limits`)."""
 
     memory_mb: int = 16384
