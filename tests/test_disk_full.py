@@ -22,7 +22,7 @@ from daemon_fixture import *  # noqa: F403
 from daemon_fixture import (AGENT, POLICY, SYNC_CONFIG, acks, agent_log, audit_events, enroll,
                             keyring_version, publish, wait_agent_sees)
 from devplane_fixture import run_host, wait_for
-from rootless_fixture import rootless_users  # noqa: F401  (a fixture)
+from rootless_fixture import rootless_users, staged  # noqa: F401  (fixtures)
 from sandbox_fixture import python_agent, unique_name
 from tappass_host import workspace
 from tappass_host.paths import HostPaths

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import escape_expectations as expect
-from rootless_fixture import SIGN, rootless_users  # noqa: F401  (a fixture)
+from rootless_fixture import SIGN, rootless_users, staged  # noqa: F401  (fixtures)
 from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
     HELLO_AGENT,
     RUNTIMES,
