@@ -13,18 +13,18 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tappass_host import clock, sandbox_record, statefile
+from tappass_host import clock, statefile
 from tappass_host.controlplane.client import SyncTransport
 from tappass_host.controlplane.errors import ControlPlaneError
 from tappass_host.errors import describe
 from tappass_host.keyring import Limits
-from tappass_host.keyring.store import store_for
+from tappass_host.keyring.store import store_of
 from tappass_host.paths import HostPaths
 from tappass_host.sync.receive import APPLIED, is_current, Outcome, receive
 
 
 def current_version(paths: HostPaths, name: str) -> int | None:
-    version = store_for(paths, sandbox_record.load(paths, name)).current_version()
+    version = store_of(paths.sandbox(name)).current_version()
     return version.policy_version if version else None
 
 
