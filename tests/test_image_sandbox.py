@@ -216,24 +216,44 @@ def test_two_sandboxes_share_one_unpacked_copy(host, images, tmp_path):
     assert [sorted(i["used_by"]) for i in listed] == [sorted(names)]
 
 
-@pytest.fixture(scope="module", params=RUNTIMES)
-def probed(request, tmp_path_factory):
-    """The escape probe as the agent of an image holding python3 (and nothing
-    else of the host's /usr), once per runtime."""
-    runtime = request.param
-    require_runtime(runtime)
+@pytest.fixture(scope="module")
+def python_image(tmp_path_factory):
+    """An image holding python3 (and nothing else of the host's /usr)."""
     layout = tmp_path_factory.mktemp("python-image") / "layout"
     image = image_fixture.python_image(layout)
     for path in [layout, *layout.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
+    return image
+
+
+def test_an_entrypoint_by_bare_name_is_found_on_the_agents_path(runtime, host, python_image,
+                                                                 tmp_path):
+    """`entrypoint = ["python3", ...]`: the launcher (the host's python3, from
+    the host's /usr, which its ruleset leaves out) searches the agent's PATH
+    after the ruleset, so it may import nothing then; os.execvpe imported
+    `warnings` ("cannot run python3: Permission denied")."""
+    name = host.enroll(unique_name("img-bare", runtime), **pinning(python_image.digest))
+    agent = write_agent(tmp_path / "agent", ["python3", "/opt/agent/main.py"], files={
+        "main.py": "import sys\nprint('RAN', sys.executable, open('/etc/os-release').read())\n"})
+    host.start_ok(name, agent, runtime, "--image", f"oci:{python_image.layout}")
+    status = host.wait_exited(name, timeout=60)
+    log = host.logs(name)
+    assert status["exit"]["code"] == 0, log
+    assert "RAN /usr/bin/python3 " in log and "TapPass test image" in log, log
+
+
+@pytest.fixture(scope="module", params=RUNTIMES)
+def probed(request, python_image):
+    """The escape probe as the agent of the python3 image, once per runtime."""
+    runtime = request.param
+    require_runtime(runtime)
     h = new_host()
     try:
         key = h.make_machine_key()
-        name = h.enroll(unique_name("img-probe", runtime), **pinning(image.digest))
-        agent = expect.write_probe_agent(h.root / "agent", h.state)
-        manifest = agent / "tappass-agent.toml"  # the image's python3, by its path
-        manifest.write_text(manifest.read_text().replace('["python3", ', '["/usr/bin/python3", '))
-        started = h.start(name, agent, runtime, "--image", f"oci:{layout}", timeout=120)
+        name = h.enroll(unique_name("img-probe", runtime), **pinning(python_image.digest))
+        agent = expect.write_probe_agent(h.root / "agent", h.state)  # python3 by its bare name
+        started = h.start(name, agent, runtime, "--image", f"oci:{python_image.layout}",
+                          timeout=120)
         assert started.returncode == 0, started.stderr
         status = h.wait_exited(name, timeout=120)
         log = h.logs(name)

@@ -160,10 +160,29 @@ def main(argv: list[str]) -> None:
         sys.stderr.write(f"tappass landlock: {refusal}; the agent is not started\n")
         os._exit(126)
     try:
-        os.execvpe(command[0], command, env)  # searches the agent's PATH
+        execvpe(command, env)
     except OSError as error:
         sys.stderr.write(f"tappass landlock: cannot run {command[0]}: {error.strerror}\n")
         os._exit(127 if isinstance(error, FileNotFoundError) else 126)
+
+
+def execvpe(command: list[str], env: dict[bytes, bytes]) -> None:
+    """os.execvpe's search of the agent's PATH, without os.execvpe: it imports
+    `warnings`, and after the ruleset this python may read no module (in an
+    image it is the host's, under HOST_USR, which the ruleset leaves out)."""
+    program = os.fsencode(command[0])
+    if b"/" in program:
+        os.execve(program, command, env)
+    first = last = None
+    for directory in env.get(b"PATH", b"/bin:/usr/bin").split(b":"):
+        try:
+            os.execve(directory + b"/" + program if directory else program, command, env)
+        except (FileNotFoundError, NotADirectoryError) as error:
+            last = error
+        except OSError as error:
+            last = error
+            first = first or error
+    raise first or last
 
 
 if __name__ == "__main__":
