@@ -28,12 +28,18 @@ LAUNCHER_DIR = "/run/tappass/launcher"
 LAUNCHER = f"{LAUNCHER_DIR}/landlock_exec.py"
 AGENT_ENV = "/run/tappass/agent.env"
 LAUNCH = [PYTHON, "-I", "-S", LAUNCHER, "--env", AGENT_ENV]
-LAUNCHER_ENV = ("PATH=/usr/bin:/bin",)
 # An image's root need not hold a python3: there the kernel layer binds the
 # host's /usr read-only at HOST_USR and runs the host's python3 through the
 # host's dynamic loader (host_launch), whose libraries come from HOST_USR too.
 # The ruleset does not list HOST_USR: after it, the agent cannot read it.
 HOST_USR = "/run/tappass/hostusr"
+# In an image, what the host's loader and python3 look for before the ruleset
+# is the image's (hostile input): LC_ALL=C and TZ=: keep glibc from reading
+# its locale and zone files, and host_launch's python3, not isolated (-I
+# would ignore it), takes PYTHONHOME: else it looks for lib/python311.zip up
+# from HOST_USR/bin, in the image's /run/tappass, /run and /, and imports
+# from the first it finds. LAUNCH's -I ignores PYTHONHOME.
+LAUNCHER_ENV = ("PATH=/usr/bin:/bin", "LC_ALL=C", "TZ=:", f"PYTHONHOME={HOST_USR}")
 
 
 def kernel_abi() -> int:
@@ -80,8 +86,10 @@ def host_launch() -> list[str] | None:
     def seen(path: str) -> str:
         return HOST_USR + path[len("/usr"):]
 
-    return [seen(loader), "--library-path", seen(os.path.dirname(loader)), seen(python),
-            "-I", "-S", LAUNCHER, "--env", AGENT_ENV]
+    # --inhibit-cache: the image's /etc/ld.so.cache. Its /etc/ld.so.preload,
+    # which no loader option turns off, is masked by runtime.imageroot.
+    return [seen(loader), "--inhibit-cache", "--library-path", seen(os.path.dirname(loader)),
+            seen(python), "-s", "-S", LAUNCHER, "--env", AGENT_ENV]
 
 
 def _elf_interpreter(head: bytes) -> str:

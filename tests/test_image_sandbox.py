@@ -6,6 +6,7 @@ from the host's /usr since images need not hold a python3)."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -242,18 +243,108 @@ def test_an_entrypoint_by_bare_name_is_found_on_the_agents_path(runtime, host, p
     assert "RAN /usr/bin/python3 " in log and "TapPass test image" in log, log
 
 
-@pytest.fixture(scope="module", params=RUNTIMES)
-def probed(request, python_image):
-    """The escape probe as the agent of the python3 image, once per runtime."""
-    runtime = request.param
+def hostile_image(directory, *entries) -> image_fixture.Image:
+    """The busybox image with `entries` added."""
+    image = image_fixture.write_layout(directory, [image_fixture.tar_layer(
+        [*image_fixture.busybox_entries(), *entries])])
+    for path in [directory, *directory.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return image
+
+
+def run_to_exit(host, runtime, image, tmp_path, script: str) -> str:
+    name = host.enroll(unique_name("img-hostile", runtime), **pinning(image.digest))
+    host.start_ok(name, shell_agent(tmp_path / "agent", script), runtime,
+                  "--image", f"oci:{image.layout}")
+    status = host.wait_exited(name, timeout=60)
+    log = host.logs(name)
+    assert status["exit"]["code"] == 0, log
+    return log
+
+
+def test_the_launcher_loads_nothing_an_images_ld_so_preload_names(runtime, host, tmp_path):
+    """The host's loader, which starts the launcher in the image's root before
+    its ruleset, reads /etc/ld.so.preload there (it would print that it could
+    not preload this text file): the run's overlay masks it with an empty one."""
+    image = hostile_image(tmp_path / "image", image_fixture.File("etc/ld.so.preload",
+                                                                 b"/etc/os-release\n"))
+    log = run_to_exit(host, runtime, image, tmp_path,
+                      "echo \"preload=[$(cat /etc/ld.so.preload)]\"; echo DONE\n")
+    assert "ld.so.preload" not in log.replace("preload=[]", ""), log
+    assert "preload=[]" in log and "DONE" in log, log
+
+
+def test_the_launcher_imports_nothing_from_the_image(runtime, host, tmp_path):
+    """The host's python3 looks for lib/python311.zip up from its own
+    directory (/run/tappass/hostusr/bin: the image's /run, /) and imports
+    its standard library from the first it finds: PYTHONHOME pins it."""
+    import io
+    import zipfile
+
+    hijack = io.BytesIO()
+    with zipfile.ZipFile(hijack, "w") as archive:
+        archive.writestr("encodings/__init__.py",
+                         "import posix\nposix.write(2, b'HIJACKED the launcher\\n')\n")
+    zipped = hijack.getvalue()
+    image = hostile_image(tmp_path / "image", image_fixture.Dir("run"),
+                          image_fixture.Dir("run/lib"), image_fixture.Dir("lib"),
+                          image_fixture.File("run/lib/python311.zip", zipped),
+                          image_fixture.File("lib/python311.zip", zipped))
+    log = run_to_exit(host, runtime, image, tmp_path, "echo DONE\n")
+    assert "HIJACKED" not in log and "DONE" in log, log
+
+
+@pytest.fixture(scope="module")
+def debian_image(tmp_path_factory):
+    """Debian with python3, as debootstrap makes it (image_fixture.debian_layer)."""
+    return image_fixture.debian_image(tmp_path_factory.mktemp("debian-image") / "layout")
+
+
+DEBIAN_AGENT = """\
+import os, subprocess, sys
+print("OS", open("/etc/os-release").read().replace("\\n", " | "))
+print("PYTHON", sys.executable, os.stat(sys.executable).st_ino)
+awk = subprocess.run(["awk", "BEGIN { print 6 * 7 }"], capture_output=True, text=True)
+print("AWK", awk.stdout.strip(), os.path.realpath("/usr/bin/awk"), os.readlink("/usr/bin/awk"))
+print("DONE")
+"""
+
+
+def test_a_debian_image_runs_python3_by_name_through_its_absolute_symlinks(runtime, host,
+                                                                           debian_image, tmp_path):
+    """A real distribution's root: its own os-release and python3, and awk
+    through /usr/bin/awk -> /etc/alternatives/awk -> /usr/bin/mawk, absolute
+    links resolved in the sandbox's root."""
+    image = debian_image
+    name = host.enroll(unique_name("img-debian", runtime), **pinning(image.digest))
+    agent = write_agent(tmp_path / "agent", ["python3", "/opt/agent/main.py"],
+                        files={"main.py": DEBIAN_AGENT})
+    result = host.start(name, agent, runtime, "--image", f"oci:{image.layout}", timeout=300)
+    assert result.returncode == 0, result.stderr
+    status = host.wait_exited(name, timeout=60)
+    log = host.logs(name)
+    assert status["exit"]["code"] == 0, log
+    root = host.paths.image_rootfs(image_fixture.sha256(image.config)[7:])
+    assert image_fixture.DEBIAN_MARK.decode().strip() in log, log  # the image's, not the host's
+    assert f"PYTHON /usr/bin/python3 {(root / 'usr/bin/python3').stat().st_ino}" in log, log
+    assert "AWK 42 /usr/bin/mawk /etc/alternatives/awk" in log, log
+    assert (root / "etc/alternatives/awk").readlink() == Path("/usr/bin/mawk")
+
+
+@pytest.fixture(scope="module", params=[(r, i) for i in ("python", "debian") for r in RUNTIMES],
+                ids=lambda p: f"{p[1]}-{p[0]}")
+def probed(request):
+    """The escape probe as the agent of the python3 image and of the Debian
+    one, once per runtime."""
+    runtime, kind = request.param
     require_runtime(runtime)
+    image = request.getfixturevalue(f"{kind}_image")
     h = new_host()
     try:
         key = h.make_machine_key()
-        name = h.enroll(unique_name("img-probe", runtime), **pinning(python_image.digest))
+        name = h.enroll(unique_name("img-probe", runtime), **pinning(image.digest))
         agent = expect.write_probe_agent(h.root / "agent", h.state)  # python3 by its bare name
-        started = h.start(name, agent, runtime, "--image", f"oci:{python_image.layout}",
-                          timeout=120)
+        started = h.start(name, agent, runtime, "--image", f"oci:{image.layout}", timeout=300)
         assert started.returncode == 0, started.stderr
         status = h.wait_exited(name, timeout=120)
         log = h.logs(name)

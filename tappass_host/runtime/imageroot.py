@@ -28,6 +28,7 @@ from tappass_host.paths import HostPaths, SandboxPaths
 
 MS_NOSUID, MS_NODEV = 0x2, 0x4
 MNT_DETACH = 0x2
+PRELOAD = "ld.so.preload"  # in the image's /etc
 SOURCE_KINDS_WITH_PATHS = ("oci", "oci-archive", "docker-archive")
 
 
@@ -157,6 +158,42 @@ def mount(sandbox: SandboxPaths, lower: Path) -> None:
     options = ",".join(f"{k}={v}" for k, v in dirs.items())
     _call("mount", b"overlay", os.fsencode(sandbox.rootfs), b"overlay",
           ctypes.c_ulong(MS_NOSUID | MS_NODEV), options.encode())
+    try:
+        _mask_preload(sandbox.rootfs)
+    except BaseException:
+        unmount(sandbox)
+        raise
+
+
+def _mask_preload(rootfs: Path) -> None:
+    """An empty /etc/ld.so.preload in the run's upper, over whatever the image
+    has there. The Landlock launcher runs the host's dynamic loader in the
+    image's root before its ruleset, and that loader loads what the root's
+    /etc/ld.so.preload names (no option turns it off): an image could run
+    code there unconfined. So an image's own preload list never applies,
+    and an image whose /etc is not a directory (a symlink would take the
+    loader elsewhere) is refused."""
+    import stat
+
+    etc = os.path.join(rootfs, "etc")
+    try:
+        if not stat.S_ISDIR(os.lstat(etc).st_mode):
+            raise ImageRootUnavailable("the image's /etc is not a directory")
+    except FileNotFoundError:
+        os.mkdir(etc, 0o755)
+    directory = os.open(etc, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        try:
+            if stat.S_ISDIR(os.lstat(PRELOAD, dir_fd=directory).st_mode):
+                shutil.rmtree(PRELOAD, dir_fd=directory)
+            else:
+                os.unlink(PRELOAD, dir_fd=directory)
+        except FileNotFoundError:
+            pass
+        os.close(os.open(PRELOAD, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o644, dir_fd=directory))
+    finally:
+        os.close(directory)
 
 
 def mounted(sandbox: SandboxPaths) -> bool:
