@@ -387,15 +387,23 @@ def test_probe_no_host_pids_and_only_loopback(probed):
     expect.isolated(probed)
 
 
-def test_rootless_image_start_is_refused_in_one_line(tmp_path):
-    """Rootless, the overlay cannot be mounted by tappass-host: refused before
-    anything is imported or created."""
+def test_rootless_outside_the_users_namespace_an_image_start_is_refused_in_one_line():
+    """Rootless, the overlay is mounted in the user's namespace, which every
+    command enters (tests/test_image_rootless.py): a process outside it (not
+    uid 0 there) is refused before anything is imported or created."""
     from tappass_host.runtime import imageroot
 
-    with pytest.raises(imageroot.ImageRootUnavailable, match="needs root"):
-        imageroot.require_root(True)
     imageroot.require_root(False)
-    assert os.geteuid() == 0
+    imageroot.require_root(True)  # uid 0 in a namespace of its own
+    child = os.fork()
+    if child == 0:
+        os.setuid(65534)
+        try:
+            imageroot.require_root(True)
+        except imageroot.ImageRootUnavailable as refusal:
+            os._exit(3 if "needs root, or the user's own namespace" in str(refusal) else 1)
+        os._exit(0)
+    assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 3
 
 
 def test_a_start_without_agent_reruns_the_last_image(host, images, tmp_path):

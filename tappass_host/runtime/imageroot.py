@@ -11,8 +11,11 @@ what the run adds (mount points, /run/tappass/agent.env) lands in its upper,
 which goes with the run; the shared root is never written. The sandbox sees
 it read-only all the same (`root.readonly`).
 
-Rootless, the overlay would have to be mounted inside the sandbox's user
-namespace, which only the runtime enters: an image-based start is refused.
+Rootless, tappass-host works in the user's own user and mount namespaces
+(tappass_host.userns), as uid 0 there: the store is the user's (under its
+state dir, files owned by the user), and the overlay is mounted in that
+mount namespace, which the pause process keeps between commands; the host's
+mount table never shows it.
 """
 
 import ctypes
@@ -138,10 +141,12 @@ def _executable_in(root: Path, path: str) -> bool:
 
 
 def require_root(rootless: bool) -> None:
-    if rootless:
+    """Root, or rootless inside the user's own namespace (tappass_host.userns),
+    where its mount namespace takes the overlay."""
+    if rootless and os.geteuid() != 0:
         raise ImageRootUnavailable(
-            "an image-based sandbox needs root here: rootless, its overlay would have to be "
-            "mounted inside the sandbox's user namespace")
+            "an image-based sandbox needs root, or the user's own namespace (which every "
+            "command enters): this process is in neither")
 
 
 def mount(sandbox: SandboxPaths, lower: Path) -> None:
