@@ -286,6 +286,15 @@ class HostPaths(NamedTuple):
         return self.runtime / "schema-ok"
 
     @property
+    def bundle_cache(self) -> Path:
+        """Bundles starts prepared, kept for the next start of the same inputs
+        (tappass_host.oci.bundle_cache), 0700, one 0600 entry per key."""
+        return self.state / "bundle-cache"
+
+    def bundle_cache_entry(self, key: str) -> Path:
+        return self.bundle_cache / f"{key}.json"
+
+    @property
     def network(self) -> Path:
         """The egress proxy's runtime directory (tappass_host.network)."""
         return self.runtime / "network"

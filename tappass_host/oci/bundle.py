@@ -3,22 +3,21 @@
 where a runtime could pick it up."""
 
 import json
-import os
 from pathlib import Path
 from typing import NamedTuple
 
 from tappass_host import landlock, layers, shipped, systemd
 from tappass_host.errors import TappassError
 from tappass_host.layers import files as layer_files
-from tappass_host.oci import field_path, invariants, parent_field, rootfs
+from tappass_host.oci import bundle_cache, field_path, invariants, parent_field
 from tappass_host.oci.render import Rendered, render
 from tappass_host.paths import HostPaths
-from tappass_host.statefile import write_runtime_file
 
 
 class Bundle(NamedTuple):
     directory: Path
     rendered: Rendered
+    prepared: bundle_cache.Prepared  # what a later start of the same inputs reuses
 
     @property
     def config(self) -> dict:
@@ -35,32 +34,11 @@ def layer_inputs(paths: HostPaths, name: str, record, keyring: dict, manifest, c
     )
 
 
-def host_capabilities(agent, rootless: bool, runtime: str = "crun") -> layers.Host:
-    """`agent`: the sandbox's tappass_host.ids.AgentIds."""
-    return layers.Host(rootless=rootless, agent_uid=agent.uid, agent_gid=agent.gid,
-                       uid_mappings=agent.uid_mappings, gid_mappings=agent.gid_mappings,
-                       runtime=runtime,
-                       machine=os.uname().machine, landlock_abi=landlock.host_abi(),
-                       cgroups=not rootless or _delegated_cgroup())
-
-
-def _delegated_cgroup() -> bool:
-    """Rootless: whether the runtime can make a cgroup for the sandbox, i.e.
-    cgroup v2 with our own cgroup writable by us (systemd's delegation).
-    cgroup v1 hierarchies are never delegated to a user."""
-    try:
-        if not os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
-            return False
-        with open("/proc/self/cgroup") as f:
-            own = next(line[3:].strip() for line in f if line.startswith("0::"))
-    except (OSError, StopIteration):
-        return False
-    return os.access(f"/sys/fs/cgroup{own}", os.W_OK)
-
-
 def build(paths: HostPaths, inputs: layers.LayerInputs, rootless: bool) -> Bundle:
     rendered = render(layers.run(inputs, inputs.config["appliers"]))
     sandbox = paths.sandbox(inputs.name)
+    facts = bundle_cache.facts_of(rendered.config, inputs.keyring, paths.state, sandbox.keyring,
+                                  sandbox.workspace)  # what the invariants look at, first
     try:
         agent_env = _separate_env(rendered.config, rendered.provenance)
         invariants.check(rendered.config, state_dir=paths.state, keyring_dir=sandbox.keyring,
@@ -75,20 +53,20 @@ def build(paths: HostPaths, inputs: layers.LayerInputs, rootless: bool) -> Bundl
     schema_dir = inputs.config["oci_schema_dir"]
     if schema_dir:
         _validate_schema(paths, rendered.config, config_bytes, schema_dir, rendered.provenance)
-    directory = sandbox.bundle
-    directory.mkdir(parents=True, exist_ok=True)
-    rootfs.prepare(inputs.rootfs_dir, [m["destination"] for m in rendered.config["mounts"]])
-    _write_agent_env(inputs, agent_env)
-    write_runtime_file(sandbox.layer_inputs,
-                       layer_files.record_inputs(inputs, inputs.config["appliers"]), 0o600)
+    prepared = bundle_cache.Prepared(
+        config=config_bytes,
+        layers=json.dumps({
+            "provenance": rendered.provenance, "warnings": list(rendered.warnings),
+            "hot_reload": sorted(rendered.hot_reload), "restart": sorted(rendered.restart),
+            **({"agent_env": agent_env} if agent_env is not None else {}),
+        }, indent=2).encode(),
+        inputs=layer_files.record_inputs(inputs, inputs.config["appliers"]),
+        agent_env=agent_env, mounts=[m["destination"] for m in rendered.config["mounts"]],
+        files=rendered.files, warnings=rendered.warnings, restart=rendered.restart,
+        unavailable=rendered.unavailable, facts=facts)
     layer_files.complete_at_start(paths, inputs, inputs.config["appliers"], rendered.files)
-    write_runtime_file(sandbox.bundle_config, config_bytes, 0o600)
-    write_runtime_file(sandbox.bundle_layers, json.dumps({
-        "provenance": rendered.provenance, "warnings": list(rendered.warnings),
-        "hot_reload": sorted(rendered.hot_reload), "restart": sorted(rendered.restart),
-        **({"agent_env": agent_env} if agent_env is not None else {}),
-    }, indent=2).encode(), 0o600)
-    return Bundle(directory=directory, rendered=rendered)
+    directory = bundle_cache.install(paths, inputs.name, inputs.record, prepared)
+    return Bundle(directory=directory, rendered=rendered, prepared=prepared)
 
 
 def _separate_env(config: dict, provenance: dict[str, str]) -> list[str] | None:
@@ -123,22 +101,6 @@ def _well_formed_env_entry(entry) -> bool:
     return True
 
 
-def _write_agent_env(inputs: layers.LayerInputs, env: list[str] | None) -> None:
-    """The agent's environment for the Landlock launcher, in the read-only
-    rootfs (landlock.AGENT_ENV), readable by the agent's group only; none
-    without the launcher (a stale one would be readable by the agent then)."""
-    from tappass_host.ids import keyring_group
-
-    path = inputs.rootfs_dir / landlock.AGENT_ENV.lstrip("/")
-    if env is None:
-        path.unlink(missing_ok=True)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_runtime_file(path, landlock.encode_env(env), 0o440)
-    if (group := keyring_group(inputs.record)) is not None:
-        os.chown(path, -1, group)
-
-
 def _blame(violation: "invariants.InvariantViolation", provenance: dict[str, str]):
     """A violation in a list the template left empty (a capability set...) is the
     doing of the layer that put items there, though no layer set the list itself."""
@@ -166,23 +128,6 @@ def _blame(violation: "invariants.InvariantViolation", provenance: dict[str, str
 SCHEMA_CACHE_ENTRIES = 256
 
 
-def _schema_fingerprint(schema_dir: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256(str(Path(schema_dir).resolve()).encode())
-    try:
-        entries = sorted(Path(schema_dir).glob("*.json"))
-    except OSError:
-        entries = []
-    for entry in [*entries, Path(__file__).with_name("schema.py")]:
-        try:
-            st = entry.stat()
-        except OSError:
-            continue
-        digest.update(f"\0{entry.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}".encode())
-    return digest.hexdigest()
-
-
 class LayerSchemaError(TappassError):
     """The rendered config fails the OCI runtime-spec schema; names the layer."""
 
@@ -205,7 +150,8 @@ def _validate_schema(paths: HostPaths, config: dict, config_bytes: bytes, schema
 
     from tappass_host import __version__
 
-    key = hashlib.sha256(b"\0".join([__version__.encode(), _schema_fingerprint(schema_dir).encode(),
+    key = hashlib.sha256(b"\0".join([__version__.encode(),
+                                     bundle_cache.schema_fingerprint(schema_dir).encode(),
                                      config_bytes])).hexdigest()
     cache = paths.schema_ok
     if (cache / key).is_file():

@@ -64,7 +64,7 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
     from tappass_host import sandbox_record
     from tappass_host.audit import AuditLog
     from tappass_host.keyring.store import store_for
-    from tappass_host.oci import bundle as oci_bundle
+    from tappass_host.oci import bundle_cache
     from tappass_host.paths import is_rootless
     from tappass_host.runtime import monitor
 
@@ -102,16 +102,21 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
         try:
             if admitted:
                 _mount_image(sandbox, admitted)
-            host = _with_egress(paths, name, keyring, config,
-                                oci_bundle.host_capabilities(agent_ids, rootless, runtime.name))
-            inputs = oci_bundle.layer_inputs(paths, name, record, keyring, manifest, config, host)
-            built = oci_bundle.build(paths, inputs, rootless)
+            host = bundle_cache.host_facts(agent_ids, rootless, runtime.name,
+                                           _egress_proxy(paths, name, keyring, config, rootless))
+            key = bundle_cache.key(paths, name, record, keyring, manifest, config, host,
+                                   admitted.digest if admitted else None)
+            prepared = bundle_cache.reuse(paths, name, record, keyring, key)
+            reused = prepared is not None
+            if not reused:  # the full path: appliers, render, invariants, schema
+                prepared = _build(paths, name, record, keyring, manifest, config, host, rootless)
+                bundle_cache.keep(paths, key, prepared)
         except BaseException:
             _unmount_image(sandbox)
             detach_network(paths, name)
             workspace.release(sandbox)
             raise
-        warnings = built.rendered.warnings + workspace_warnings
+        warnings = prepared.warnings + workspace_warnings
         if runtime.has_state(cid):
             runtime.delete(cid)  # a stopped container of an earlier run
         digest = admitted.digest if admitted else None
@@ -127,9 +132,9 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
                  "started_at": clock.now_text("microseconds"), "policy_version": keyring["policy_version"],
                  "agent": str(manifest.directory), "restart_policy": manifest.restart,
                  "foreground": foreground_run,
-                 "restart_aspects": restart_aspects(keyring, built.rendered.restart),
+                 "restart_aspects": restart_aspects(keyring, prepared.restart),
                  "warnings": list(warnings),
-                 "degraded": bool(built.rendered.unavailable)}
+                 "degraded": bool(prepared.unavailable)}
         if admitted:  # tappass_host.sync.apply reads both after each flip
             state.update(image=admitted.digest, image_repository=admitted.repository,
                          on_image_revoked=config["on_image_revoked"])
@@ -142,7 +147,7 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
             else:
                 files = monitor_files(sandbox)
                 sandbox.logs.mkdir(parents=True, exist_ok=True)
-                pid = monitor.launch(runtime, conmon, cid, built.directory, files,
+                pid = monitor.launch(runtime, conmon, cid, sandbox.bundle, files,
                                      sandbox.agent_log, config["log_max_bytes"],
                                      exit_command(paths, name))
                 conmon_pid = int(files.conmon_pid.read_text().strip())
@@ -158,16 +163,16 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
     audit = AuditLog.for_host(paths)
     audit.append("sandbox.started", sandbox=name, details={
         "runtime": runtime.name, "policy_version": keyring["policy_version"],
-        "agent": manifest.name, "foreground": foreground_run,
+        "agent": manifest.name, "foreground": foreground_run, "config_reused": reused,
         **({"image": admitted.digest} if admitted else {})})
-    for layer, feature in built.rendered.unavailable:
+    for layer, feature in prepared.unavailable:
         audit.append("layer.unavailable", sandbox=name, details={"layer": layer, "feature": feature})
     for warning in warnings if warn else ():
         warn(warning)
     if not foreground_run:
         return Started(name, pid, runtime.name, keyring["policy_version"], warnings)
     try:
-        ended = foreground(runtime, cid, built.directory)
+        ended = foreground(runtime, cid, sandbox.bundle)
         code = ended.code
         write_exit(paths, name, code, oom=ended.oom, started_at=state["started_at"])
     finally:
@@ -226,18 +231,29 @@ def find_runtime(paths: HostPaths, config, name: str | None = None, binary: str 
     return OCIRuntime.find(name, paths.runtime, override)
 
 
-def _with_egress(paths: HostPaths, name: str, keyring: dict, config, host):
-    """Network mode proxy: the sandbox's namespace and proxy listener
-    (tappass_host.network), whose URL the network layer gives the agent. In
-    any mode, what crashed sandboxes left of theirs is removed first."""
-    from dataclasses import replace
+def _build(paths: HostPaths, name: str, record, keyring: dict, manifest, config, host: dict,
+           rootless: bool):
+    """The bundle rendered and checked (tappass_host.oci.bundle), installed;
+    its tappass_host.oci.bundle_cache.Prepared."""
+    from tappass_host import layers
+    from tappass_host.oci import bundle as oci_bundle
 
+    inputs = oci_bundle.layer_inputs(paths, name, record, keyring, manifest, config,
+                                     layers.Host(**host))
+    return oci_bundle.build(paths, inputs, rootless).prepared
+
+
+def _egress_proxy(paths: HostPaths, name: str, keyring: dict, config, rootless: bool) -> str:
+    """Network mode proxy: the sandbox's namespace and proxy listener
+    (tappass_host.network); the proxy's URL, which the network layer gives the
+    agent ("" in mode none). In any mode, what crashed sandboxes left of
+    theirs is removed first."""
     from tappass_host.network import control
 
-    if (keyring.get("network") or {}).get("mode") != "proxy" or host.rootless:
+    if (keyring.get("network") or {}).get("mode") != "proxy" or rootless:
         control.reap(paths, is_running)
-        return host
-    return replace(host, egress_proxy=control.attach(paths, name, config)["proxy_url"])
+        return ""
+    return control.attach(paths, name, config)["proxy_url"]
 
 
 def _undo_start(sandbox: SandboxPaths, runtime, cid: str) -> None:
