@@ -222,6 +222,12 @@ def stop_egress_proxy(host) -> None:
 
 
 def main() -> None:
+    import sys
+
+    if "--image" in sys.argv[1:]:  # issue 14: image start / bare run of its root (--runs, --runtime)
+        image_start = str(Path(__file__).with_name("image_start.py"))
+        os.execv(sys.executable, [sys.executable, image_start,
+                                  *(a for a in sys.argv[1:] if a != "--image")])
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=21)
     parser.add_argument("--cold-runs", type=int, default=3)
