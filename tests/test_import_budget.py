@@ -12,7 +12,10 @@ modules it had loaded when it exited are held to a budget:
   `status`, ...);
 - of tappass_host, none of the control-plane, daemon, devplane, egress
   proxy or keyring-verification modules, and no jsonschema-backed schema
-  check once its verdict is cached.
+  check once its verdict is cached;
+- a start that reuses the bundle an earlier start of the same inputs
+  prepared (tappass_host.oci.bundle_cache) imports nothing that renders or
+  checks a config: no layer, applier, render, invariant or schema module.
 """
 
 import json
@@ -21,6 +24,7 @@ import sys
 
 from tappass_host.runtime.start import exit_command
 
+from audit_records import read_audit
 from sandbox_fixture import (  # noqa: F401  (host and runtime are fixtures)
     _MODULES_AT_EXIT, PYTHON, host, runtime, unique_name, write_agent)
 
@@ -45,6 +49,9 @@ OURS_NEVER = ("tappass_host.daemon", "tappass_host.devplane", "tappass_host.iden
               "tappass_host.network.service", "tappass_host.keyring.verify",
               "tappass_host.keyring.envelope", "tappass_host.oci.schema",
               "tappass_host.image")
+# What renders and checks a config: never loaded by a start that reuses a prepared bundle.
+RENDERS = ("tappass_host.layers", "tappass_host.oci.bundle", "tappass_host.oci.render",
+           "tappass_host.oci.invariants", "tappass_host.oci.schema", "jsonschema")
 STDLIB = set(sys.stdlib_module_names)
 # What the interpreter loads before any command (site, a venv's .pth files): not the command's.
 AT_STARTUP = set(json.loads(subprocess.run(
@@ -82,15 +89,36 @@ def test_the_budget_catches_what_it_forbids():
         "httpx", "importlib.metadata", "jsonschema", "pyroute2", "tappass_host.oci.schema"]
 
 
+def renders(modules: set[str]) -> list[str]:
+    return sorted(m for m in modules if any(m == r or m.startswith(r + ".") for r in RENDERS))
+
+
 def test_start_foreground_stays_in_its_import_budget(host, runtime):
     name = host.enroll(unique_name("budget", runtime))
     agent = write_agent(host.root / "agent", ["/bin/true"])
     args = ("start", name, "--agent", str(agent), "--runtime", runtime, "--foreground", "--rm")
     host.started.append(name)
     assert "jsonschema" in host.modules_loaded(*args)  # the first start checks the schema
-    modules = host.modules_loaded(*args)               # then its verdict is cached
-    assert {"tappass_host.runtime.start", "tappass_host.audit"} <= modules  # it really ran
-    assert over_budget("start", modules) == []
+    reused = host.modules_loaded(*args)                # the second reuses what it prepared
+    assert {"tappass_host.runtime.start", "tappass_host.audit",
+            "tappass_host.oci.bundle_cache"} <= reused  # it really ran
+    assert over_budget("start", reused) == []
+    assert renders(reused) == []
+    host.configure("max_sandboxes = 7\n")  # another input, the same config.json
+    rendered = host.modules_loaded(*args)  # renders again, its schema verdict cached
+    assert "tappass_host.oci.invariants" in rendered
+    assert over_budget("start", rendered) == []
+    assert [e["details"]["config_reused"] for e in read_audit(
+        host.paths.audit_log, name, "sandbox.started")] == [False, True, False]
+
+
+def test_the_render_budget_catches_what_it_forbids():
+    assert renders({"tappass_host.oci.bundle_cache", "tappass_host.oci.rootfs",
+                    "tappass_host.landlock"}) == []
+    assert renders({"tappass_host.layers", "tappass_host.layers.kernel", "jsonschema.validators",
+                    "tappass_host.oci.bundle"}) == [
+        "jsonschema.validators", "tappass_host.layers", "tappass_host.layers.kernel",
+        "tappass_host.oci.bundle"]
 
 
 def test_status_logs_and_stop_stay_in_their_import_budget(host, runtime):
