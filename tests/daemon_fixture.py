@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+import patience
 from audit_records import read_audit
 from devplane_fixture import *  # noqa: F403
 from devplane_fixture import ENV, PYTHON, run_host, wait_for
@@ -65,7 +66,7 @@ class DaemonProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(10)
+                self.proc.wait(patience.seconds(10))
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

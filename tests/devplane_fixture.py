@@ -9,7 +9,8 @@ at a free port, SSE keepalive every 0.5 s, stopped after the test),
 `make_devplane(name, keepalive=, cert_ttl=)` for more of them, and
 `host_state` (an empty host state dir with an empty config file), plus
 `run_host(host, *args)` (the real `tappass-host` CLI in a subprocess),
-`new_host_state`, `wait_for` and `Devplane` itself.
+`new_host_state`, `wait_for` and `Devplane` itself. Every `timeout` here is in the
+reference machine's seconds, scaled by `patience`.
 """
 
 import base64
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+import patience
 from tappass_host.devplane import keyrings
 from tappass_host.devplane.state import DevplaneState
 from tappass_host.paths import HostPaths
@@ -69,7 +71,7 @@ class Devplane:
              "--cert-ttl", str(self.cert_ttl)],
             stdout=subprocess.PIPE, stderr=log, env=ENV, text=True)
         log.close()
-        timer = threading.Timer(timeout, self.proc.kill)
+        timer = threading.Timer(patience.seconds(timeout), self.proc.kill)
         timer.start()
         try:
             line = self.proc.stdout.readline()
@@ -86,7 +88,7 @@ class Devplane:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(10)
+                self.proc.wait(patience.seconds(10))
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -118,7 +120,7 @@ class Devplane:
     def cli(self, *args: str, check: bool = True, timeout: float = 30):
         result = subprocess.run([PYTHON, "-m", "tappass_host.devplane", *args,
                                  "--state", str(self.root)], capture_output=True, text=True,
-                                env=ENV, timeout=timeout)
+                                env=ENV, timeout=patience.seconds(timeout))
         if check and result.returncode != 0:
             raise AssertionError(f"tappass-devplane {args} failed: {result.stderr}")
         return result
@@ -151,7 +153,7 @@ def run_host(host: HostState, *args: str, input: str | None = None, timeout: flo
     return subprocess.run(
         [PYTHON, "-m", "tappass_host", "--state-dir", str(host.root),
          "--config", str(config or host.config), *args],
-        capture_output=True, text=True, input=input, env=ENV, timeout=timeout)
+        capture_output=True, text=True, input=input, env=ENV, timeout=patience.seconds(timeout))
 
 
 def _host_state(base: Path) -> HostState:
@@ -190,7 +192,7 @@ def devplane(make_devplane) -> Devplane:
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + patience.seconds(timeout)
     while time.monotonic() < deadline:
         value = predicate()
         if value:

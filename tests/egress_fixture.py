@@ -19,6 +19,7 @@ from pathlib import Path
 
 import trustme
 
+import patience
 from sandbox_fixture import Host, wait_for
 
 HTTPS_PORT = 8443
@@ -79,12 +80,12 @@ servers[0].serve_forever()
 
 # Run inside a sandbox (python3 -c): one request through the proxy the agent
 # was given (urllib reads HTTPS_PROXY/HTTP_PROXY); prints one line.
-CLIENT = textwrap.dedent(r'''
+CLIENT = textwrap.dedent(rf'''
     import ssl, sys, urllib.request, urllib.error
     url, cafile = sys.argv[1], sys.argv[2]
     context = ssl.create_default_context(cafile=cafile)
     try:
-        with urllib.request.urlopen(url, context=context, timeout=10) as r:
+        with urllib.request.urlopen(url, context=context, timeout={patience.seconds(10)}) as r:
             print("STATUS", r.status, len(r.read()))
     except urllib.error.HTTPError as e:
         print("STATUS", e.code, 0)
@@ -93,10 +94,10 @@ CLIENT = textwrap.dedent(r'''
 ''')
 
 # Run inside a sandbox: raw bytes to the proxy the agent was given; prints the answer's head.
-RAW = textwrap.dedent(r'''
+RAW = textwrap.dedent(rf'''
     import os, socket, sys, urllib.parse
     proxy = urllib.parse.urlsplit(os.environ["HTTP_PROXY"])
-    with socket.create_connection((proxy.hostname, proxy.port), timeout=10) as sock:
+    with socket.create_connection((proxy.hostname, proxy.port), timeout={patience.seconds(10)}) as sock:
         sock.sendall(bytes.fromhex(sys.argv[1]))
         answer = b""
         while chunk := sock.recv(65536):
@@ -105,10 +106,10 @@ RAW = textwrap.dedent(r'''
 ''')
 
 # Run inside a sandbox: a direct TCP connection, no proxy.
-DIRECT = textwrap.dedent(r'''
+DIRECT = textwrap.dedent(rf'''
     import socket, sys
     try:
-        socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close()
+        socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout={patience.seconds(3)}).close()
         print("CONNECTED")
     except OSError as e:
         print("ERROR", e.errno, e.strerror)
@@ -261,7 +262,8 @@ def link_names(host: Host) -> set[str]:
 def in_hub(host: Host, source: str, *args: str, timeout: float = 120) -> str:
     """Run python `source` in the egress hub: where the proxy listens."""
     result = subprocess.run(["ip", "netns", "exec", hub(host), sys.executable, "-c", source,
-                             *args], capture_output=True, text=True, timeout=timeout)
+                             *args], capture_output=True, text=True,
+                            timeout=patience.seconds(timeout))
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 

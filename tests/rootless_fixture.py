@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 
+import patience
 from audit_records import read_audit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,7 +106,8 @@ class User:
         """`argv` as this user, inside the user's namespace (or not)."""
         wrapper = [str(self.wrapper)] if namespace else []
         return subprocess.run(["runuser", "-u", self.name, "--", *wrapper, *argv],
-                              capture_output=True, text=True, timeout=timeout, env=self.env(),
+                              capture_output=True, text=True, timeout=patience.seconds(timeout),
+                              env=self.env(),
                               cwd=self.home, stdin=subprocess.DEVNULL)
 
     def tappass(self, *args: str, timeout: float = 60, namespace: bool = True
@@ -161,7 +163,8 @@ def _stage(root: Path) -> tuple[str, Path]:
     base = f"/usr/bin/python{version}"
     assert os.access(base, os.X_OK), f"{base} is missing: the rootless tests run it as the users"
     venv = root / "venv"
-    subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=patience.seconds(120))
     site_packages = venv / "lib" / f"python{version}" / "site-packages"
     for dist in _runtime_distributions():
         own = dist.metadata["Name"] == "tappass-host"
@@ -237,13 +240,13 @@ def create_user(root: Path, python: str, wrapper: Path, *, subids: bool) -> User
     with _accounts_lock():
         # -r: a system account, which useradd gives no subordinate ids
         subprocess.run(["useradd", "-r", "-M", "-d", "/nonexistent", "-s", "/usr/sbin/nologin",
-                        name], check=True, capture_output=True, timeout=30)
+                        name], check=True, capture_output=True, timeout=patience.seconds(30))
         _drop_subids(name)
         if subids:
             start = _next_subid_start()
             subprocess.run(["usermod", "--add-subuids", f"{start}-{start + 65535}",
                             "--add-subgids", f"{start}-{start + 65535}", name],
-                           check=True, capture_output=True, timeout=30)
+                           check=True, capture_output=True, timeout=patience.seconds(30))
     entry = pwd.getpwnam(name)
     home = root / name
     home.mkdir(mode=0o755)
@@ -261,7 +264,7 @@ def create_user(root: Path, python: str, wrapper: Path, *, subids: bool) -> User
 
 def remove_user(user: User) -> None:
     with _accounts_lock():
-        subprocess.run(["userdel", user.name], capture_output=True, timeout=30)
+        subprocess.run(["userdel", user.name], capture_output=True, timeout=patience.seconds(30))
         _drop_subids(user.name)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 import keyrings
+import patience
 from tappass_host import signing
 from tappass_host.paths import SANDBOX_NAME, HostPaths
 
@@ -67,6 +68,9 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
 
 
 def wait_for(predicate, timeout: float = 10, interval: float = 0.02, what: str = "condition"):
+    """The value of `predicate` once true; `timeout` (like every timeout here) is in the
+    reference machine's seconds, scaled by `patience`."""
+    timeout = patience.seconds(timeout)
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -140,8 +144,8 @@ class Host:
 
     def run(self, *args: str, timeout: float = 30, env: dict | None = None,
             stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
-        return subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout,
-                              env=env, stdin=stdin)
+        return subprocess.run(self.argv(*args), capture_output=True, text=True,
+                              timeout=patience.seconds(timeout), env=env, stdin=stdin)
 
     def popen(self, *args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
         return subprocess.Popen(self.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -152,7 +156,8 @@ class Host:
         argv = self.argv(*args)
         assert argv[1:3] == ["-m", "tappass_host"]
         result = subprocess.run([argv[0], "-c", _MODULES_AT_EXIT, *argv[3:]], capture_output=True,
-                                text=True, timeout=30, env=env, stdin=subprocess.DEVNULL)
+                                text=True, timeout=patience.seconds(30), env=env,
+                                stdin=subprocess.DEVNULL)
         assert result.returncode == 0, result.stderr[-2000:]
         line = next(line for line in result.stderr.splitlines() if line.startswith("MODULES "))
         return set(json.loads(line[len("MODULES "):]))
@@ -219,7 +224,7 @@ class Host:
     def container_state(self, runtime: str, name: str) -> dict | None:
         result = subprocess.run([shutil.which(runtime), "--root", str(self.runtime_root(runtime)),
                                  "state", f"tappass-{name}"], capture_output=True, text=True,
-                                timeout=10)
+                                timeout=patience.seconds(10))
         return json.loads(result.stdout) if result.returncode == 0 else None
 
     def containers(self, runtime: str) -> list[str]:
@@ -227,7 +232,7 @@ class Host:
         if not root.is_dir():
             return []
         result = subprocess.run([shutil.which(runtime), "--root", str(root), "list", "-q"],
-                                capture_output=True, text=True, timeout=10)
+                                capture_output=True, text=True, timeout=patience.seconds(10))
         return result.stdout.split()
 
     def make_machine_key(self) -> Path:
@@ -264,7 +269,7 @@ class Host:
             if self.runtime_root(runtime).is_dir() and shutil.which(runtime):
                 subprocess.run([shutil.which(runtime), "--root", str(self.runtime_root(runtime)),
                                 "delete", "--force", f"tappass-{name}"],
-                               capture_output=True, timeout=20)
+                               capture_output=True, timeout=patience.seconds(20))
         pid = state.get("conmon_pid")
         if pid and _is_ours(pid, self.root):
             try:

@@ -13,6 +13,7 @@ import subprocess
 import textwrap
 from pathlib import Path
 
+import patience
 from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
     host,
     one_line_error,
@@ -50,7 +51,7 @@ def plant(cwd: Path, name: str) -> Path:
 def start_in(host, cwd: Path, name: str, *args: str, env=None) -> subprocess.CompletedProcess:
     host.started.append(name)
     return subprocess.run(host.argv("start", name, *args), capture_output=True, text=True,
-                          timeout=30, cwd=cwd, env=env, stdin=subprocess.DEVNULL)
+                          timeout=patience.seconds(30), cwd=cwd, env=env, stdin=subprocess.DEVNULL)
 
 
 def recorded_agent(host, name: str) -> str | None:

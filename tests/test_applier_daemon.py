@@ -6,6 +6,7 @@ start and flips; the running agent reads the new file."""
 import json
 import subprocess
 
+import patience
 from applier_fixture import NOTE, NOTES_APPLIER, install_applier
 from daemon_fixture import *  # noqa: F403  (fixtures: devplane, host, daemons, name, runtime)
 from daemon_fixture import ENV, POLICY, PYTHON, SYNC_CONFIG, agent_log, enroll, publish, run_host
@@ -27,7 +28,7 @@ def test_the_daemon_flips_a_third_party_layers_file_to_the_running_agent(
         started = subprocess.run(
             [PYTHON, "-m", "tappass_host", "--state-dir", str(host.root), "--config",
              str(host.config), "start", name, "--agent", str(agent), "--runtime", runtime],
-            capture_output=True, text=True, timeout=60, env={**ENV, **site})
+            capture_output=True, text=True, timeout=patience.seconds(60), env={**ENV, **site})
         assert started.returncode == 0, started.stderr
         wait_for(lambda: "note v1" in agent_log(host, name), 15)
         daemon = daemons(host, env=site)

@@ -17,6 +17,7 @@ import subprocess
 
 import pytest
 
+import patience
 from applier_fixture import NOTE, NOTES_APPLIER, install_applier
 from audit_records import read_audit
 from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
@@ -70,7 +71,7 @@ def test_a_third_party_layers_file_reaches_the_agent_and_flips_with_the_keyring(
     agent = write_agent(tmp_path / "agent", [
         "/bin/sh", "-c", f"while :; do cat {NOTE} || echo unreadable; sleep 0.1; done"])
     result = subprocess.run(host.argv("start", name, "--agent", str(agent), "--runtime", runtime),
-                            capture_output=True, text=True, timeout=30, env=notes())
+                            capture_output=True, text=True, timeout=patience.seconds(30), env=notes())
     host.started.append(name)
     assert result.returncode == 0, result.stderr
     host.wait_log(name, "note v1")
@@ -100,7 +101,7 @@ def test_a_hostile_file_set_at_start_is_refused_naming_the_layer(host, notes, mo
     before = version_tree(keyring)
     result = subprocess.run(host.argv("start", name, "--agent", str(write_agent(
         host.root / "agent", ["/bin/true"])), "--runtime", "crun"),
-        capture_output=True, text=True, timeout=30, env=notes(mode))
+        capture_output=True, text=True, timeout=patience.seconds(30), env=notes(mode))
     host.started.append(name)
     error = one_line_error(result)
     assert "layer 'notes' files refused" in error, error
@@ -117,7 +118,7 @@ def test_a_hostile_file_set_on_a_flip_is_rejected_and_the_keyring_stays(
     agent = write_agent(tmp_path / "agent", ["/bin/true"])
     result = subprocess.run(host.argv("start", name, "--agent", str(agent), "--runtime", "crun",
                                       "--foreground"),
-                            capture_output=True, text=True, timeout=30, env=notes())
+                            capture_output=True, text=True, timeout=patience.seconds(30), env=notes())
     host.started.append(name)
     assert result.returncode == 0, result.stderr
     keyring = host.paths.sandbox(name).keyring

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import patience
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -334,7 +335,7 @@ def test_concurrent_appends_from_processes_keep_the_chain(paths):
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=120)
+        p.join(timeout=patience.seconds(120))
         assert p.exitcode == 0
 
     log = AuditLog.for_host(paths)
@@ -354,7 +355,7 @@ def test_concurrent_appends_from_processes_keep_the_chain(paths):
 def run_cli(paths: HostPaths, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "tappass_host", "--state-dir", str(paths.state), *args],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=patience.seconds(60),
     )
 
 

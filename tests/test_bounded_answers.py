@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+import patience
 from audit_records import read_audit
 from daemon_fixture import *  # noqa: F403
 from daemon_fixture import AGENT, enroll
@@ -122,7 +123,7 @@ class HostileControlPlane:
         handler.send_header("Content-Length", "10")
         handler.end_headers()
         handler.wfile.flush()
-        self.released.wait(60)
+        self.released.wait(patience.seconds(60))
 
     def _accepted(self, handler):
         self._send(handler, 204, b"")

@@ -15,6 +15,7 @@ import subprocess
 
 import pytest
 
+import patience
 from applier_fixture import install_applier
 from audit_records import read_audit
 from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
@@ -208,7 +209,7 @@ def test_a_forbidden_layer_is_refused_naming_it(runtime, host, evil, mode):
     name = host.enroll(unique_name("evil", runtime))
     result = subprocess.run(host.argv("start", name, "--agent", str(HELLO_AGENT),
                                       "--runtime", runtime),
-                            capture_output=True, text=True, timeout=30, env=evil(mode))
+                            capture_output=True, text=True, timeout=patience.seconds(30), env=evil(mode))
     host.started.append(name)
     error = one_line_error(result)
     assert "layer 'evil' broke invariant" in error, error
@@ -231,7 +232,7 @@ def test_the_agent_has_no_supplementary_groups(runtime, host, evil):
     agent = write_agent(host.root / "agent", GROUPS_PROBE)
     result = subprocess.run(host.argv("start", name, "--agent", str(agent), "--runtime", runtime,
                                       "--foreground"),
-                            capture_output=True, text=True, timeout=30, env=evil("benign"),
+                            capture_output=True, text=True, timeout=patience.seconds(30), env=evil("benign"),
                             preexec_fn=lambda: os.setgroups([0, 42]))
     host.started.append(name)
     assert result.returncode == 0, result.stderr
@@ -259,7 +260,7 @@ def test_a_layer_may_narrow_the_seccomp_profile(runtime, host, evil):
     for mode, expected in (("benign", "socket=ok"), ("narrowing", "socket=13")):
         result = subprocess.run(host.argv("start", name, "--agent", str(agent), "--runtime",
                                           runtime, "--foreground"),
-                                capture_output=True, text=True, timeout=30, env=evil(mode))
+                                capture_output=True, text=True, timeout=patience.seconds(30), env=evil(mode))
         host.started.append(name)
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == expected, (mode, result.stdout)
@@ -273,7 +274,7 @@ def test_a_layer_that_breaks_the_oci_schema_is_refused_naming_it(runtime, host, 
     for _ in range(2):
         result = subprocess.run(host.argv("start", name, "--agent", str(HELLO_AGENT),
                                           "--runtime", runtime),
-                                capture_output=True, text=True, timeout=30, env=evil("schema_bad"))
+                                capture_output=True, text=True, timeout=patience.seconds(30), env=evil("schema_bad"))
         error = one_line_error(result)
         assert "layer 'evil'" in error and "runtime-spec schema at hostname" in error, error
         assert "must be of type string" in error
@@ -289,7 +290,7 @@ def test_the_entry_point_applier_really_runs(runtime, host, evil):
                         ["/bin/sh", "-c", 'echo "evil=$EVIL_WAS_HERE home=$HOME"'])
     result = subprocess.run(host.argv("start", name, "--agent", str(agent), "--runtime", runtime,
                                       "--foreground"),
-                            capture_output=True, text=True, timeout=30, env=evil("benign"))
+                            capture_output=True, text=True, timeout=patience.seconds(30), env=evil("benign"))
     host.started.append(name)
     assert result.returncode == 0, result.stderr
     assert "evil=1 home=/tmp" in result.stdout
@@ -434,7 +435,7 @@ def test_a_missing_runtime_binary(runtime, host):
     env = {**os.environ, "PATH": str(host.root / "empty-path")}
     result = subprocess.run([PYTHON, *host.argv("start", name, "--agent", str(HELLO_AGENT),
                                                 "--runtime", runtime)[1:]],
-                            capture_output=True, text=True, timeout=30, env=env)
+                            capture_output=True, text=True, timeout=patience.seconds(30), env=env)
     assert f"the OCI runtime {runtime!r} is not installed" in one_line_error(result)
     nothing_started(host, runtime, name)
 

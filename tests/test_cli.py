@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 
+import patience
 from sandbox_fixture import (  # noqa: F401  (host and runtime are fixtures)
     host,
     one_line_error,
@@ -28,14 +29,14 @@ def test_common_options_work_after_the_subcommand(host, tmp_path):
     host.configure("")
 
     def after(*args):
-        return subprocess.run([*base, *args], capture_output=True, text=True, timeout=60,
+        return subprocess.run([*base, *args], capture_output=True, text=True, timeout=patience.seconds(60),
                               stdin=subprocess.DEVNULL)
 
     status = after("status", name, "--json", "--state-dir", state, "--config", config)
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["name"] == name
     before = subprocess.run(host.argv("--json", "status", name), capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=patience.seconds(60))
     assert json.loads(before.stdout) == json.loads(status.stdout)
 
     verify = after("audit", "verify", "--json", "--state-dir", state)
@@ -99,7 +100,7 @@ def test_a_state_dir_that_is_a_file_is_one_line(how, tmp_path):
     for args in (["status"], ["audit", "verify"], ["status", "x"], ["logs", "x"],
                  ["sync", "apply", "x", "-"]):
         result = subprocess.run([PYTHON, "-m", "tappass_host", "--state-dir", str(state),
-                                 *args], capture_output=True, text=True, timeout=60,
+                                 *args], capture_output=True, text=True, timeout=patience.seconds(60),
                                 stdin=subprocess.DEVNULL)
         line = one_line_error(result)
         assert "internal error" not in line and "is not a directory" in line, (args, line)
@@ -177,7 +178,7 @@ def test_a_full_state_filesystem_is_one_line(host, tmp_path):
         script = ENOSPC_SCRIPT + f'cp "$STATE/sandboxes/{name}/keyring/keyring.json" "{check}"\n'
         result = subprocess.run(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv],
-            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+            capture_output=True, text=True, timeout=patience.seconds(120), stdin=subprocess.DEVNULL,
             env={**os.environ, "STATE": str(state), "SEED": str(seed)})
         stderr, _, code = result.stderr.rpartition("exit=")
         assert int(code) != 0, result
@@ -221,7 +222,7 @@ def test_logs_escape_terminal_control_sequences_unless_raw(runtime, host, tmp_pa
     assert lines[2] == r"c1 \x9b31m del \x7f nul \x00 bad utf8 \xff\xfe"
     assert lines[3] == "kept:\ttab" and lines[4] == "DONE"
 
-    raw = subprocess.run(host.argv("logs", name, "--raw"), capture_output=True, timeout=60)
+    raw = subprocess.run(host.argv("logs", name, "--raw"), capture_output=True, timeout=patience.seconds(60))
     assert raw.returncode == 0, raw.stderr
     assert b"title \x1b]0;pwned\x07 clear \x1b[2J home \x1b[H\n" in raw.stdout
     assert b"c1 \xc2\x9b31m del \x7f nul \x00 bad utf8 \xff\xfe\n" in raw.stdout

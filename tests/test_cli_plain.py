@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 
+import patience
 from sandbox_fixture import host, runtime, unique_name, write_agent  # noqa: F401  (fixtures)
 
 # The same command line, once through main (the plain parser where it reads
@@ -50,7 +51,7 @@ def both(host, tmp_path, *args: str, normal=lambda text: text, setup=lambda: Non
             os.close(read)
         result = subprocess.run([argv[0], "-c", source, str(marker), *argv[3:]],
                                 stdout=write if reader_gone else subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, timeout=60,
+                                stderr=subprocess.PIPE, text=True, timeout=patience.seconds(60),
                                 stdin=subprocess.DEVNULL)
         os.close(write)
         if not reader_gone:
@@ -156,6 +157,6 @@ def test_an_interrupted_follow_ends_as_under_click(host, tmp_path):
                                   stdin=subprocess.DEVNULL)
         assert follow.stdout.readline() == "one\n"  # it is following
         follow.send_signal(signal.SIGINT)
-        out, err = follow.communicate(timeout=30)
+        out, err = follow.communicate(timeout=patience.seconds(30))
         ended.append((follow.returncode, out, err))
     assert ended[0] == ended[1] == (130, "", "\ntappass-host: aborted\n")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import patience
 from daemon_fixture import *  # noqa: F403
 from daemon_fixture import (POLICY, acks, agent_log, audit_events, enroll, keyring_version,
                             publish, publish_raw, running_with_v1, wait_agent_sees)
@@ -115,7 +116,7 @@ def test_the_daemon_rides_out_a_control_plane_outage(devplane, host, tmp_path, s
 
     devplane.stop()
     daemon.wait_line("retrying with backoff, keeping policy_version 1")
-    time.sleep(1.5)  # a few failed reconnects
+    time.sleep(patience.seconds(1.5))  # a few failed reconnects
     assert keyring_version(host, name) == 1
     status = json.loads(run_host(host, "--json", "status", name).stdout)
     assert status["state"] == "running" and status["pid"] == pid
@@ -198,13 +199,13 @@ def test_ready_is_sent_to_systemd_once_streams_are_open(devplane, host, tmp_path
     address = str(tmp_path / "notify.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(address)
-        sock.settimeout(15)
+        sock.settimeout(patience.seconds(15))
         daemon = daemons(host, env={"NOTIFY_SOCKET": address})
         assert sock.recv(256) == b"READY=1"
         assert f"{name}: stream open" in daemon.text()
         daemon.proc.send_signal(signal.SIGTERM)
         assert sock.recv(256) == b"STOPPING=1"
-    assert daemon.proc.wait(10) == 0
+    assert daemon.proc.wait(patience.seconds(10)) == 0
 
 
 # --- crash and resume, renewal --------------------------------------------------------------
@@ -235,7 +236,7 @@ def test_a_killed_daemon_resumes_from_the_current_version(devplane, host, tmp_pa
 
 
 def test_certificates_are_renewed_on_schedule(make_devplane, host, tmp_path, daemons, name):
-    devplane = make_devplane(cert_ttl=6)
+    devplane = make_devplane(cert_ttl=patience.seconds(6))  # renewed at about half of it
     enroll(devplane, host, name)
     cert = host.paths.sandbox(name).cert
     first = cert.read_bytes()

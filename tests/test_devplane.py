@@ -12,6 +12,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+import patience
 from devplane_fixture import *  # noqa: F403
 from devplane_fixture import claims_of, new_host_state
 from tappass_host import signing, strictjson
@@ -147,7 +148,7 @@ def test_concurrent_completes_exactly_one_wins(devplane, tmp_path):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
+        t.join(patience.seconds(30))
     for c in clients:
         c.close()
     assert sorted(statuses) == [200] + [410] * 9
@@ -275,7 +276,7 @@ class Stream:
     def next(self, timeout: float = 5.0):
         """('comment', text) or ('event', {field: value}); queue.Empty on timeout."""
         fields: dict = {}
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + patience.seconds(timeout)
         while True:
             line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
             if line is None:
@@ -291,9 +292,9 @@ class Stream:
             fields[name] = fields[name] + "\n" + value if name in fields else value
 
     def next_event(self, timeout: float = 5.0) -> dict:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + patience.seconds(timeout)
         while True:
-            kind, item = self.next(max(0.01, deadline - time.monotonic()))
+            kind, item = self.next(max(0.01, deadline - time.monotonic()) / patience.factor())
             if kind == "event":
                 return item
 
@@ -309,7 +310,7 @@ class Stream:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        self._reader.join(10)
+        self._reader.join(patience.seconds(10))
         self.response.close()
         self.client.close()
 

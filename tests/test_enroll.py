@@ -16,6 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+import patience
 from audit_records import read_audit
 from devplane_fixture import *  # noqa: F403
 from devplane_fixture import ENV, PYTHON, claims_of, new_host_state, run_host
@@ -219,7 +220,7 @@ def test_ten_concurrent_inits_with_one_token_one_wins(devplane, host_state):
          str(host_state.config), "init", f"racer{i}", "--enroll-url", url, "--trust-key",
          devplane.trust_key], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
         for i in range(10)]
-    results = [(p.wait(60), p.stdout.read(), p.stderr.read()) for p in procs]
+    results = [(p.wait(patience.seconds(60)), p.stdout.read(), p.stderr.read()) for p in procs]
     for p in procs:
         p.stdout.close()
         p.stderr.close()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import patience
 import escape_expectations as expect
 from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
     RUNTIMES,
@@ -244,13 +245,13 @@ def test_the_sandbox_cgroup_is_a_scope_in_tappass_slice_where_systemd_is_pid_1(r
 
     def unit(*properties: str) -> dict:
         shown = subprocess.run(["systemctl", "show", *(f"--property={p}" for p in properties),
-                                scope], capture_output=True, text=True, timeout=60)
+                                scope], capture_output=True, text=True, timeout=patience.seconds(60))
         return dict(line.split("=", 1) for line in shown.stdout.splitlines() if "=" in line)
 
     assert path == f"/tappass.slice/{scope}" or path.startswith(f"/tappass.slice/{scope}/"), path
     assert unit("ActiveState", "Slice") == {"ActiveState": "active", "Slice": "tappass.slice"}
     tree = subprocess.run(["systemd-cgls", "--no-pager", "--unit", "tappass.slice"],
-                          capture_output=True, text=True, timeout=60).stdout
+                          capture_output=True, text=True, timeout=patience.seconds(60)).stdout
     assert scope in tree, tree
     assert host.run("stop", name, "--timeout", "5").returncode == 0
     wait_for(lambda: unit("ActiveState")["ActiveState"] != "active", 120,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import patience
 from sandbox_fixture import (  # noqa: F401  (host is a fixture)
     RUNTIMES,
     host,
@@ -140,7 +141,7 @@ def test_a_reader_of_the_pair_never_sees_a_mismatch_during_flips(host, tmp_path)
             time.sleep(0.001)  # let the reader in between flips on a loaded machine
     finally:
         stop.touch()
-        out, _ = reader.communicate(timeout=30)
+        out, _ = reader.communicate(timeout=patience.seconds(30))
     result = json.loads(out)
     assert result["mismatched"] == [], result
     # It really raced the flips: it saw many versions, not one before and one after.

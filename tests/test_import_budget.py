@@ -24,6 +24,7 @@ import sys
 
 from tappass_host.runtime.start import exit_command
 
+import patience
 from audit_records import read_audit
 from sandbox_fixture import (  # noqa: F401  (host and runtime are fixtures)
     _MODULES_AT_EXIT, PYTHON, host, runtime, unique_name, write_agent)
@@ -142,7 +143,7 @@ def test_status_logs_and_stop_stay_in_their_import_budget(host, runtime):
         "--state-dir", str(host.state), "_exited", name]
     host.paths.sandbox(name).exit_record.unlink()
     result = subprocess.run([hook[0], "-c", _MODULES_AT_EXIT, *hook[3:]], capture_output=True,
-                            text=True, timeout=60, stdin=subprocess.DEVNULL)
+                            text=True, timeout=patience.seconds(60), stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
     assert host.exit_record(name)["code"] == 0  # it really recorded the exit
     line = next(line for line in result.stderr.splitlines() if line.startswith("MODULES "))

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+import patience
 from keyrings import policy, sign
 from tappass_host.audit import AuditLog
 from tappass_host.keyring.store import KeyringStore, expires_at, store_of
@@ -243,7 +244,7 @@ def test_reader_never_sees_a_torn_or_missing_keyring(paths, sandbox, signer):
     pid = _fork_applier(paths, signer, 2)
     path = keyring_dir(paths) / "keyring.json"
     versions = []
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + patience.seconds(60)
     try:
         # At least 10,000 reads, and on until 20 flips were seen (a loaded CI
         # machine may flip slowly), within a minute.

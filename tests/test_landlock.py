@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import patience
 from audit_records import read_audit
 from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
     HELLO_AGENT,
@@ -277,7 +278,7 @@ def payload_agent(directory: Path, env: dict[str, str]) -> Path:
         "run.sh": "python3 -I -S -c pass\necho AGENT-DONE\n"})
     library = directory / "payload.so"
     subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(library),
-                    str(PROBES / "env_payload.c")], check=True, capture_output=True, timeout=60)
+                    str(PROBES / "env_payload.c")], check=True, capture_output=True, timeout=patience.seconds(60))
     (directory / "gconv").mkdir()
     shutil.copy(library, directory / "gconv" / "PAYLOAD.so")
     (directory / "gconv" / "gconv-modules").write_text(
@@ -292,7 +293,7 @@ def payload_agent(directory: Path, env: dict[str, str]) -> Path:
     (directory / "locale").mkdir()
     # -c: the categories left out are only warnings
     subprocess.run(["localedef", "-c", "-f", str(charmap), "-i", str(source),
-                    str(directory / "locale" / "payload")], capture_output=True, timeout=60)
+                    str(directory / "locale" / "payload")], capture_output=True, timeout=patience.seconds(60))
     assert (directory / "locale" / "payload" / "LC_CTYPE").is_file()
     for path in [directory, *directory.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
@@ -348,13 +349,13 @@ def test_launcher_fails_closed(tmp_path):
             (launcher_env_file(tmp_path, b"=x\0"), ["rx=/"], "malformed")):
         argv = [landlock.PYTHON, "-I", "-S", str(LAUNCHER), "--env", str(env_file), *rules, "--",
                 "/bin/touch", str(marker)]
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=patience.seconds(10))
         assert result.returncode == 126 and message in result.stderr, result
         assert not marker.exists()
     for argv in (["--env", str(env), "rx=/usr", "--"], ["rx=/usr", "--", "/bin/true"],
                  ["--env", str(env)]):
         result = subprocess.run([landlock.PYTHON, "-I", "-S", str(LAUNCHER), *argv],
-                                capture_output=True, text=True, timeout=10)
+                                capture_output=True, text=True, timeout=patience.seconds(10))
         assert result.returncode == 126, result
         assert "no command" in result.stderr or "usage" in result.stderr
 
@@ -366,7 +367,7 @@ def test_launcher_runs_the_command_with_only_the_agents_environment(tmp_path):
     result = subprocess.run(
         [landlock.PYTHON, "-I", "-S", str(LAUNCHER), "--env", str(env), "rx=/usr", "rx=/lib",
          "rx=/lib64", "rx=/bin", "r=/etc", "--", "env"],
-        capture_output=True, text=True, timeout=10,
+        capture_output=True, text=True, timeout=patience.seconds(10),
         env={"PATH": "/usr/bin:/bin", "LAUNCHER_ONLY": "1", "LD_PRELOAD": ""})
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["PATH=/nowhere:/usr/bin", "AGENT=a=b c", "EMPTY="]

@@ -21,6 +21,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+import patience
 from audit_records import read_audit
 import keyrings
 from sandbox_fixture import (  # noqa: F401  (host is a fixture)
@@ -136,7 +137,7 @@ def test_an_oom_killed_agent_is_reported(runtime, host, tmp_path):
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     started = subprocess.run(host.argv("start", name, "--agent", str(agent), "--runtime", runtime),
-                             capture_output=True, text=True, timeout=30, cwd=elsewhere)
+                             capture_output=True, text=True, timeout=patience.seconds(30), cwd=elsewhere)
     host.started.append(name)
     assert started.returncode == 0, started.stderr
     status = host.wait_exited(name)
@@ -168,8 +169,8 @@ def test_an_oom_killed_foreground_agent_is_reported(runtime, host):
     try:
         assert "policy_version=1" in proc.stdout.readline()
         subprocess.run([shutil.which(runtime), "--root", str(host.runtime_root(runtime)), "kill",
-                        f"tappass-{name}", "KILL"], check=True, timeout=10)
-        assert proc.wait(timeout=10) == 137
+                        f"tappass-{name}", "KILL"], check=True, timeout=patience.seconds(10))
+        assert proc.wait(timeout=patience.seconds(10)) == 137
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -251,7 +252,7 @@ def test_sigterm_to_a_foreground_start_reaches_the_agent(runtime, host):
         assert proc.stdout.readline().startswith("hello from hello-agent: policy_version=1")
         assert host.status(name)["state"] == "running"
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0  # hello-agent exits 0 on SIGTERM
+        assert proc.wait(timeout=patience.seconds(10)) == 0  # hello-agent exits 0 on SIGTERM
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -270,7 +271,7 @@ def test_stop_stops_a_foreground_sandbox(runtime, host):
         stopped = host.run("stop", name, "--timeout", "5")
         assert stopped.returncode == 0, stopped.stderr
         assert stopped.stdout.strip() == f"{name}: stopped (exit code 0)"
-        assert proc.wait(timeout=10) == 0
+        assert proc.wait(timeout=patience.seconds(10)) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -309,7 +310,7 @@ def test_max_sandboxes_holds_under_concurrent_starts(runtime, host):
     """)
     host.started += names
     procs = [host.popen("start", n, "--agent", str(agent), "--runtime", runtime) for n in names]
-    results = [(p.wait(timeout=60), *p.communicate()) for p in procs]
+    results = [(p.wait(timeout=patience.seconds(60)), *p.communicate()) for p in procs]
     ok = [n for n, (code, _, _) in zip(names, results) if code == 0]
     refused = [err for code, _, err in results if code != 0]
     assert len(ok) == 2, results
@@ -388,14 +389,14 @@ def test_logs_follow_prints_new_lines(runtime, host, tmp_path):
                      daemon=True).start()
     try:
         # a bounded wait: a follow that misses a line fails here instead of hanging the suite
-        assert "policy_version=1" in printed.get(timeout=60)
+        assert "policy_version=1" in printed.get(timeout=patience.seconds(60))
         envelope = tmp_path / "v2.dsse.json"
         envelope.write_bytes(host.envelope(name, 2))
         assert host.run("sync", "apply", name, str(envelope)).returncode == 0
-        assert "policy changed: policy_version=2" in printed.get(timeout=60)
+        assert "policy changed: policy_version=2" in printed.get(timeout=patience.seconds(60))
     finally:
         follow.kill()
-        follow.wait(timeout=5)
+        follow.wait(timeout=patience.seconds(5))
 
 
 # --- fast paths ---------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import patience
 from audit_records import read_audit
 import egress_fixture as world
 from devplane_fixture import devplane, make_devplane  # noqa: F401 - fixtures
@@ -258,7 +259,7 @@ HEADS = """
 import os, socket, sys, urllib.parse
 proxy = urllib.parse.urlsplit(os.environ["HTTP_PROXY"])
 for data in sys.argv[1:]:
-    with socket.create_connection((proxy.hostname, proxy.port), timeout=10) as sock:
+    with socket.create_connection((proxy.hostname, proxy.port), timeout=patience.seconds(10)) as sock:
         sock.sendall(bytes.fromhex(data))
         answer = b""
         while chunk := sock.recv(65536):
@@ -374,7 +375,8 @@ def test_proxy_survives_abuse_without_leaking(net, upstream):
     before = len(os.listdir(f"/proc/{proxy}/fd"))
 
     def exchange(data: bytes, timeout: float = 5) -> tuple[bytes, float]:
-        line, elapsed = world.in_hub(net, EXCHANGE, *address, data.hex(), str(timeout)) \
+        line, elapsed = world.in_hub(net, EXCHANGE, *address, data.hex(),
+                                     str(patience.seconds(timeout))) \
             .rsplit(" ", 1)
         return eval(line), float(elapsed)  # noqa: S307 - the repr of bytes we printed
 
@@ -387,7 +389,7 @@ def test_proxy_survives_abuse_without_leaking(net, upstream):
                     + b"\r\n\r\n")[0].startswith(b"HTTP/1.1 431 ")
     # Slowloris: half a request head, then silence: dropped after header_timeout_s.
     reply, elapsed = exchange(b"CONNECT allowed.test:8443 HTTP/1.1\r\nHost: a", timeout=10)
-    assert reply.startswith(b"HTTP/1.1 408 ") and elapsed < 5
+    assert reply.startswith(b"HTTP/1.1 408 ") and elapsed < patience.seconds(5)
     # An IP literal is allowed only when listed; the proxy's own addresses never.
     assert exchange(f"CONNECT {link['host_address']}:22 HTTP/1.1\r\n\r\n".encode())[0] \
         .startswith(b"HTTP/1.1 403 ")
@@ -404,7 +406,8 @@ def test_proxy_survives_abuse_without_leaking(net, upstream):
     # 1,000 tunnels open at once, however long opening them takes here (the
     # script waits while they keep opening); then every descriptor is released,
     # waited for as long as their number keeps falling.
-    assert world.in_hub(net, TUNNELS, *address, "1000", "60", timeout=3600) == "1000"
+    assert world.in_hub(net, TUNNELS, *address, "1000", str(patience.seconds(60)),
+                        timeout=3600) == "1000"
 
     def descriptors() -> int:
         return len(os.listdir(f"/proc/{proxy}/fd"))
@@ -816,6 +819,6 @@ def test_control_socket_works_under_a_state_dir_deeper_than_af_unix_allows(tmp_p
     try:
         assert control._ask(paths, {"op": "ping"}) == {"ok": True}
     finally:
-        thread.join(5)
+        thread.join(patience.seconds(5))
         listener.close()
     assert oct(network.control_socket(paths).stat().st_mode & 0o777) == "0o600"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+import patience
 import oci_fixture
 from oci_fixture import AGENT_GID, AGENT_UID, invariant_args, layout, locked_down_config, write_bundle
 from tappass_host import shipped
@@ -961,7 +962,7 @@ def run_sandbox(runtime: str, runtime_root: Path, tmp_path: Path, config: dict, 
     container = f"tappass-test-{uuid.uuid4().hex[:12]}"
     command = [binary, "--root", str(runtime_root), "run", "--bundle", str(bundle), container]
     try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        return subprocess.run(command, capture_output=True, text=True, timeout=patience.seconds(120), stdin=subprocess.DEVNULL)
     finally:
         subprocess.run([binary, "--root", str(runtime_root), "delete", "--force", container], capture_output=True)
 
@@ -1082,7 +1083,7 @@ def _():
 @step("tcp_loopback")
 def _():
     server = socket.create_server(("127.0.0.1", 0))
-    client = socket.create_connection(server.getsockname(), timeout=5)
+    client = socket.create_connection(server.getsockname(), timeout=patience.seconds(5))
     conn, _ = server.accept()
     client.sendall(b"ping"); assert conn.recv(4) == b"ping"
     for s in (client, conn, server): s.close()

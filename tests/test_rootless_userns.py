@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+import patience
 from daemon_fixture import POLICY
 from devplane_fixture import devplane, make_devplane  # noqa: F401  (fixtures)
 from rootless_fixture import rootless_users, staged  # noqa: F401  (fixtures)
@@ -276,7 +277,7 @@ def test_concurrent_first_commands_make_one_pause_process(rootless_users):
                               env=user.env(), cwd=user.home, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE) for _ in range(4)]
     for proc in procs:
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=patience.seconds(120))
         assert proc.returncode == 0, err
     assert pause_processes(user) - before == {shell.pause()[0]}
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import patience
 from daemon_fixture import *  # noqa: F403
 from daemon_fixture import (AGENT, POLICY, SYNC_CONFIG, acks, agent_log, audit_events, enroll,
                             publish, publish_raw, wait_agent_sees)
@@ -113,7 +114,7 @@ def test_restart_policy_no_is_not_restarted(devplane, host, agents, sandboxes, d
     daemon = daemons(host)
 
     daemon.wait_line(f"{name}: exited (code 3); restart policy 'no': left stopped")
-    time.sleep(2)  # well past the backoff cap and a rescan
+    time.sleep(patience.seconds(2))  # well past the backoff cap and a rescan
     assert "restarted" not in daemon.text()
     assert status(host, name)["state"] == "exited"
     assert len(events_of(host, name, "sandbox.started")) == 1
@@ -152,7 +153,7 @@ def test_an_operator_stop_is_not_undone_but_a_crash_is(devplane, host, agents, s
 
     stopped = run_host(host, "stop", name, "--timeout", "2")
     assert stopped.returncode == 0, stopped.stderr
-    time.sleep(2)  # well past the backoff cap and a rescan
+    time.sleep(patience.seconds(2))  # well past the backoff cap and a rescan
     assert daemon.text().count(f"{name}: restarted") == 1
     assert status(host, name)["state"] == "exited"
     by = [e["details"].get("by") for e in events_of(host, name, "sandbox.stopped")]
@@ -174,7 +175,7 @@ def test_an_operator_stop_calls_off_a_pending_restart(devplane, host, agents, sa
     assert stopped.returncode != 0 and stopped.stderr.count("\n") == 1
     assert "it exited; the daemon will not restart it" in stopped.stderr
     daemon.wait_line(f"{name}: stopped by the operator; pending restart called off")
-    time.sleep(5)  # past the 4 s the restart was due in
+    time.sleep(patience.seconds(5))  # past the 4 s the restart was due in
     assert f"{name}: restarted" not in daemon.text()
     assert len(events_of(host, name, "sandbox.started")) == 1
     again = run_host(host, "stop", name)  # and a second stop is the plain error
@@ -194,7 +195,7 @@ def test_on_expiry_stop_stops_the_sandbox_until_a_fresh_keyring(devplane, host, 
     daemon.wait_line(f"{name}: keyring expired; stopping the sandbox", timeout=20)
     wait_for(lambda: status(host, name)["state"] == "exited")
     assert "stale" in status(host, name)["flags"]
-    time.sleep(2)  # supervision must not bring it back on an expired keyring
+    time.sleep(patience.seconds(2))  # supervision must not bring it back on an expired keyring
     assert status(host, name)["state"] == "exited"
     assert "restarted" not in daemon.text()
     expired = events_of(host, name, "keyring.expired")
@@ -217,14 +218,14 @@ def test_on_expiry_keep_keeps_it_running_stale_audited_once(devplane, host, sand
     daemon = daemons(host)
 
     daemon.wait_line(f"{name}: keyring policy_version 1 expired", timeout=20)
-    time.sleep(2.5)  # more ticks: still audited once
+    time.sleep(patience.seconds(2.5))  # more ticks: still audited once
     now = status(host, name)
     assert now["state"] == "running" and now["pid"] == pid and "stale" in now["flags"]
     assert len(events_of(host, name, "keyring.expired")) == 1
     assert daemon.terminate() == 0
     again = daemons(host)  # a restarted daemon does not audit the same expiry again
     again.wait_line(f"{name}: stream open")
-    time.sleep(1)
+    time.sleep(patience.seconds(1))
     assert len(events_of(host, name, "keyring.expired")) == 1
 
 
@@ -245,7 +246,7 @@ def test_restart_on_policy_change_restarts_for_filesystem_not_secrets(devplane, 
 
     v2 = publish(devplane, tmp_path, {**POLICY, "secrets": {"DEMO_TOKEN": "rotated"}}, name)
     wait_agent_sees(host, name, v2)
-    time.sleep(1)
+    time.sleep(patience.seconds(1))
     assert status(host, name)["pid"] == pid and "restarting" not in daemon.text()
 
     v3 = publish(devplane, tmp_path, FS_CHANGE, name)
@@ -271,7 +272,7 @@ def test_without_restart_on_policy_change_restart_pending_stays(devplane, host, 
 
     v2 = publish(devplane, tmp_path, FS_CHANGE, name)
     wait_agent_sees(host, name, v2)
-    time.sleep(2)
+    time.sleep(patience.seconds(2))
     now = status(host, name)
     assert now["pid"] == pid and "restart-pending" in now["flags"]
     assert "restarted" not in daemon.text()
@@ -300,7 +301,7 @@ def test_an_ack_lost_to_an_outage_is_sent_later(devplane, host, tmp_path, daemon
     daemon.wait_line(f"{name}: ack of policy_version 1 failed")
     devplane.stop()  # and then it is down altogether
     ack_log.rmdir()
-    time.sleep(1)
+    time.sleep(patience.seconds(1))
     devplane.restart()
 
     wait_for(lambda: any(a["policy_version"] == 1 and a["status"] == "applied"
@@ -318,6 +319,7 @@ def test_an_unsent_ack_survives_a_daemon_restart(devplane, host, tmp_path, daemo
     assert publish(devplane, tmp_path, POLICY, name) == 1
     daemon.wait_line(f"{name}: ack of policy_version 1 failed")
     kept = host.paths.sandbox(name).root / "unacked.json"
+    wait_for(kept.exists)  # sync.delivery logs "kept for a retry" just before it saves it
     assert json.loads(kept.read_text())["policy_version"] == 1
     daemon.proc.kill()  # -9: no chance to send it
     daemon.proc.wait()

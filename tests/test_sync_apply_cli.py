@@ -3,6 +3,7 @@
 import json
 import subprocess
 
+import patience
 from conftest import PYTHON
 from keyrings import policy, sign
 from tappass_host import signing
@@ -13,7 +14,7 @@ SECRET = "sk-test-SECRET-must-never-leak-4242"
 def host(paths, *args, stdin=None):
     return subprocess.run(
         [PYTHON, "-m", "tappass_host", "--state-dir", str(paths.state), *args],
-        capture_output=True, text=True, input=stdin, timeout=60,
+        capture_output=True, text=True, input=stdin, timeout=patience.seconds(60),
     )
 
 

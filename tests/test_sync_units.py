@@ -9,6 +9,7 @@ from tappass_host.daemon.worker import SandboxWorker, SyncSettings
 from tappass_host.controlplane.client import Event
 from tappass_host.controlplane.errors import Unreachable
 
+import patience
 import keyrings
 
 
@@ -61,9 +62,9 @@ def run_worker(paths, transport: FakeTransport) -> list[str]:
     worker = SandboxWorker(paths, "demo", SyncSettings(backoff_initial=0.01, backoff_max=0.02),
                            transport, lines.append)
     worker.start()
-    assert transport.done.wait(10)
+    assert transport.done.wait(patience.seconds(10))
     worker.stop()
-    worker.join(5)
+    worker.join(patience.seconds(5))
     return lines
 
 
@@ -211,7 +212,7 @@ def test_the_doorbell_wakes_the_daemon_even_under_a_deep_state_dir(tmp_path):
     try:
         ring(paths, "a")
         ring(paths, "b")
-        assert bell.wait(5) == {"a", "b"}
+        assert bell.wait(patience.seconds(5)) == {"a", "b"}
         assert bell.wait(0.01) == set()
         assert oct((paths.runtime / "daemon.sock").stat().st_mode & 0o777) == "0o600"
     finally:

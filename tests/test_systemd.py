@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+import patience
 from audit_records import read_audit
 import egress_fixture as world
 from devplane_fixture import ENV, PYTHON
@@ -41,14 +42,14 @@ EGRESS_UNIT = "tappass-host-egress.service"
 
 def tappass_host(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([PYTHON, "-m", "tappass_host", *args], capture_output=True, text=True,
-                          timeout=60, env={**ENV, **(env or {})}, **kwargs)
+                          timeout=patience.seconds(60), env={**ENV, **(env or {})}, **kwargs)
 
 
 def verify(*units: Path) -> subprocess.CompletedProcess:
     analyze = shutil.which("systemd-analyze")
     assert analyze, "systemd-analyze is missing (scripts/setup installs the systemd package)"
     return subprocess.run([analyze, "verify", "--man=no", "--generators=no", *map(str, units)],
-                          capture_output=True, text=True, timeout=60,
+                          capture_output=True, text=True, timeout=patience.seconds(60),
                           env={**ENV, "SYSTEMD_LOG_COLOR": "0"})
 
 
@@ -182,7 +183,7 @@ EXPOSURE = {"tappass-host-egress.service": 4.5, "tappass-host.service": 5.2,
 def security(unit: Path, threshold: float = 10.0) -> subprocess.CompletedProcess:
     return subprocess.run([shutil.which("systemd-analyze"), "security", "--offline=yes",
                            "--no-pager", f"--threshold={round(threshold * 10)}", str(unit)],
-                          capture_output=True, text=True, timeout=60,
+                          capture_output=True, text=True, timeout=patience.seconds(60),
                           env={**ENV, "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_COLORS": "0"})
 
 
@@ -279,7 +280,7 @@ def test_daemon_logs_without_timestamps_under_systemd_and_pings_the_watchdog(tmp
     state = tmp_path / "state"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(address)
-        sock.settimeout(15)
+        sock.settimeout(patience.seconds(15))
         proc = subprocess.Popen(
             [PYTHON, "-m", "tappass_host", "--state-dir", str(state), "daemon"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -291,7 +292,7 @@ def test_daemon_logs_without_timestamps_under_systemd_and_pings_the_watchdog(tmp
         finally:
             proc.terminate()
         assert sock.recv(64) == b"STOPPING=1"
-    _, err = proc.communicate(timeout=10)
+    _, err = proc.communicate(timeout=patience.seconds(10))
     assert proc.returncode == 0
     assert err.splitlines()[0] == "daemon: ready, 0 sandbox(es)", err
 
@@ -302,7 +303,7 @@ def test_daemon_logs_carry_timestamps_outside_systemd(tmp_path):
                             stderr=subprocess.PIPE, text=True, env=ENV)
     line = proc.stderr.readline()
     proc.terminate()
-    proc.communicate(timeout=10)
+    proc.communicate(timeout=patience.seconds(10))
     assert line.endswith("daemon: ready, 0 sandbox(es)\n") and line[:4].isdigit(), line
 
 
@@ -325,7 +326,7 @@ def test_the_instance_unit_command_starts_the_last_agent_in_the_foreground(host,
                 if line.startswith("ExecStart="))
     argv = [*exec_prefix(installed / "tappass-host@.service", PYTHON),
             *line.split("=", 1)[1].replace("%i", name).split()]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=patience.seconds(60),
                             env={**ENV, "TAPPASS_HOST_STATE_DIR": str(host.state)})
     assert result.returncode == 0, result.stderr
     assert "unit run" in first.stdout and "unit run" in result.stdout  # attached: its stdout
@@ -402,21 +403,21 @@ class EgressUnit:
 
     def stop(self) -> tuple[int, str]:
         self.proc.send_signal(signal.SIGTERM)
-        _, err = self.proc.communicate(timeout=20)
+        _, err = self.proc.communicate(timeout=patience.seconds(20))
         assert self.notify.recv(64) == b"STOPPING=1"
         return self.proc.returncode, err
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-            self.proc.communicate(timeout=10)
+            self.proc.communicate(timeout=patience.seconds(10))
 
 
 @pytest.fixture
 def notify(tmp_path):
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(tmp_path / "notify.sock"))
-        sock.settimeout(20)
+        sock.settimeout(patience.seconds(20))
         yield sock
 
 
@@ -484,7 +485,7 @@ def test_without_no_idle_exit_the_proxy_ends_when_idle(net, installed, notify):
     unit.argv.remove("--no-idle-exit")
     proc = unit.start()
     try:
-        assert proc.wait(timeout=10) == 0
+        assert proc.wait(timeout=patience.seconds(10)) == 0
         assert notify.recv(64) == b"STOPPING=1"
         assert hub_is_gone(net) and control_pid(net) is None
     finally:
@@ -567,7 +568,7 @@ def test_sandbox_units_and_a_shell_see_the_namespaces_the_egress_unit_binds(net,
                 _in_mounts_of(proc.pid, *_SANDBOX_UNIT_MOUNTS,
                               *net.argv("start", name, "--agent", str(agent),
                                         "--runtime", runtime)),
-                capture_output=True, text=True, timeout=60)
+                capture_output=True, text=True, timeout=patience.seconds(60))
             assert result.returncode == 0, result.stderr
             net.wait_log(name, "agent up")
             # Through the sandbox: its workspace is a filesystem mounted in the
@@ -581,7 +582,7 @@ def test_sandbox_units_and_a_shell_see_the_namespaces_the_egress_unit_binds(net,
         for name in names:  # from the host's shell
             stop = subprocess.run(_in_mounts_of(proc.pid, *net.argv("stop", name, "--timeout",
                                                                     "2")),
-                                  capture_output=True, text=True, timeout=60)
+                                  capture_output=True, text=True, timeout=patience.seconds(60))
             assert stop.returncode == 0, stop.stderr
             assert f"tappass-{name}" not in os.listdir(host_netns)
         code, err = unit.stop()
@@ -597,7 +598,7 @@ def test_egress_needs_root_in_one_line_and_creates_nothing(tmp_path, staged):
     result = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
                              python, "-m", "tappass_host", "--state-dir", str(state), "egress",
                              "--no-idle-exit"],
-                            capture_output=True, text=True, timeout=30, env=ENV, cwd="/")
+                            capture_output=True, text=True, timeout=patience.seconds(30), env=ENV, cwd="/")
     assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
     assert "the egress proxy needs root" in result.stderr
     assert not state.exists()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import patience
 from daemon_fixture import *  # noqa: F403
 from daemon_fixture import POLICY, SYNC_CONFIG, DaemonProcess, audit_events, enroll
 from devplane_fixture import ENV, PYTHON, wait_for
@@ -65,7 +66,7 @@ def test_the_confined_daemon_restarts_agents_and_updates_limits_live(devplane, h
         assert daemon.terminate() == 0, daemon.text()
     subprocess.run([PYTHON, "-m", "tappass_host", "--state-dir", str(host.root), "--config",
                     str(host.config), "stop", name, "--timeout", "2"], env=ENV,
-                   capture_output=True, timeout=60)
+                   capture_output=True, timeout=patience.seconds(60))
 
     def exits_recorded():
         events = audit_events(host)

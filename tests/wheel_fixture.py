@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import patience
 from devplane_fixture import ENV
 
 REPO = Path(__file__).resolve().parent.parent
@@ -22,7 +23,7 @@ def build_wheel(directory: Path) -> Path:
     # build isolation: the build backend pyproject.toml asks for, from the registry
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
                              "-w", str(directory / "dist"), str(source)],
-                            capture_output=True, text=True, timeout=300, env=ENV)
+                            capture_output=True, text=True, timeout=patience.seconds(300), env=ENV)
     assert result.returncode == 0, result.stderr[-2000:]
     (wheel,) = (directory / "dist").glob("tappass_host-*.whl")
     return wheel
@@ -44,7 +45,7 @@ def install(wheel: Path, venv: Path) -> Path:
     Path(site, "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
     result = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install",
                              "-q", "--no-deps", "--no-index", str(wheel)],
-                            capture_output=True, text=True, timeout=300, env=ENV)
+                            capture_output=True, text=True, timeout=patience.seconds(300), env=ENV)
     assert result.returncode == 0, result.stderr[-2000:]
     located = subprocess.run([python, "-c", "import tappass_host; print(tappass_host.__file__)"],
                              check=True, capture_output=True, text=True, cwd="/").stdout
