@@ -78,6 +78,25 @@ def test_a_plain_user_runs_an_agent_from_an_image_in_its_own_namespace(runtime, 
     shutil.rmtree(layout, ignore_errors=True)
 
 
+def test_a_user_without_subordinate_ids_runs_an_agent_from_an_image(rootless_users):
+    """The single-id fallback (crun only): the agent is the user itself."""
+    user = rootless_users["single"]
+    layout = user.home / unique_name("layout-single")
+    image = image_fixture.busybox_image(layout)
+    readable_by(user, layout)
+    agent = write_agent(user.agent_dir("image-single"), ["/bin/sh", "/opt/agent/run.sh"],
+                        files={"run.sh": SHOW})
+    name = user.enroll(unique_name("img-rl-one"), image={"allowed_digests": [image.digest]})
+    result = user.tappass("start", name, "--agent", str(agent), "--runtime", "crun",
+                          "--image", f"oci:{layout}", "--foreground", "--rm", namespace=False,
+                          timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert image_fixture.OS_RELEASE.decode().splitlines()[0] in result.stdout, result.stdout
+    assert "write=refused" in result.stdout and "SHOWN" in result.stdout, result.stdout
+    assert not (user.state / "run" / name / "image-overlay").exists()
+    shutil.rmtree(layout, ignore_errors=True)
+
+
 # --- escape probes, as the agent of a rootless image-based sandbox ----------------
 
 
