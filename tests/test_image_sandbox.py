@@ -262,14 +262,29 @@ def run_to_exit(host, runtime, image, tmp_path, script: str) -> str:
     return log
 
 
+PRELOADED = """\
+#include <unistd.h>
+__attribute__((constructor)) static void preloaded(void) { write(2, "PRELOADED\\n", 10); }
+"""
+
+
 def test_the_launcher_loads_nothing_an_images_ld_so_preload_names(runtime, host, tmp_path):
     """The host's loader, which starts the launcher in the image's root before
-    its ruleset, reads /etc/ld.so.preload there (it would print that it could
-    not preload this text file): the run's overlay masks it with an empty one."""
-    image = hostile_image(tmp_path / "image", image_fixture.File("etc/ld.so.preload",
-                                                                 b"/etc/os-release\n"))
+    its ruleset, loads what /etc/ld.so.preload there names: a library whose
+    constructor would run unconfined, and a text file it would say it could
+    not preload. The run's overlay masks the list with an empty one."""
+    import subprocess
+
+    (tmp_path / "preloaded.c").write_text(PRELOADED)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(tmp_path / "preloaded.so"),
+                    str(tmp_path / "preloaded.c")], check=True)
+    image = hostile_image(
+        tmp_path / "image", image_fixture.File("preloaded.so",
+                                               (tmp_path / "preloaded.so").read_bytes(), 0o755),
+        image_fixture.File("etc/ld.so.preload", b"/preloaded.so /etc/os-release\n"))
     log = run_to_exit(host, runtime, image, tmp_path,
                       "echo \"preload=[$(cat /etc/ld.so.preload)]\"; echo DONE\n")
+    assert "PRELOADED" not in log, log
     assert "ld.so.preload" not in log.replace("preload=[]", ""), log
     assert "preload=[]" in log and "DONE" in log, log
 
