@@ -262,6 +262,22 @@ def run_to_exit(host, runtime, image, tmp_path, script: str) -> str:
     return log
 
 
+def test_an_images_symlinked_run_never_leads_start_outside_the_root(host, tmp_path):
+    """start writes /run/tappass/agent.env and makes mount points under
+    /run/tappass in the run's root, on the host, as root: an image whose /run
+    is an absolute link (here to a host directory) is refused before anything
+    is written through it."""
+    target = tmp_path / "host-dir"
+    target.mkdir()
+    image = hostile_image(tmp_path / "image", image_fixture.Symlink("run", str(target)))
+    name = host.enroll(unique_name("img-runlink"), **pinning(image.digest))
+    agent = shell_agent(tmp_path / "agent", "echo RAN\n")
+    error = one_line_error(host.start(name, agent, "crun", "--image", f"oci:{image.layout}"))
+    assert "outside the sandbox's rootfs" in error, error
+    assert list(target.iterdir()) == []
+    assert not overlay_mounts(host)
+
+
 PRELOADED = """\
 #include <unistd.h>
 __attribute__((constructor)) static void preloaded(void) { write(2, "PRELOADED\\n", 10); }
