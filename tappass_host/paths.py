@@ -170,6 +170,11 @@ class SandboxPaths(NamedTuple):
         return self.root / "exit.json"
 
     @property
+    def run_intent(self) -> Path:
+        """A detached run's intent to run, kept across reboots (runtime.runintent)."""
+        return self.root / "run-intent.json"
+
+    @property
     def run_state(self) -> Path:
         return self.runtime / "state.json"
 

@@ -15,6 +15,11 @@ need a restart (DESIGN §6, §9).
   restart-only aspect (`restart-pending` in status) is restarted.
 - A running sandbox's workspace stays reserved on the state filesystem
   (tappass_host/workspace.py), even after a host-wide fstrim.
+- A run whose runtime state is gone (a reboot emptied /run; runtime/runintent.py)
+  is started again when its restart policy restarts a failed run (`always`,
+  `on-failure`: a reboot is no clean exit), audited as `sandbox.restarted`
+  (reason `reboot` or `run_state_lost`); with `no` it stays down, audited as
+  `sandbox.left_stopped`. An operator's stop removes the intent first.
 
 The daemon learns of exits through its doorbell (runtime/doorbell.py).
 """
@@ -30,7 +35,7 @@ from tappass_host.audit import AuditLog
 from tappass_host.errors import TappassError
 from tappass_host.keyring.store import expires_at, store_of
 from tappass_host.paths import HostPaths
-from tappass_host.runtime import runstate
+from tappass_host.runtime import runintent, runstate
 from tappass_host.runtime.runstate import runtime_of
 from tappass_host.runtime.start import start
 from tappass_host.runtime.status import status
@@ -134,6 +139,10 @@ class Supervisor:
         sandbox = self.paths.sandbox(name)
         keyring = store_of(sandbox).read_current()
         expired = self._watch_expiry(name, keyring)
+        lost = runintent.lost(sandbox)
+        if lost is not None:
+            self._recover(name, lost)
+            return
         state = runstate.read_json(runstate.state_file(sandbox))
         if not state or state.get("foreground"):
             return  # never started, or supervised by its own unit (tappass-host@.service)
@@ -205,6 +214,32 @@ class Supervisor:
         self._due[name] = (self.clock() + delay, policy)
         self.log(f"{name}: exited (code {record.get('code')}); restart policy {policy!r}: "
                  f"restarting in {delay:.1f} s")
+
+    def _recover(self, name: str, lost: runintent.LostRun) -> None:
+        """A run the host should have running lost its runtime state (runtime.runintent)."""
+        if name in self._due:  # its restart failed: retried after the backoff
+            when, why = self._due[name]
+            if self.clock() >= when:
+                del self._due[name]
+                self._restart(name, lost.intent, why)
+            return
+        sandbox = self.paths.sandbox(name)
+        if lost.reason == "reboot":  # a state.json of another boot names dead processes
+            runstate.state_file(sandbox).unlink(missing_ok=True)
+        policy = lost.intent.get("restart_policy", "no")
+        ended = lost.exit or {"code": None}  # ended by the reboot: no clean exit
+        since = lost.intent.get("started_at")
+        if wants_restart(policy, ended):
+            self.log(f"{name}: its run of {since} was lost ({lost.reason}); restart policy "
+                     f"{policy!r}: starting it again")
+            self._restart(name, lost.intent, lost.reason)
+            return
+        if lost.exit is None:  # it was running: say it stays down
+            AuditLog.for_host(self.paths).append("sandbox.left_stopped", sandbox=name, details={
+                "reason": lost.reason, "restart_policy": policy, "previous_start": since})
+            self.log(f"{name}: its run of {since} was lost ({lost.reason}); restart policy "
+                     f"{policy!r}: left stopped")
+        runintent.clear(sandbox)
 
     def _hook_overdue(self, name: str) -> bool:
         first = self._hook_late.setdefault(name, self.clock())

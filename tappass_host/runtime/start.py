@@ -13,7 +13,7 @@ from pathlib import Path
 from tappass_host import clock
 from tappass_host.paths import HostPaths, SandboxPaths
 from tappass_host.processes import process_alive
-from tappass_host.runtime import container_id
+from tappass_host.runtime import container_id, runintent
 from tappass_host.runtime.runstate import (
     LifecycleError, ensure_known, host_lock, is_running, monitor_files, restart_aspects,
     running_names, state_file, write_exit, write_state)
@@ -160,6 +160,13 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
             if not had_log:
                 sandbox.agent_log.unlink(missing_ok=True)  # conmon's, for nothing
             raise
+    try:
+        if foreground_run:  # its unit, not the daemon, brings it back
+            runintent.clear(sandbox)
+        else:
+            runintent.record(sandbox, state)
+    except OSError as exc:  # it runs all the same
+        warnings = [*warnings, f"not brought back after a reboot: {exc.strerror or exc}"]
     audit = AuditLog.for_host(paths)
     audit.append("sandbox.started", sandbox=name, details={
         "runtime": runtime.name, "policy_version": keyring["policy_version"],

@@ -5,7 +5,7 @@ from tappass_host import clock
 from tappass_host.errors import TappassError, describe
 from tappass_host.paths import HostPaths
 from tappass_host.processes import process_alive, wait_until
-from tappass_host.runtime import container_id
+from tappass_host.runtime import container_id, runintent
 from tappass_host.runtime.runstate import (
     LifecycleError, exit_details, host_lock, is_running, monitor_files, read_json,
     record_exit_from_monitor, state_file, write_state)
@@ -27,6 +27,8 @@ def stop(paths: HostPaths, name: str, runtime, timeout: float = 10,
     if not state or not is_running(sandbox):
         raise not_running(paths, name)
     write_state(sandbox, {**state, "stopped_by": intent})
+    if intent == "operator":  # and not brought back after a reboot either
+        runintent.clear(sandbox)
     cid = container_id(name)
     runtime.kill(cid, "SIGTERM")
     if not wait_until(lambda: not process_alive(state["pid"]), timeout):
@@ -66,6 +68,7 @@ def not_running(paths: HostPaths, name: str) -> LifecycleError:
     on its own is marked as stopped by the operator all the same: a restart
     the daemon has pending for it is called off."""
     sandbox = paths.sandbox(name)
+    runintent.clear(sandbox)  # its run state lost in a reboot, say: the daemon leaves it down
     state = read_json(state_file(sandbox))
     if state and not state.get("foreground") and not state.get("stopped_by"):
         write_state(sandbox, {**state, "stopped_by": "operator"})
