@@ -7,8 +7,10 @@ runs it (runtime.start.exit_command, on the exit stop just recorded) and
 `start NAME --foreground --rm` of /bin/true (the CLI's process only: not the
 runtime's, conmon's or the sandbox's; valgrind does not know the Landlock
 system calls, so the host's config says kernel_layer = "best-effort" and the
-start under valgrind runs without Landlock, its schema verdict cached by a
-first one). Instruction counts do not depend on
+start under valgrind runs without Landlock): `start_foreground_rm` reuses the
+bundle a first start of the same inputs prepared (tappass_host.oci.bundle_cache),
+`start_foreground_rm_rendered` renders and checks it again (that cache
+emptied; the schema check's verdict still cached). Instruction counts do not depend on
 the machine's load, unlike wall time (bench/cli_latency.py,
 bench/start_latency.py).
 
@@ -20,6 +22,7 @@ same state. Prints one JSON object, millions of instructions. Usage:
 import argparse
 import json
 import re
+import shutil
 import subprocess
 
 from _installed import installed_cli
@@ -51,7 +54,7 @@ def count(cli, host, runtime: str) -> dict:
     host.wait_exited(ran)
     start = host.argv("start", fore, "--agent", str(true), "--runtime", runtime,
                       "--foreground", "--rm")
-    instructions(start)  # the schema check's verdict is cached from here on
+    instructions(start)  # the bundle and the schema check's verdict are cached from here on
     figures = {
         "python_c_pass": instructions([cli.python, "-c", "pass"]),
         "status": instructions(host.argv("status")),
@@ -59,6 +62,8 @@ def count(cli, host, runtime: str) -> dict:
         "logs_tail_1": instructions(host.argv("logs", ran, "--tail", "1")),
         "start_foreground_rm": instructions(start),
     }
+    shutil.rmtree(host.paths.bundle_cache, ignore_errors=True)
+    figures["start_foreground_rm_rendered"] = instructions(start)
     assert host.start(stoppable, waiting, runtime).returncode == 0
     host.started.append(stoppable)
     host.wait_log(stoppable, "ready")
