@@ -137,13 +137,14 @@ def logs(host, name, follow, tail, raw):
             time.sleep(0.2)
 
 
-# C0 but tab, DEL, C1, and the bytes that are not UTF-8 (decoded as surrogates)
-_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\udc80-\udcff]")
+# C0 but tab, DEL, C1, and the bytes that are not UTF-8 (decoded as surrogates);
+# compiled by `re` on first use (its cache), not by every start and stop
+_CONTROLS = "[\x00-\x08\x0b-\x1f\x7f-\x9f\udc80-\udcff]"
 
 
 def printable(text: str) -> str:
     """`text` with every terminal control character shown as \\xNN."""
-    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()) & 0xff:02x}", text)
+    return re.sub(_CONTROLS, lambda m: f"\\x{ord(m.group()) & 0xff:02x}", text)
 
 
 def _show_line(host, line: str, raw: bool) -> None:

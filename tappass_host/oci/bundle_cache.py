@@ -13,8 +13,9 @@ Reused only when nothing the full path read has changed:
   reads of the package: the package is hostile input, and the manifest is
   every byte of it that reaches the config), the whole config and its file's
   path, the host facts the layers read (`host_facts`, the systemd cgroup
-  driver, an image root's launcher), the sandbox's paths, the package's own
-  files and the OCI schema's files (fingerprints: name, size, mtime, inode),
+  driver, an image root's launcher), the sandbox's paths, the package's code
+  (a wheel install's RECORD, else every file of the package) and the OCI
+  schema's files (fingerprints: name, size, mtime, inode),
   the Python version;
 - the host paths the layers and the invariants looked at (`fact_paths`: every
   bind source, the state, keyring and workspace directories, the host's /lib*
@@ -128,9 +129,17 @@ def schema_fingerprint(schema_dir: str) -> str:
                        str(Path(schema_dir).resolve()))
 
 
+def _code_files() -> list[str]:
+    """What tells this package's code apart from another's: a wheel install's
+    RECORD beside it (pip writes it anew, with every file's hash, on each
+    install); in a source checkout, every file."""
+    record = PACKAGE.parent / f"tappass_host-{__version__}.dist-info" / "RECORD"
+    return [str(record)] if record.is_file() else _package_files()
+
+
 def _package_files() -> list[str]:
-    """Every file of the installed package but bytecode (data/ followed: in a
-    checkout it holds links to the shipped templates and profiles)."""
+    """Every file of the package but bytecode (data/ followed: in a checkout it
+    holds links to the shipped templates and profiles)."""
     found = []
     for directory, subdirs, names in os.walk(PACKAGE, followlinks=True):
         subdirs[:] = sorted(d for d in subdirs if d != "__pycache__")
@@ -153,7 +162,7 @@ def key(paths: HostPaths, name: str, record, keyring: dict, manifest, config,
         doc.pop(field, None)
     inputs = {
         "format": FORMAT,
-        "tappass_host": [__version__, str(PACKAGE), fingerprint(_package_files())],
+        "tappass_host": [__version__, str(PACKAGE), fingerprint(_code_files())],
         "python": sys.hexversion,
         "name": name,
         "paths": [str(paths.state), str(paths.runtime), str(sandbox.root), str(sandbox.runtime)],
