@@ -59,6 +59,7 @@ BUILTIN_APPLIERS = frozenset(("identity", "filesystem", "keyring", "kernel", "ne
 # As tappass_host.oci.invariants.HOST_NETNS (tests/test_start_cache.py holds them equal).
 HOST_NETNS = ("/proc/1/ns/net", "/proc/self/ns/net", "/proc/thread-self/ns/net")
 PACKAGE = Path(__file__).resolve().parent.parent
+WHEEL_RECORD = "tappass_host-{version}.dist-info/RECORD"  # the install's metadata, beside PACKAGE
 # The record's fields `start` writes itself, after the bundle: the key holds them as
 # this start's (the manifest's directory, the runtime, the image).
 RECORD_WRITTEN_BY_START = ("agent", "runtime", "image")
@@ -133,7 +134,7 @@ def _code_files() -> list[str]:
     """What tells this package's code apart from another's: a wheel install's
     RECORD beside it (pip writes it anew, with every file's hash, on each
     install); in a source checkout, every file."""
-    record = PACKAGE.parent / f"tappass_host-{__version__}.dist-info" / "RECORD"
+    record = PACKAGE.parent / WHEEL_RECORD.format(version=__version__)
     return [str(record)] if record.is_file() else _package_files()
 
 
