@@ -4,7 +4,8 @@
 The main thread rescans the state directory for sandboxes enrolled or
 removed, renews certificates when due (renewal.py), supervises the sandboxes
 (supervision.py: restarts, expiry, restarts on a policy change) and pings
-systemd (notify.py). The main thread sleeps on the supervision doorbell,
+systemd (notify.py: its watchdog pings come from a thread of their own while the main
+loop makes progress, sandbox by sandbox). The main thread sleeps on the supervision doorbell,
 which an agent's exit hook, a flip and a stop signal ring; its timeout is the
 rescan interval or whatever is due sooner. An idle daemon sleeps.
 """
@@ -14,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from tappass_host.controlplane.client import ControlPlaneClient, SyncTransport
-from tappass_host.daemon.notify import sd_notify, watchdog_interval
+from tappass_host.daemon.notify import Watchdog, sd_notify, watchdog_interval
 from tappass_host.daemon.renewal import RenewalSchedule
 from tappass_host.daemon.worker import Log, SandboxWorker, SyncSettings
 from tappass_host.errors import describe, TappassError
@@ -53,17 +54,27 @@ class Daemon:
         self._wait_settled()
         sd_notify("READY=1")
         self.log(f"daemon: ready, {len(self.workers)} sandbox(es)")
-        watchdog = watchdog_interval()
-        tick = min(self.settings.rescan_interval, watchdog or self.settings.rescan_interval)
-        while not self.stopping.is_set():
-            self._rescan()
-            self._reap_network()
-            self._guarded("renewing certificates", lambda: self.renewals.tick(sorted(self.workers)))
-            if self.supervisor is not None:
-                self._guarded("supervision", lambda: self.supervisor.tick(sorted(self.workers)))
+        interval = watchdog_interval()
+        watchdog = Watchdog(interval) if interval else None
+        beat = watchdog.beat if watchdog else lambda: None
+        if watchdog:
+            watchdog.start()
+        tick = min(self.settings.rescan_interval, interval or self.settings.rescan_interval)
+        try:
+            while not self.stopping.is_set():
+                beat()
+                self._rescan()
+                self._reap_network()
+                beat()
+                self._guarded("renewing certificates",
+                              lambda: self.renewals.tick(sorted(self.workers), progress=beat))
+                if self.supervisor is not None:
+                    self._guarded("supervision",
+                                  lambda: self.supervisor.tick(sorted(self.workers), progress=beat))
+                self.doorbell.wait(self._sleep_for(tick))
+        finally:
             if watchdog:
-                sd_notify("WATCHDOG=1")
-            self.doorbell.wait(self._sleep_for(tick))
+                watchdog.stop()
         self._shutdown()
 
     def _guarded(self, what: str, step: Callable[[], None]) -> None:

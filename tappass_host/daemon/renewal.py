@@ -39,10 +39,11 @@ class RenewalSchedule:
             return None
         return max(0.0, min(self._due.values()) - self.clock())
 
-    def tick(self, names: list[str]) -> None:
-        """Renew every certificate among `names` that is due."""
+    def tick(self, names: list[str], progress: Callable[[], None] = lambda: None) -> None:
+        """Renew every certificate among `names` that is due; `progress()` after each."""
         now = self.clock()
         for name in names:
+            progress()
             if name not in self._due:
                 self._due[name] = now + self._delay(name)
             if self._due[name] > now:

@@ -123,8 +123,9 @@ class Supervisor:
                       self._expiries, self._complaint):
             table.pop(name, None)
 
-    def tick(self, names: list[str]) -> None:
+    def tick(self, names: list[str], progress: Callable[[], None] = lambda: None) -> None:
         for name in names:
+            progress()  # a restart may take long; the daemon's watchdog sees it move on
             try:
                 self._check(name)
             except TappassError as exc:
