@@ -196,12 +196,15 @@ asyncio.run(main())
 """
 
 
+# Scripts run in sandboxes scale their deadlines by PATIENCE (tests/patience.py).
+IN_SANDBOX = f"PATIENCE = {patience.factor()}\n"
+
 # Run inside a sandbox: CONNECT to argv[1]:argv[2], then a TLS handshake asking
 # for server name argv[3] (any certificate accepted: the proxy is on trial).
-FRONTED = """
+FRONTED = IN_SANDBOX + """
 import os, socket, ssl, sys, urllib.parse
 proxy = urllib.parse.urlsplit(os.environ["HTTPS_PROXY"])
-sock = socket.create_connection((proxy.hostname, proxy.port), timeout=10)
+sock = socket.create_connection((proxy.hostname, proxy.port), timeout=10 * PATIENCE)
 sock.sendall(f"CONNECT {sys.argv[1]}:{sys.argv[2]} HTTP/1.1\\r\\n\\r\\n".encode())
 head = b""
 while not head.endswith(b"\\r\\n\\r\\n"):
@@ -219,10 +222,10 @@ except OSError as e:
 
 # Run inside a sandbox: several requests on one client connection to the
 # proxy (http.client reuses it unless the answer says `Connection: close`).
-PERSISTENT = """
+PERSISTENT = IN_SANDBOX + """
 import http.client, os, sys, urllib.parse
 proxy = urllib.parse.urlsplit(os.environ["HTTP_PROXY"])
-conn = http.client.HTTPConnection(proxy.hostname, proxy.port, timeout=10)
+conn = http.client.HTTPConnection(proxy.hostname, proxy.port, timeout=10 * PATIENCE)
 answers = []
 try:
     for url in sys.argv[1:]:
@@ -255,11 +258,11 @@ def test_tls_inside_a_tunnel_must_ask_for_an_allowed_name(net, upstream):
 
 # Run inside a sandbox: each argument (hex) sent on a connection of its own
 # to the proxy; prints the first line of each answer.
-HEADS = """
+HEADS = IN_SANDBOX + """
 import os, socket, sys, urllib.parse
 proxy = urllib.parse.urlsplit(os.environ["HTTP_PROXY"])
 for data in sys.argv[1:]:
-    with socket.create_connection((proxy.hostname, proxy.port), timeout=patience.seconds(10)) as sock:
+    with socket.create_connection((proxy.hostname, proxy.port), timeout=10 * PATIENCE) as sock:
         sock.sendall(bytes.fromhex(data))
         answer = b""
         while chunk := sock.recv(65536):
@@ -309,9 +312,10 @@ def test_one_exchange_per_connection_said_and_smuggled_heads_refused(net, upstre
 
 # Run inside a sandbox: curl with these arguments (it reads https_proxy);
 # prints its exit status and what it wrote.
-CURL = """
+CURL = IN_SANDBOX + """
 import subprocess, sys
-result = subprocess.run(["curl", *sys.argv[1:]], capture_output=True, text=True, timeout=30)
+result = subprocess.run(["curl", *sys.argv[1:]], capture_output=True, text=True,
+                        timeout=30 * PATIENCE)
 print(result.returncode, (result.stdout + result.stderr).strip())
 """
 

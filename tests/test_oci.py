@@ -1052,7 +1052,8 @@ def test_escape_probe_notices_a_sandbox_without_seccomp_and_no_new_privs(runtime
             "perf_event_open", "userfaultfd", "name_to_handle_at", "process_vm_readv", "personality"} <= getting_through
 
 
-PYTHON_WORKLOAD = r'''
+# PATIENCE: tests/patience.py's factor, for the workload's own deadline
+PYTHON_WORKLOAD = f"PATIENCE = {patience.factor()}\n" + r'''
 import asyncio, json, multiprocessing, os, socket, subprocess, sys, threading, ctypes, mmap, hashlib, tempfile
 done = {}
 
@@ -1083,7 +1084,7 @@ def _():
 @step("tcp_loopback")
 def _():
     server = socket.create_server(("127.0.0.1", 0))
-    client = socket.create_connection(server.getsockname(), timeout=patience.seconds(5))
+    client = socket.create_connection(server.getsockname(), timeout=5 * PATIENCE)
     conn, _ = server.accept()
     client.sendall(b"ping"); assert conn.recv(4) == b"ping"
     for s in (client, conn, server): s.close()
