@@ -259,6 +259,7 @@ def test_one_daemon_keeps_eight_running_sandboxes_at_their_latest(devplane, host
     names = [f"{name}-{i}" for i in range(8)]
 
     def wait_progressing(done, progress, what: str, stall_s: float = 120.0) -> None:
+        stall_s = patience.seconds(stall_s)
         seen, since = progress(), time.monotonic()
         while not done():
             assert daemon.proc.poll() is None, f"the daemon exited:\n{daemon.text()}"
