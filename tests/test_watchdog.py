@@ -6,10 +6,8 @@ over and over while the control plane is slow, or while it restarts sandboxes af
 """
 
 import socket
-import ssl
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import patience
@@ -17,60 +15,30 @@ from daemon_fixture import *  # noqa: F403
 from daemon_fixture import SYNC_CONFIG, enroll
 from devplane_fixture import wait_for
 from tappass_host import sandbox_record
-from tappass_host.devplane import ca as devplane_ca
+from test_bounded_answers import HostileControlPlane
 
 
-class SilentControlPlane:
-    """HTTPS under the devplane's CA: a certificate request is taken and never answered
-    (held until the client hangs up); anything else gets 503."""
+class SilentControlPlane(HostileControlPlane):
+    """A certificate request is taken and never answered (held until the client hangs up)."""
 
     def __init__(self, devplane, directory: Path):
-        key, cert = devplane.state.ca.issue_server(["127.0.0.1"])
-        (directory / "silent.key").write_bytes(devplane_ca.key_pem(key))
-        (directory / "silent.crt").write_bytes(devplane_ca.cert_pem(cert))
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(directory / "silent.crt", directory / "silent.key")
+        super().__init__(devplane, directory, bomb=b"")
+        self.answers["/certificate"] = "held"
         self.held_at: float | None = None  # when the renewal's request was in
         self.given_up_at: float | None = None  # when its client hung up
-        plane = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                self._unavailable()
-
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("content-length") or 0))
-                if not self.path.endswith("/certificate") or plane.held_at is not None:
-                    self._unavailable()
-                    return
-                plane.held_at = time.monotonic()
-                self.connection.settimeout(patience.seconds(120))
-                try:
-                    self.rfile.read(1)  # b"" once the client hangs up
-                except OSError:
-                    pass
-                plane.given_up_at = time.monotonic()
-                self.close_connection = True
-
-            def _unavailable(self):
-                self.send_response(503)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-        self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def _held(self, handler):
+        if self.held_at is not None:
+            self._unavailable(handler)
+            return
+        self.held_at = time.monotonic()
+        handler.connection.settimeout(patience.seconds(120))
+        try:
+            handler.rfile.read(1)  # b"" once the client hangs up
+        except OSError:
+            pass
+        self.given_up_at = time.monotonic()
+        handler.close_connection = True
 
 
 class NotifyListener:
