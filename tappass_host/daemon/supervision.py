@@ -152,6 +152,7 @@ class Supervisor:
             return
         stopped_by = state.get("stopped_by")
         if stopped_by == "operator":  # never undone, even with a restart pending
+            runintent.clear(sandbox)  # what a stop that died half-way left, not after a reboot
             if self._due.pop(name, None):
                 self.log(f"{name}: stopped by the operator; pending restart called off")
             return

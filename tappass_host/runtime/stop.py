@@ -27,8 +27,6 @@ def stop(paths: HostPaths, name: str, runtime, timeout: float = 10,
     if not state or not is_running(sandbox):
         raise not_running(paths, name)
     write_state(sandbox, {**state, "stopped_by": intent})
-    if intent == "operator":  # and not brought back after a reboot either
-        runintent.clear(sandbox)
     cid = container_id(name)
     runtime.kill(cid, "SIGTERM")
     if not wait_until(lambda: not process_alive(state["pid"]), timeout):
@@ -56,6 +54,8 @@ def stop(paths: HostPaths, name: str, runtime, timeout: float = 10,
                                         details={"code": exit_record.get("code"), "by": intent})
     except (OSError, TappassError) as exc:
         unrecorded.append(("the stop", exc))
+    if intent == "operator":  # not brought back after a reboot either (supervision.py)
+        runintent.clear(sandbox)
     if unrecorded:
         what = " and ".join(w for w, _ in unrecorded)
         raise StopNotRecorded(f"sandbox {name!r} stopped (exit code {exit_record.get('code')}), "
