@@ -173,8 +173,13 @@ def measure(cli, runtime: str, runs: int, cold_runs: int, network: str, baseline
             cli.command) == 1 else ours[3:]))
         timed_rounds(commands, 2)  # warm up every one (caches, podman's storage)
         samples = timed_rounds(commands, runs)
-        all_reused = all(e["details"].get("config_reused", True) for e in read_audit(
-            host.paths.audit_log, name, "sandbox.started")[1:])  # baseline starts: no such key
+        def all_reused(sandbox: str) -> bool:  # but the first; baseline starts: no such key
+            return all(e["details"].get("config_reused", True) for e in read_audit(
+                host.paths.audit_log, sandbox, "sandbox.started")[1:])
+
+        reused = {"all_reused": all_reused(name)}
+        if proxied:
+            reused["network_proxy_all_reused"] = all_reused(proxied)
         cold, rendered_starts = [], []
         for _ in range(cold_runs):
             for caches, samples_of in (((host.paths.bundle_cache, host.paths.schema_ok), cold),
@@ -201,7 +206,7 @@ def measure(cli, runtime: str, runs: int, cold_runs: int, network: str, baseline
             result["baseline_ratio"] = ratio("baseline_start")
             result["saved_vs_baseline_ms"] = round(
                 (median["baseline_start"] - median["tappass_host_start"]) * 1e3, 2)
-        result["all_reused"] = all_reused
+        result.update(reused)
         result["rendered_start"] = ms(rendered_starts)
         result["cold_start"] = ms(cold)
         if proxied:
