@@ -177,24 +177,17 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
         warn(warning)
     if not foreground_run:
         return Started(name, pid, runtime.name, keyring["policy_version"], warnings)
-    deleting = None
     try:
         ended = foreground(runtime, cid, sandbox.bundle)
-        # The attached run kept the container (its cgroup counted OOM kills): the
-        # runtime deletes it while the exit is recorded and the workspace released.
-        deleting = _in_background(runtime.delete, cid)
         code = ended.code
         write_exit(paths, name, code, oom=ended.oom, started_at=state["started_at"])
     finally:
-        try:
-            detach_network(paths, name)
-            state_file(sandbox).unlink(missing_ok=True)
-            release_workspace(paths, name)
-        finally:
-            if deleting is not None:
-                deleting.join()
-            if runtime.has_state(cid):  # not deleted (the run failed, or the delete did)
-                runtime.delete(cid)
+        # The attached run keeps the container (its cgroup counted OOM kills).
+        if runtime.has_state(cid):
+            runtime.delete(cid)
+        detach_network(paths, name)
+        state_file(sandbox).unlink(missing_ok=True)
+        release_workspace(paths, name)
         release_image_root(paths, name)
         if remove:
             import shutil
@@ -202,22 +195,6 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
             shutil.rmtree(sandbox.runtime, ignore_errors=True)
     return Started(name, 0, runtime.name, keyring["policy_version"], warnings,
                    exit_code=code)
-
-
-def _in_background(call, *args):
-    """`call(*args)` in a thread of its own, started; join it, then look at
-    what it did: what it raises is dropped (no traceback from a thread)."""
-    import threading
-
-    def quietly():
-        try:
-            call(*args)
-        except Exception:
-            pass
-
-    thread = threading.Thread(target=quietly, daemon=True)
-    thread.start()
-    return thread
 
 
 def _admit_image(paths: HostPaths, config, name: str, manifest, image: str | None,
