@@ -1,4 +1,5 @@
-"""Host processes: whether one is alive, and waiting for a condition."""
+"""Host processes: whether one is alive, which boot this is, and waiting for a
+condition."""
 
 import time
 
@@ -16,6 +17,13 @@ def process_alive(pid: int | None, comm: str | None = None) -> bool:
     if state in ("Z", "X"):
         return False
     return comm is None or stat[stat.find("(") + 1:stat.rfind(")")] == comm
+
+
+def boot_id() -> str:
+    """This boot's id: it changes with every boot, so a pid or a run recorded
+    with it is known to be from this boot or an earlier one."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
 
 
 def wait_until(predicate, timeout: float, max_delay: float = 0.02) -> bool:

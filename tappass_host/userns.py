@@ -32,6 +32,7 @@ so nothing is lost. On pure cgroup v1 or v2 hosts this does nothing.
 import os
 
 from tappass_host.errors import TappassError
+from tappass_host.processes import boot_id
 
 INSIDE_ENV = "TAPPASS_IN_CRUN_NAMESPACE"  # the mark scripts/in-crun-namespace sets
 PAUSE_NAME = "tappass-host-pause"
@@ -95,10 +96,6 @@ def _start_time(pid: int) -> str:
     return stat[stat.rfind(")") + 2:].split()[19]
 
 
-def _boot_id() -> str:
-    return _read("/proc/sys/kernel/random/boot_id").strip()
-
-
 def _open_namespaces(pid: int, user_ino: int, mnt_ino: int) -> tuple[int, int] | None:
     """Open fds of `pid`'s user and mount namespaces if they are those inodes."""
     opened = []
@@ -125,7 +122,7 @@ def _recorded(pid_file) -> tuple[int, int] | tuple[int, int, None] | None:
         pid, user_ino, mnt_ino = int(pid), int(user_ino), int(mnt_ino)
     except (FileNotFoundError, ValueError):
         return None
-    if boot != _boot_id() or user_ino == os.stat("/proc/self/ns/user").st_ino:
+    if boot != boot_id() or user_ino == os.stat("/proc/self/ns/user").st_ino:
         return None  # another boot's, or names our own (initial) namespace
     try:
         alive = _start_time(pid) == start
@@ -173,7 +170,7 @@ def _new_pause(paths, stale: list | None) -> tuple[int, int]:
             os.close(fd)
     user_ino = os.stat(f"/proc/{pid}/ns/user").st_ino
     mnt_ino = os.stat(f"/proc/{pid}/ns/mnt").st_ino
-    record = f"{pid} {_start_time(pid)} {_boot_id()} {user_ino} {mnt_ino}\n"
+    record = f"{pid} {_start_time(pid)} {boot_id()} {user_ino} {mnt_ino}\n"
     statefile.write_runtime_file(paths.pause_pid, record.encode(), 0o600)
     fds = _open_namespaces(pid, user_ino, mnt_ino)
     if fds is None:

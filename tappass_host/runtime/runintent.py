@@ -10,14 +10,13 @@ wiped) and that had not ended on its own, restarts the sandbox per its restart p
 """
 
 import json
-from pathlib import Path
 from typing import NamedTuple
 
 from tappass_host import statefile
+from tappass_host.processes import boot_id
 from tappass_host.paths import SandboxPaths
 from tappass_host.runtime.runstate import is_running, read_json, state_file
 
-BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 RECORDED = ("agent", "runtime", "runtime_binary", "image", "restart_policy", "started_at")
 
 
@@ -26,10 +25,6 @@ class LostRun(NamedTuple):
     intent: dict  # what start recorded (the fields of RECORDED, boot_id)
     reason: str  # "reboot" (another boot) | "run_state_lost" (this boot, state.json gone)
     exit: dict | None  # the run's exit record, if it had ended before
-
-
-def boot_id(source: Path = BOOT_ID) -> str:
-    return source.read_text().strip()
 
 
 def record(sandbox: SandboxPaths, state: dict) -> None:

@@ -103,11 +103,11 @@ class Delivery:
             self.transport.ack(self.name, ack.policy_version, ack.status, ack.reason,
                                applied_at=ack.at)
         except ControlPlaneError as exc:
-            if not ack.failed:  # one line per ack, not per retry
-                self.log(f"{self.name}: ack of policy_version {ack.policy_version} failed "
-                         f"({exc}); kept for a retry")
+            if not ack.failed:  # one line per ack, not per retry; said once it is saved
                 ack.failed = True
                 self._unacked_saved = ack.save(self._unacked_file) or self._unacked_saved
+                self.log(f"{self.name}: ack of policy_version {ack.policy_version} failed "
+                         f"({exc}); kept for a retry")
             return
         if ack.failed:
             self.log(f"{self.name}: ack of policy_version {ack.policy_version} sent on retry")
