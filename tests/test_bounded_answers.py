@@ -12,7 +12,6 @@ before the fix, a pull peaked above 1 GiB.
 """
 
 import json
-import os
 import socket
 import ssl
 import subprocess
@@ -169,14 +168,29 @@ def hostile(devplane, tmp_path, bomb):
     plane.close()
 
 
+# A process's ru_maxrss starts from the memory of the process it was forked from
+# (exec keeps the high-water mark of the image it replaced), and pytest grows with
+# the tests it has run: the client is forked by this small process instead, which
+# prints the client's exit status and its own peak RSS from wait4.
+MEASURER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.dup2(2, 1)  # the client's stdout joins its stderr; ours carries the figures
+    os.execve(sys.argv[1], sys.argv[1:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+"""
+
+
 def measured(args: list[str], tmp_path: Path) -> tuple[int, str, int]:
     """Run `args`; its exit code, stderr and peak RSS in KiB (its own, by wait4)."""
     err_path = tmp_path / f"err-{time.monotonic_ns()}"
     with open(err_path, "wb") as err:
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=ENV)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, err_path.read_text(), usage.ru_maxrss
+        proc = subprocess.run([PYTHON, "-I", "-S", "-c", MEASURER, *args], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=err, env=ENV, check=True)
+    code, rss_kib = map(int, proc.stdout.split())
+    return code, err_path.read_text(), rss_kib
 
 
 def _point_at(host, name: str, url: str) -> None:
