@@ -14,8 +14,10 @@ import pytest
 import patience
 from audit_records import read_audit
 import egress_fixture as world
+import image_fixture
 from devplane_fixture import devplane, make_devplane  # noqa: F401 - fixtures
-from sandbox_fixture import RUNTIMES, new_host, python_agent, require_runtime, unique_name, wait_for
+from sandbox_fixture import (RUNTIMES, new_host, python_agent, require_runtime, unique_name,
+                             wait_for, write_agent)
 from tappass_host import network
 from tappass_host.network import policy as egress
 from tappass_host.network.denials import DenialLog
@@ -236,6 +238,51 @@ except OSError as e:
     answers.append(f"ERROR {type(e).__name__}")
 print(" | ".join(answers))
 """
+
+
+# Run inside an image's python3, which has no ssl module: plain HTTP through the proxy.
+PLAIN_CLIENT = f"""
+import sys, urllib.request, urllib.error
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout={patience.seconds(10)}) as r:
+        print("STATUS", r.status, len(r.read()))
+except urllib.error.HTTPError as e:
+    print("STATUS", e.code, 0)
+except OSError as e:
+    print("ERROR", getattr(e, "reason", e))
+"""
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_an_image_sandbox_reaches_only_what_its_proxy_allows(net, upstream, runtime, tmp_path):
+    """An agent whose root is an image (issue 14) is confined to the proxy as a
+    host-root one is: the allowed name through it, nothing else, no route around."""
+    require_runtime(runtime)
+    image = image_fixture.python_image(tmp_path / "image")
+    for path in [tmp_path, image.layout, *image.layout.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    name = unique_name("net-img", runtime)
+    net.net_names.append(name)
+    net.enroll(name, network=world.proxy_policy(upstream, "allowed.test"),
+               image={"allowed_digests": [image.digest]})
+    agent = write_agent(tmp_path / "agent", ["python3", "/opt/agent/main.py"],
+                        files={"main.py": SLEEPER})
+    net.start_ok(name, agent, runtime, "--image", f"oci:{image.layout}")
+    net.wait_log(name, "agent up")
+    link = link_of(net, name)
+    assert net.status(name)["image"] == image.digest
+    assert "TapPass test image" in world.in_sandbox(net, name, "print(open('/etc/os-release').read())")
+
+    assert world.in_sandbox(net, name, PLAIN_CLIENT, upstream.url("allowed.test", tls=False)) \
+        == "STATUS 200 1024"
+    assert "403" in world.in_sandbox(net, name, PLAIN_CLIENT, upstream.url("denied.test", tls=False))
+    direct = world.in_sandbox(net, name, world.DIRECT, upstream.address, str(world.HTTPS_PORT))
+    assert direct.startswith("ERROR 101 "), direct  # ENETUNREACH
+    assert ("denied.test", egress.NOT_ALLOWED) in {
+        (e["details"]["host"], e["details"]["reason"]) for e in audit(net, "network.denied", name)}
+
+    assert net.run("stop", name, "--timeout", "2").returncode == 0
+    assert_gone(net, name, link)
 
 
 def test_tls_inside_a_tunnel_must_ask_for_an_allowed_name(net, upstream):
