@@ -13,8 +13,10 @@ import os
 import posixpath
 import re
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
+from typing import NamedTuple
 
 from tappass_host.errors import TappassError
 
@@ -35,14 +37,13 @@ class BadAgent(TappassError):
     """The agent package or its manifest is unusable."""
 
 
-@dataclass(frozen=True)
-class AgentManifest:
+class AgentManifest(NamedTuple):
     name: str
     version: str
     entrypoint: tuple[str, ...]
     directory: Path
     restart: str = "no"
-    env: dict[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = MappingProxyType({})
     rootfs: str = "host"
     image: str = ""  # rootfs "image": the image source (tappass_host.image.source)
 

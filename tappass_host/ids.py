@@ -193,7 +193,7 @@ def _allocate(paths: HostPaths, name: str, id_range: tuple[int, int], rootless: 
         if free is None:
             kind = "subordinate ids" if rootless else "agent_id_range"
             raise NoFreeIds(f"no free agent id left in {kind} {low}-{high}")
-        record.agent_uid = record.agent_gid = free
+        record = record._replace(agent_uid=free, agent_gid=free)
         sandbox_record.save(paths.sandbox(name), record)
         return record
 

@@ -4,9 +4,10 @@ Written by enrollment, extended by `start`; always written atomically.
 """
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 from tappass_host import statefile
 from tappass_host.errors import NotFound, TappassError
@@ -17,8 +18,8 @@ class BadRecord(TappassError):
     """sandbox.json exists but cannot be used."""
 
 
-@dataclass
-class SandboxRecord:
+class SandboxRecord(NamedTuple):
+    """Immutable: a change is a `_replace` and a `save`."""
     name: str
     sandbox_id: str
     org_id: str
@@ -31,10 +32,10 @@ class SandboxRecord:
     runtime: str | None = None
     agent_uid: int | None = None
     agent_gid: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = MappingProxyType({})  # fields other versions wrote; kept
 
     def to_json(self) -> bytes:
-        doc = {k: v for k, v in asdict(self).items() if k != "extra" and v is not None}
+        doc = {k: v for k, v in zip(self._fields, self) if k != "extra" and v is not None}
         doc.update(self.extra)
         return json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
 
@@ -46,7 +47,7 @@ class SandboxRecord:
             raise BadRecord(f"{where} is not valid JSON") from None
         if not isinstance(doc, dict):
             raise BadRecord(f"{where} must hold a JSON object")
-        known = {f.name for f in fields(cls)} - {"extra"}
+        known = set(cls._fields) - {"extra"}
         try:
             record = cls(**{k: v for k, v in doc.items() if k in known},
                          extra={k: v for k, v in doc.items() if k not in known})

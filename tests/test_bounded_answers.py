@@ -195,7 +195,7 @@ def measured(args: list[str], tmp_path: Path) -> tuple[int, str, int]:
 
 def _point_at(host, name: str, url: str) -> None:
     record = sandbox_record.load(host.paths, name)
-    record.sync_url = url
+    record = record._replace(sync_url=url)
     sandbox_record.save(host.paths.sandbox(name), record)
 
 

@@ -105,6 +105,8 @@ def test_start_foreground_stays_in_its_import_budget(host, runtime):
             "tappass_host.oci.bundle_cache"} <= reused  # it really ran
     assert over_budget("start", reused) == []
     assert renders(reused) == []
+    # dataclasses (with inspect, ast, dis, tokenize) was a tenth of a reused start
+    assert not {"dataclasses", "inspect"} & reused
     host.configure("max_sandboxes = 7\n")  # another input, the same config.json
     rendered = host.modules_loaded(*args)  # renders again, its schema verdict cached
     assert "tappass_host.oci.invariants" in rendered

@@ -59,7 +59,7 @@ def test_files_belong_to_the_agent_group(paths, signer):
     from tappass_host import sandbox_record
 
     record = keyrings.enroll(paths, "demo", [signer])
-    record.agent_gid = 201234
+    record = record._replace(agent_gid=201234)
     sandbox_record.save(paths.sandbox("demo"), record)
     apply_update(paths, "demo", envelope_for(1, signer))
     top = keyring_dir(paths)

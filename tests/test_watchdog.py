@@ -78,7 +78,7 @@ def test_the_watchdog_is_pinged_while_a_renewal_hangs_on_the_control_plane(
     enroll(devplane, host, name)
     silent = SilentControlPlane(devplane, tmp_path)
     record = sandbox_record.load(host.paths, name)
-    record.sync_url = silent.url
+    record = record._replace(sync_url=silent.url)
     sandbox_record.save(host.paths.sandbox(name), record)
     listener = NotifyListener(tmp_path / "notify.sock")
     try:

@@ -183,9 +183,8 @@ def key(paths: HostPaths, name: str, record, keyring: dict, manifest, config,
 
 
 def _manifest_doc(manifest) -> dict:
-    """Every field of the agent manifest (tappass_host.agent.AgentManifest, a
-    dataclass or a NamedTuple), without importing dataclasses for it."""
-    return manifest._asdict() if hasattr(manifest, "_asdict") else dict(vars(manifest))
+    """Every field of the agent manifest (tappass_host.agent.AgentManifest)."""
+    return {**manifest._asdict(), "env": dict(manifest.env)}
 
 
 # --- what the layers and invariants looked at on the host ------------------

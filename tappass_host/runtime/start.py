@@ -121,11 +121,11 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
         digest = admitted.digest if admitted else None
         if (record.agent, record.runtime, record.extra.get("image")) != (
                 str(manifest.directory), runtime.name, digest):
-            record.agent, record.runtime = str(manifest.directory), runtime.name
+            extra = {k: v for k, v in record.extra.items() if k != "image"}
             if digest:  # what `image rm`/`prune` keep (tappass_host.image.store)
-                record.extra["image"] = digest
-            else:
-                record.extra.pop("image", None)
+                extra["image"] = digest
+            record = record._replace(agent=str(manifest.directory), runtime=runtime.name,
+                                     extra=extra)
             sandbox_record.save(sandbox, record)
         state = {"runtime": runtime.name, "runtime_binary": runtime.binary, "cid": cid,
                  "started_at": clock.now_text("microseconds"), "policy_version": keyring["policy_version"],
@@ -201,13 +201,12 @@ def _admit_image(paths: HostPaths, config, name: str, manifest, image: str | Non
                  keyring: dict):
     """The manifest as run from its image, and the image its keyring admitted
     (tappass_host.runtime.imageroot)."""
-    from dataclasses import replace
 
     from tappass_host.paths import is_rootless
     from tappass_host.runtime import imageroot
 
     imageroot.require_root(is_rootless())
-    manifest = replace(manifest, rootfs="image", image=imageroot.source_of(manifest, image))
+    manifest = manifest._replace(rootfs="image", image=imageroot.source_of(manifest, image))
     admitted = imageroot.admit(paths, config, name, manifest.image, keyring)
     imageroot.check_entrypoint(manifest, admitted.lower)
     return manifest, admitted
