@@ -1,6 +1,7 @@
-"""Host processes: whether one is alive, which boot this is, and waiting for a
-condition."""
+"""Host processes: whether one is alive, which boot this is, whether a
+namespace is the host's, and waiting for a condition."""
 
+import os
 import time
 
 
@@ -24,6 +25,22 @@ def boot_id() -> str:
     with it is known to be from this boot or an earlier one."""
     with open("/proc/sys/kernel/random/boot_id") as f:
         return f.read().strip()
+
+
+# The host's network namespace, as init, this process and this thread hold it.
+HOST_NETNS = ("/proc/1/ns/net", "/proc/self/ns/net", "/proc/thread-self/ns/net")
+
+
+def is_host_netns(target: os.stat_result) -> bool:
+    """Whether `target` (an fstat of a namespace file) is the host's network namespace."""
+    for host in HOST_NETNS:
+        try:
+            known = os.stat(host)
+        except OSError:
+            continue
+        if (target.st_dev, target.st_ino) == (known.st_dev, known.st_ino):
+            return True
+    return False
 
 
 def wait_until(predicate, timeout: float, max_delay: float = 0.02) -> bool:

@@ -22,7 +22,7 @@ import pytest
 import patience
 import oci_fixture
 from oci_fixture import AGENT_GID, AGENT_UID, invariant_args, layout, locked_down_config, write_bundle
-from tappass_host import shipped
+from tappass_host import processes, shipped
 from tappass_host.errors import TappassError
 from tappass_host.oci import field_path, invariants, parent_field, schema
 from tappass_host.oci import rootfs as rootfs_module
@@ -818,7 +818,7 @@ def test_the_host_netns_bound_under_run_netns_is_refused(tmp_path, monkeypatch):
     netns_dir.mkdir()
     (netns_dir / "host").write_text("")
     monkeypatch.setattr(invariants, "NETNS_DIRS", (str(netns_dir),))
-    monkeypatch.setattr(invariants, "HOST_NETNS", (str(netns_dir / "host"),))
+    monkeypatch.setattr(processes, "HOST_NETNS", (str(netns_dir / "host"),))
     config = locked_down_config(tmp_path)
     _network_namespace_at(config, netns_dir / "host")
     with pytest.raises(InvariantViolation, match="host network namespace"):

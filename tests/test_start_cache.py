@@ -17,7 +17,7 @@ import escape_expectations as expect
 from audit_records import read_audit
 from sandbox_fixture import (  # noqa: F401  (host and runtime are fixtures)
     host, one_line_error, runtime, unique_name, write_agent)
-from tappass_host.oci import bundle_cache, invariants
+from tappass_host.oci import bundle_cache
 from tappass_host.layers import BUILTIN
 
 
@@ -45,9 +45,8 @@ def entries(host) -> list:
     return sorted(directory.iterdir()) if directory.is_dir() else []
 
 
-def test_the_cache_knows_the_builtin_appliers_and_the_host_namespaces():
+def test_the_cache_knows_the_builtin_appliers():
     assert bundle_cache.BUILTIN_APPLIERS == frozenset(BUILTIN)
-    assert bundle_cache.HOST_NETNS == invariants.HOST_NETNS
 
 
 def test_a_second_start_reuses_the_checked_config_kept_root_only(host, runtime):

@@ -50,14 +50,13 @@ from typing import NamedTuple
 from tappass_host import __version__, landlock, systemd
 from tappass_host.oci import rootfs
 from tappass_host.paths import HostPaths
+from tappass_host.processes import is_host_netns
 from tappass_host.statefile import write_runtime_file
 
 FORMAT = 1
 MAX_ENTRIES = 64
 BUILTIN_APPLIERS = frozenset(("identity", "filesystem", "keyring", "kernel", "network",
                               "resources", "harness", "gateway"))  # tappass_host.layers.BUILTIN
-# As tappass_host.oci.invariants.HOST_NETNS (tests/test_start_cache.py holds them equal).
-HOST_NETNS = ("/proc/1/ns/net", "/proc/self/ns/net", "/proc/thread-self/ns/net")
 PACKAGE = Path(__file__).resolve().parent.parent
 WHEEL_RECORD = "tappass_host-{version}.dist-info/RECORD"  # the install's metadata, beside PACKAGE
 # The record's fields `start` writes itself, after the bundle: the key holds them as
@@ -243,17 +242,9 @@ def facts_of(config: dict, keyring: dict, state_dir: Path, keyring_dir: Path,
 
 def _is_host_netns(path: str) -> bool | None:
     try:
-        target = os.stat(path)
+        return is_host_netns(os.stat(path))
     except OSError:
         return None
-    for host in HOST_NETNS:
-        try:
-            known = os.stat(host)
-        except OSError:
-            continue
-        if (target.st_dev, target.st_ino) == (known.st_dev, known.st_ino):
-            return True
-    return False
 
 
 def _same_facts(stored: dict[str, list]) -> bool:

@@ -18,6 +18,7 @@ from tappass_host.errors import TappassError
 from tappass_host.layers import Host
 from tappass_host.layers.keyring import DESTINATION as KEYRING_DESTINATION
 from tappass_host.oci import parent_field
+from tappass_host.processes import is_host_netns
 
 WORKSPACE_DESTINATION = "/workspace"
 KEYRING_OPTIONS = ("ro", "nosuid", "nodev", "noexec")
@@ -74,7 +75,6 @@ ANNOTATION_NAMESPACE = "org.tappass."
 # Per-mount id mapping (idmapped mounts): files would appear owned by other ids.
 IDMAP_OPTIONS = ("idmap", "ridmap")
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9._/-]{1,200}")  # shown as is in a violation; others by repr
-HOST_NETNS = ("/proc/1/ns/net", "/proc/self/ns/net", "/proc/thread-self/ns/net")
 
 DENYING_ACTIONS = ("SCMP_ACT_ERRNO", "SCMP_ACT_KILL", "SCMP_ACT_KILL_PROCESS", "SCMP_ACT_KILL_THREAD")
 # LOG lets the call through; TRACE and NOTIFY hand the decision to another process.
@@ -601,14 +601,7 @@ def _is_sandbox_netns(path: str, own: str) -> bool:
         return True  # created later, before the runtime starts: nothing to compare yet
     except OSError:
         return False  # there, but we cannot tell whose it is
-    for host in HOST_NETNS:
-        try:
-            known = os.stat(host)
-        except OSError:
-            continue
-        if (target.st_dev, target.st_ino) == (known.st_dev, known.st_ino):
-            return False
-    return True
+    return not is_host_netns(target)
 
 
 # --- seccomp -----------------------------------------------------------------
