@@ -32,6 +32,7 @@ from tappass_host.paths import SandboxPaths
 # noinit_itable: the kernel would zero the inode tables in the background, and a
 # loop device zeroes by punching holes, giving back reserved space
 MOUNT_OPTIONS = "loop,nosuid,nodev,noinit_itable"
+LOOP_CONTROL = "/dev/loop-control"
 MIB = 1024 * 1024
 FITRIM = 0xC0185879  # _IOWR('X', 121, struct fstrim_range)
 SYS_BLOCK = "/sys/dev/block"
@@ -177,7 +178,13 @@ def _mount(image: Path, mountpoint: Path) -> None:
     """`mount -o loop` attaches a loop device, or reuses the one already
     attached to this image (mounted in another mount namespace): one image is
     never behind two loop devices, which would corrupt it."""
-    _run(["mount", "-t", "ext4", "-o", MOUNT_OPTIONS, str(image), str(mountpoint)])
+    try:
+        _run(["mount", "-t", "ext4", "-o", MOUNT_OPTIONS, str(image), str(mountpoint)])
+    except WorkspaceError as exc:
+        if not os.path.exists(LOOP_CONTROL):  # mount says only "Operation not permitted"
+            raise WorkspaceError(f"{exc}: this host has no loop devices ({LOOP_CONTROL} is "
+                                 "missing: load the loop module, modprobe loop)") from None
+        raise
 
 
 def _reserve(image: Path) -> None:

@@ -281,3 +281,20 @@ def test_an_update_flipped_when_its_audit_cannot_be_written_is_acked_applied(
     assert publish(devplane, tmp_path, {**POLICY, "secrets": {"DEMO_TOKEN": "three"}}, name) == 3
     applied_and_acked(devplane, host, name, 3)
     assert run_host(host, "audit", "verify").returncode == 0
+
+
+def test_a_host_without_loop_devices_is_named_in_the_workspace_error(tmp_path, monkeypatch):
+    """mount -o loop with no loop module loaded says only "Operation not
+    permitted" (seen on a minimal arm64 host): the error names the cause."""
+    image, mountpoint = tmp_path / "workspace.img", tmp_path / "mnt"
+    image.write_bytes(bytes(4096))  # no filesystem: the mount fails either way
+    mountpoint.mkdir()
+    with pytest.raises(workspace.WorkspaceError) as present:
+        workspace._mount(image, mountpoint)
+    assert "modprobe loop" not in str(present.value)
+    monkeypatch.setattr(workspace, "LOOP_CONTROL", str(tmp_path / "loop-control"))
+    with pytest.raises(workspace.WorkspaceError) as missing:
+        workspace._mount(image, mountpoint)
+    message = str(missing.value)
+    assert "\n" not in message and message.startswith("workspace: mount: ")
+    assert f"({tmp_path / 'loop-control'} is missing: load the loop module, modprobe loop)" in message
