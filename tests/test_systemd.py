@@ -602,3 +602,23 @@ def test_egress_needs_root_in_one_line_and_creates_nothing(tmp_path, staged):
     assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
     assert "the egress proxy needs root" in result.stderr
     assert not state.exists()
+
+
+def test_under_the_systemd_driver_the_runtime_talks_to_the_system_manager(monkeypatch):
+    """sd-bus picks the user's bus for a process in a login session (root's
+    too): crun, run from an operator's shell, made the sandbox's scope under
+    user@0.service (the cgroup v2 lane). Every runtime invocation gets
+    DBUS_STARTER_BUS_TYPE=system under the driver, and our environment as is
+    otherwise."""
+    from tappass_host import systemd
+    from tappass_host.runtime.ociruntime import OCIRuntime
+
+    runtime = OCIRuntime(name="crun", binary="/usr/bin/crun", root=Path("/nonexistent"))
+    monkeypatch.setattr(systemd, "manages_cgroups", lambda: False)
+    assert runtime.environ() is None
+    monkeypatch.setattr(systemd, "manages_cgroups", lambda: True)
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", "unix:path=/run/user/0/bus")
+    environ = runtime.environ()
+    assert environ["DBUS_STARTER_BUS_TYPE"] == "system"
+    assert environ["PATH"] == os.environ["PATH"]
+    assert "--systemd-cgroup" in runtime.argv("state", "x")

@@ -79,7 +79,7 @@ def run(runtime, cid: str, bundle: Path) -> Exit:
         # go to --log, so that a failure is still one line of ours.
         created = subprocess.run(runtime.argv("--log", str(log), "create", "--bundle", str(bundle),
                                               "--pid-file", str(pid_file), cid),
-                                 stdin=subprocess.DEVNULL)
+                                 stdin=subprocess.DEVNULL, env=runtime.environ())
         if created.returncode != 0:
             from tappass_host.runtime.ociruntime import OCIRuntimeFailed
 

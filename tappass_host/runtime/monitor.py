@@ -92,7 +92,7 @@ def launch(runtime, conmon: str, cid: str, bundle: Path, files: MonitorFiles,
     for arg in exit_command[1:]:
         argv += ["--exit-command-arg", arg]
     read_fd, write_fd = os.pipe()
-    env = {**os.environ, "_OCI_SYNCPIPE": str(write_fd)}
+    env = {**(runtime.environ() or os.environ), "_OCI_SYNCPIPE": str(write_fd)}
     try:
         # cwd: conmon drops an `oom` file in its working directory when the
         # agent is OOM-killed (beside persist/oom); keep it in the sandbox's

@@ -56,11 +56,15 @@ class OCIRuntime(NamedTuple):
     def argv(self, *args: str) -> list[str]:
         return [self.binary, "--root", str(self.root), *systemd.cgroup_flags(), *args]
 
+    def environ(self) -> dict[str, str] | None:
+        """The environment each invocation runs in (None: ours)."""
+        return systemd.runtime_environ()
+
     def _call(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
         self.root.mkdir(parents=True, exist_ok=True)
         try:
             result = subprocess.run(self.argv(*args), capture_output=True, text=True,
-                                    timeout=timeout)
+                                    timeout=timeout, env=self.environ())
         except OSError as exc:
             raise OCIRuntimeFailed(f"cannot run {self.name} ({self.binary}): {exc.strerror}") from None
         if check and result.returncode != 0:

@@ -31,4 +31,4 @@ def shell(paths: HostPaths, name: str, command: list[str]) -> int:
         argv = runtime.argv("exec", "--process", spec.name)
         if process["terminal"]:
             argv.append("--tty")
-        return subprocess.call([*argv, container_id(name)])
+        return subprocess.call([*argv, container_id(name)], env=runtime.environ())
