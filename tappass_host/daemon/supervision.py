@@ -19,7 +19,7 @@ need a restart (DESIGN §6, §9).
   is started again when its restart policy restarts a failed run (`always`,
   `on-failure`: a reboot is no clean exit), audited as `sandbox.restarted`
   (reason `reboot` or `run_state_lost`); with `no` it stays down, audited as
-  `sandbox.left_stopped`. An operator's stop removes the intent first.
+  `sandbox.left_stopped`. An operator's stop removes the intent once it has recorded the exit.
 
 The daemon learns of exits through its doorbell (runtime/doorbell.py).
 """

@@ -3,25 +3,13 @@
 where a runtime could pick it up."""
 
 import json
-from pathlib import Path
-from typing import NamedTuple
 
 from tappass_host import landlock, layers, shipped, systemd
 from tappass_host.errors import TappassError
 from tappass_host.layers import files as layer_files
 from tappass_host.oci import bundle_cache, field_path, invariants, parent_field
-from tappass_host.oci.render import Rendered, render
+from tappass_host.oci.render import render
 from tappass_host.paths import HostPaths
-
-
-class Bundle(NamedTuple):
-    directory: Path
-    rendered: Rendered
-    prepared: bundle_cache.Prepared  # what a later start of the same inputs reuses
-
-    @property
-    def config(self) -> dict:
-        return self.rendered.config
 
 
 def layer_inputs(paths: HostPaths, name: str, record, keyring: dict, manifest, config,
@@ -34,7 +22,10 @@ def layer_inputs(paths: HostPaths, name: str, record, keyring: dict, manifest, c
     )
 
 
-def build(paths: HostPaths, inputs: layers.LayerInputs, rootless: bool) -> Bundle:
+def build(paths: HostPaths, inputs: layers.LayerInputs,
+          rootless: bool) -> bundle_cache.Prepared:
+    """Render and check the bundle, and install it; what a later start of the
+    same inputs reuses."""
     rendered = render(layers.run(inputs, inputs.config["appliers"]))
     sandbox = paths.sandbox(inputs.name)
     facts = bundle_cache.facts_of(rendered.config, inputs.keyring, paths.state, sandbox.keyring,
@@ -65,8 +56,8 @@ def build(paths: HostPaths, inputs: layers.LayerInputs, rootless: bool) -> Bundl
         files=rendered.files, warnings=rendered.warnings, restart=rendered.restart,
         unavailable=rendered.unavailable, facts=facts)
     layer_files.complete_at_start(paths, inputs, inputs.config["appliers"], rendered.files)
-    directory = bundle_cache.install(paths, inputs.name, inputs.record, prepared)
-    return Bundle(directory=directory, rendered=rendered, prepared=prepared)
+    bundle_cache.install(paths, inputs.name, inputs.record, prepared)
+    return prepared
 
 
 def _separate_env(config: dict, provenance: dict[str, str]) -> list[str] | None:

@@ -380,18 +380,16 @@ def reuse(paths: HostPaths, name: str, record, keyring: dict, key: str | None) -
     return prepared
 
 
-def install(paths: HostPaths, name: str, record, prepared: Prepared) -> Path:
+def install(paths: HostPaths, name: str, record, prepared: Prepared) -> None:
     """Write `prepared` into `name`'s bundle directory (made, like the rootfs's
-    mount points, for this run); returns the directory."""
+    mount points, for this run)."""
     sandbox = paths.sandbox(name)
-    directory = sandbox.bundle
-    directory.mkdir(parents=True, exist_ok=True)
+    sandbox.bundle.mkdir(parents=True, exist_ok=True)
     rootfs.prepare(sandbox.rootfs, prepared.mounts)
     _write_agent_env(sandbox.rootfs, record, prepared.agent_env)
     write_runtime_file(sandbox.layer_inputs, prepared.inputs, 0o600)
     write_runtime_file(sandbox.bundle_config, prepared.config, 0o600)
     write_runtime_file(sandbox.bundle_layers, prepared.layers, 0o600)
-    return directory
 
 
 def _write_agent_env(rootfs_dir: Path, record, env: list[str] | None) -> None:

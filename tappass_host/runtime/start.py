@@ -201,7 +201,6 @@ def _admit_image(paths: HostPaths, config, name: str, manifest, image: str | Non
                  keyring: dict):
     """The manifest as run from its image, and the image its keyring admitted
     (tappass_host.runtime.imageroot)."""
-
     from tappass_host.paths import is_rootless
     from tappass_host.runtime import imageroot
 
@@ -245,7 +244,7 @@ def _build(paths: HostPaths, name: str, record, keyring: dict, manifest, config,
 
     inputs = oci_bundle.layer_inputs(paths, name, record, keyring, manifest, config,
                                      layers.Host(**host))
-    return oci_bundle.build(paths, inputs, rootless).prepared
+    return oci_bundle.build(paths, inputs, rootless)
 
 
 def _egress_proxy(paths: HostPaths, name: str, keyring: dict, config, rootless: bool) -> str:
