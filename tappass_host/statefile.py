@@ -67,6 +67,14 @@ def write_runtime_file(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise
 
 
+def prune_oldest(directory: Path, limit: int) -> None:
+    """A bounded cache directory: past `limit` entries, the oldest go until half remain."""
+    entries = list(directory.iterdir())
+    if len(entries) > limit:
+        for entry in sorted(entries, key=lambda e: e.stat().st_mtime_ns)[:len(entries) - limit // 2]:
+            entry.unlink(missing_ok=True)
+
+
 @contextmanager
 def locked(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on the lock file `path` (made 0600 if missing)

@@ -10,6 +10,7 @@ from tappass_host.layers import files as layer_files
 from tappass_host.oci import bundle_cache, field_path, invariants, parent_field
 from tappass_host.oci.render import render
 from tappass_host.paths import HostPaths
+from tappass_host.statefile import prune_oldest
 
 
 def layer_inputs(paths: HostPaths, name: str, record, keyring: dict, manifest, config,
@@ -155,10 +156,7 @@ def _validate_schema(paths: HostPaths, config: dict, config_bytes: bytes, schema
         raise LayerSchemaError(error.field, _layer_of(error.field, provenance), str(error)) from None
     try:
         cache.mkdir(mode=0o700, parents=True, exist_ok=True)
-        entries = list(cache.iterdir())
-        if len(entries) >= SCHEMA_CACHE_ENTRIES:
-            for entry in sorted(entries, key=lambda e: e.stat().st_mtime)[:len(entries) // 2]:
-                entry.unlink(missing_ok=True)
         (cache / key).touch()
+        prune_oldest(cache, SCHEMA_CACHE_ENTRIES)
     except OSError:
         pass  # a cache, nothing more

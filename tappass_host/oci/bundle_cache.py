@@ -51,7 +51,7 @@ from tappass_host import __version__, landlock, systemd
 from tappass_host.oci import rootfs
 from tappass_host.paths import HostPaths
 from tappass_host.processes import is_host_netns
-from tappass_host.statefile import write_runtime_file
+from tappass_host.statefile import prune_oldest, write_runtime_file
 
 FORMAT = 1
 MAX_ENTRIES = 64
@@ -350,11 +350,7 @@ def keep(paths: HostPaths, key: str | None, prepared: Prepared) -> None:
         return
     try:
         write_runtime_file(paths.bundle_cache_entry(key), _encode(key, prepared), 0o600)
-        entries = list(directory.iterdir())
-        if len(entries) > MAX_ENTRIES:
-            by_age = sorted(entries, key=lambda e: e.stat().st_mtime_ns)
-            for entry in by_age[:len(entries) - MAX_ENTRIES // 2]:
-                entry.unlink(missing_ok=True)
+        prune_oldest(directory, MAX_ENTRIES)
     except OSError:
         pass
 
