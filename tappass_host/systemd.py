@@ -10,12 +10,21 @@ then a transient scope `tappass-<name>.scope` in `tappass.slice`, which the
 runtime asks systemd for (its `--systemd-cgroup`, with linux.cgroupsPath
 `tappass.slice:tappass:<name>`), so `systemd-cgls` and `systemctl status
 tappass.slice` show the sandboxes, and restarting a unit never touches them.
-Elsewhere (no systemd as PID 1; rootless) the runtime makes the cgroup
-itself, as before. The driver is off for now (SYSTEMD_DRIVER).
+Rootless, the user's own systemd manager (user@UID.service, running while
+the user is logged in or lingering) plays that part as it does for rootless
+podman: where it runs, with its bus at $XDG_RUNTIME_DIR/bus, on cgroup v2
+with the memory, pids and cpu controllers delegated to it, the scope is
+`tappass-<name>.scope` in the user manager's `tappass.slice` (`systemctl
+--user status tappass.slice`), and the limits are enforced. Without it, a
+rootless sandbox runs degraded (tappass_host.layers.resources), and
+`delegation_advice` says how to get one.
+Elsewhere (no systemd as PID 1) the runtime makes the cgroup itself, as
+before. The system driver is off for now (SYSTEMD_DRIVER).
 """
 
 import os
 import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -41,12 +50,87 @@ SYSTEM_BUS = Path("/run/dbus/system_bus_socket")
 SYSTEMD_DRIVER = False
 
 
+USER_DRIVER = True
+DELEGATED_CONTROLLERS = frozenset({"cpu", "memory", "pids"})
+
+
 def manages_cgroups() -> bool:
-    """Whether sandboxes' cgroups are systemd's to create: the driver is on,
-    systemd is PID 1 (sd_booted(3)), the runtimes can reach it on the system
-    bus, and we are root in the host's user namespace."""
-    return (SYSTEMD_DRIVER and os.path.isdir("/run/systemd/system") and SYSTEM_BUS.exists()
-            and not is_rootless())
+    """Whether sandboxes' cgroups are systemd's to create: systemd is PID 1
+    (sd_booted(3)) and, as root in the host's user namespace, the system
+    driver is on and the runtimes can reach it on the system bus; rootless,
+    the user's own manager is there to ask (user_bus)."""
+    if not os.path.isdir("/run/systemd/system"):
+        return False
+    if is_rootless():
+        return USER_DRIVER and user_bus() is not None
+    return SYSTEMD_DRIVER and SYSTEM_BUS.exists()
+
+
+def user_bus() -> Path | None:
+    """Rootless: the bus of the user's own systemd manager, where it can hold
+    a sandbox's limits (cgroup v2, its cgroup has the controllers of
+    DELEGATED_CONTROLLERS); None otherwise."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if not runtime or not os.path.isabs(runtime):
+        return None
+    bus = Path(runtime) / "bus"
+    uid = host_uid()
+    try:
+        if not stat.S_ISSOCK(bus.stat().st_mode):
+            return None
+        with open(f"/sys/fs/cgroup/user.slice/user-{uid}.slice/user@{uid}.service/"
+                  "cgroup.controllers") as f:
+            delegated = set(f.read().split())
+    except OSError:
+        return None
+    return bus if DELEGATED_CONTROLLERS <= delegated else None
+
+
+def host_uid() -> int:
+    """Our uid in the host's user namespace (rootless tappass-host works as uid
+    0 in the user's own namespace: tappass_host.userns)."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            for line in f:
+                inside, outside, _ = (int(field) for field in line.split())
+                if inside == os.getuid():
+                    return outside
+    except (OSError, ValueError):
+        pass
+    return os.getuid()
+
+
+def delegation_advice() -> str:
+    """Rootless, where the runtime cannot apply cgroup limits: what would
+    give the user a cgroup of its own ("" where nothing would)."""
+    if not (os.path.exists("/sys/fs/cgroup/cgroup.controllers")
+            and os.path.isdir("/run/systemd/system")):
+        return ""  # cgroup v1 is never delegated to a user; without systemd, nothing delegates
+    uid = host_uid()
+    manager = Path(f"/sys/fs/cgroup/user.slice/user-{uid}.slice/user@{uid}.service")
+    if not manager.is_dir():
+        import pwd
+
+        try:
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            user = str(uid)
+        return (f"the user's systemd manager is not running: `loginctl enable-linger {user}` "
+                "(as root) keeps it running")
+    try:
+        delegated = set((manager / "cgroup.controllers").read_text().split())
+    except OSError:
+        delegated = set()
+    missing = sorted(DELEGATED_CONTROLLERS - delegated)
+    if missing:
+        return (f"user@{uid}.service is not delegated the {', '.join(missing)} controller(s): "
+                "as root, a drop-in for user@.service with [Service] Delegate=cpu memory pids, "
+                "then systemctl daemon-reload")
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        return (f"XDG_RUNTIME_DIR is not set: export XDG_RUNTIME_DIR=/run/user/{uid} "
+                "(a login session sets it)")
+    return (f"the user's systemd manager has no bus at {os.environ['XDG_RUNTIME_DIR']}/bus "
+            "(as root: apt-get install dbus-user-session)")
 
 
 def cgroup_flags() -> list[str]:
@@ -57,13 +141,19 @@ def cgroup_flags() -> list[str]:
 def runtime_environ() -> dict[str, str] | None:
     """The environment an OCI runtime runs in (None: ours, as is). Under the
     systemd driver the runtime asks systemd for the sandbox's scope over
-    D-Bus, and sd-bus picks the bus by the caller's cgroup: from a login
-    session, root's included, the user's own manager, where crun made the
-    scope (under user@0.service, seen in the cgroup v2 lane); the system
-    manager owns tappass.slice."""
+    D-Bus. As root, the system manager's: sd-bus picks the bus by the
+    caller's cgroup, and from a login session, root's included, that is the
+    user's own manager, where crun made the scope (under user@0.service, seen
+    in the cgroup v2 lane). Rootless, the user's manager's."""
     if not manages_cgroups():
         return None
-    return {**os.environ, "DBUS_STARTER_BUS_TYPE": "system"}
+    if is_rootless():
+        # runc finds the user's uid behind our namespace with busctl --user.
+        return {**os.environ, "DBUS_STARTER_BUS_TYPE": "user",
+                "DBUS_SESSION_BUS_ADDRESS": f"unix:path={user_bus()}"}
+    environ = {key: value for key, value in os.environ.items()
+               if key not in ("DBUS_SESSION_BUS_ADDRESS", "XDG_RUNTIME_DIR")}
+    return {**environ, "DBUS_STARTER_BUS_TYPE": "system"}
 
 
 def cgroups_path(name: str) -> str:

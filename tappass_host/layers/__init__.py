@@ -43,6 +43,7 @@ class Host:
     machine: str = "x86_64"
     landlock_abi: int = 0
     cgroups: bool = True    # the runtime can apply linux.resources (rootless: often not)
+    cgroups_advice: str = ""  # without them: what would give the user a cgroup of its own
     runtime: str = "crun"   # the OCI runtime that will run the config
     egress_proxy: str = ""  # network mode proxy: the URL of this sandbox's proxy (set by start)
 

@@ -35,7 +35,7 @@ def _rlimit(kind: str, value: int) -> dict:
     return {"type": kind, "hard": value, "soft": value}
 
 
-def _without_cgroups(process: dict, runtime: str) -> LayerResult:
+def _without_cgroups(process: dict, runtime: str, advice: str) -> LayerResult:
     limits = {**DEFAULTS, **process}
     rlimits = [_rlimit("RLIMIT_NPROC", limits["pids_max"])]
     if runtime in DATA_LIMIT_RUNTIMES:
@@ -50,12 +50,13 @@ def _without_cgroups(process: dict, runtime: str) -> LayerResult:
         unavailable=("cgroup memory limit", "cgroup cpu limit"),
         warnings=("resources layer degraded: the runtime cannot apply cgroup limits here "
                   "(rootless, no cgroup delegated to this user): pids_max is applied as "
-                  f"RLIMIT_NPROC, {memory}, cpu_millis is not enforced",))
+                  f"RLIMIT_NPROC, {memory}, cpu_millis is not enforced"
+                  + (f"; to enforce them: {advice}" if advice else ""),))
 
 
 def apply(inputs: LayerInputs) -> LayerResult:
     process = inputs.keyring.get("process", {})
     if not inputs.host.cgroups:
-        return _without_cgroups(process, inputs.host.runtime)
+        return _without_cgroups(process, inputs.host.runtime, inputs.host.cgroups_advice)
     return LayerResult(oci={"linux": {"resources": linux_resources(process)}},
                        hot_reload=frozenset({"process"}))

@@ -85,11 +85,12 @@ class Prepared(NamedTuple):
 def host_facts(agent, rootless: bool, runtime: str, egress_proxy: str = "") -> dict:
     """What the host offers the sandbox, as tappass_host.layers.Host's fields.
     `agent`: the sandbox's tappass_host.ids.AgentIds."""
+    cgroups = not rootless or systemd.manages_cgroups() or _delegated_cgroup()
     return {"rootless": rootless, "agent_uid": agent.uid, "agent_gid": agent.gid,
             "uid_mappings": tuple(agent.uid_mappings), "gid_mappings": tuple(agent.gid_mappings),
             "machine": os.uname().machine, "landlock_abi": landlock.host_abi(),
-            "cgroups": not rootless or _delegated_cgroup(), "runtime": runtime,
-            "egress_proxy": egress_proxy}
+            "cgroups": cgroups, "cgroups_advice": "" if cgroups else systemd.delegation_advice(),
+            "runtime": runtime, "egress_proxy": egress_proxy}
 
 
 def _delegated_cgroup() -> bool:
