@@ -10,8 +10,8 @@ touches the disk.
 
 import os
 import re
+from collections import namedtuple
 from pathlib import Path
-from typing import NamedTuple
 
 from tappass_host.errors import InvalidName
 
@@ -104,9 +104,10 @@ def _default_runtime_dir(state: Path, state_overridden: bool) -> Path:
     return Path(xdg) / "tappass-host" if xdg else state / "run"
 
 
-class SandboxPaths(NamedTuple):
-    root: Path
-    runtime: Path
+# collections.namedtuple, not typing.NamedTuple: every command imports this
+# module, and `typing` alone is a tenth of what `status` costs (issue 13).
+class SandboxPaths(namedtuple("SandboxPaths", "root runtime")):  # both Paths
+    __slots__ = ()
 
     @property
     def record(self) -> Path:
@@ -218,9 +219,8 @@ class SandboxPaths(NamedTuple):
         return self.image_layer / "work"
 
 
-class HostPaths(NamedTuple):
-    state: Path
-    runtime: Path
+class HostPaths(namedtuple("HostPaths", "state runtime")):  # both Paths
+    __slots__ = ()
 
     @classmethod
     def resolve(cls, state_dir: str | os.PathLike | None = None) -> "HostPaths":

@@ -36,12 +36,15 @@ HEAVY_STDLIB = {
     "logging", "urllib.request", "importlib.metadata", "importlib.resources", "zipfile", "csv",
     "decimal", "argparse", "unittest", "pydoc", "pickle", "socket", "tempfile", "random",
 }
-# What each command does not use at all, on top of HEAVY_STDLIB.
+# What each command does not use at all, on top of HEAVY_STDLIB. `typing` (15M
+# instructions, a tenth of `status`), `signal` (its enums) and `importlib` (click's
+# lazy group) are kept off the reading commands' path (issue 13).
+LEAN = {"typing", "signal", "importlib", "subprocess", "ctypes", "tomllib"}
 UNUSED_STDLIB = {
     "start": set(),
     "stop": {"ctypes", "tomllib"},  # its host's config file is empty: nothing to parse
-    "status": {"subprocess", "ctypes", "tomllib"},
-    "logs": {"subprocess", "shutil", "ctypes", "tomllib", "hashlib"},
+    "status": LEAN,
+    "logs": LEAN | {"shutil", "hashlib", "datetime"},
     "_exited": {"tomllib"},  # conmon's exit hook reads no config
 }
 OURS_NEVER = ("tappass_host.daemon", "tappass_host.devplane", "tappass_host.identity",
@@ -83,7 +86,8 @@ def test_the_budget_catches_what_it_forbids():
     assert over_budget("status", {"click.core"}) == ["click.core"]
     assert over_budget("_exited", {"cryptography.hazmat", "click"}) == ["click"]
     assert over_budget("status", {"cryptography.hazmat"}) == ["cryptography.hazmat"]
-    assert over_budget("logs", {"subprocess"}) == ["subprocess"]
+    assert over_budget("logs", {"subprocess", "datetime"}) == ["datetime", "subprocess"]
+    assert over_budget("status", {"datetime", "typing", "signal"}) == ["signal", "typing"]
     assert over_budget("start", {"subprocess", "zipfile"}) == ["zipfile"]
     assert over_budget("start", {"httpx", "jsonschema", "pyroute2", "importlib.metadata",
                                  "tappass_host.oci.schema", "cryptography"}) == [

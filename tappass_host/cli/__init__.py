@@ -7,7 +7,6 @@ everything else goes to the click group, built when it is needed.
 """
 
 import errno
-import importlib
 import json
 import os
 import sys
@@ -137,6 +136,8 @@ def _click_group():
                 return self.commands[name]
             if name not in _COMMANDS:
                 return None
+            import importlib  # not on the hot commands' plain path (issue 13)
+
             module, attr, _ = _COMMANDS[name]
             return _with_common_options(getattr(importlib.import_module(module), attr))
 

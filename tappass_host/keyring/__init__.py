@@ -5,16 +5,16 @@ The values every part of the keyring core shares live here, light to import
 that makes a VerifiedKeyring, store.py puts one on disk.
 """
 
-from datetime import datetime
-from typing import NamedTuple
+from collections import namedtuple
 
 PAYLOAD_TYPE = "application/vnd.tappass.keyring+json"
 MAX_ENVELOPE_BYTES = 1024 * 1024
 
 
-# NamedTuples, not frozen dataclasses: `status` imports this package, and
-# dataclasses (with inspect, ast, dis) would be a quarter of its start-up.
-class KeyringVersion(NamedTuple):
+# collections.namedtuple, not frozen dataclasses nor typing.NamedTuple: `status`
+# imports this package, and dataclasses (with inspect, ast, dis) would be a
+# quarter of its start-up, typing a tenth (issue 13).
+class KeyringVersion(namedtuple("KeyringVersion", "policy_version issued_at")):
     """A keyring's place in its sandbox's history, ordered by
     (policy_version, issued_at).
 
@@ -23,8 +23,7 @@ class KeyringVersion(NamedTuple):
     other are the same version on disk.
     """
 
-    policy_version: int
-    issued_at: datetime
+    __slots__ = ()  # policy_version: int, issued_at: datetime
 
     @property
     def dirname(self) -> str:
@@ -33,22 +32,19 @@ class KeyringVersion(NamedTuple):
                f"{self.issued_at:%m%dT%H%M%SZ}"
 
 
-class VerifiedKeyring(NamedTuple):
-    payload: dict
-    payload_bytes: bytes
-    envelope_bytes: bytes
-    version: KeyringVersion
-    expires_at: datetime
-    sha256: str
+class VerifiedKeyring(namedtuple("VerifiedKeyring", "payload payload_bytes envelope_bytes "
+                                                   "version expires_at sha256")):
+    # payload: dict, payload_bytes and envelope_bytes: bytes, version: KeyringVersion,
+    # expires_at: datetime, sha256: str
+    __slots__ = ()
 
     def __repr__(self) -> str:  # the payload and its bytes stay out of logs
         return (f"VerifiedKeyring(version={self.version!r}, expires_at={self.expires_at!r}, "
                 f"sha256={self.sha256!r})")
 
 
-class Limits(NamedTuple):
+class Limits(namedtuple("Limits", "memory_mb pids_max cpu_millis",
+                        defaults=(16384, 4096, 8000))):
     """Host maxima for the `process` aspect (config `limits`)."""
 
-    memory_mb: int = 16384
-    pids_max: int = 4096
-    cpu_millis: int = 8000
+    __slots__ = ()

@@ -41,7 +41,6 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path, PurePosixPath
-from typing import Generic, TypeVar
 
 from tappass_host.clock import parse_timestamp
 from tappass_host.errors import TappassError
@@ -60,8 +59,6 @@ _VERSION_DIR = re.compile(r"\.\.v(\d{10})-(\d{8}T\d{6}Z)")
 FILE_MODE = 0o440
 DIR_MODE = 0o550
 TOP_MODE = 0o750
-
-T = TypeVar("T")
 
 
 def _version_of(dirname: str) -> KeyringVersion | None:
@@ -166,7 +163,7 @@ class KeyringStore:
         except OSError:
             return False
 
-    def follow(self, derive: Callable[[dict], T]) -> "Follower[T]":
+    def follow(self, derive: Callable[[dict], object]) -> "Follower":
         """`derive(current payload)`, derived again only after a flip."""
         return Follower(self.dir / KEYRING_PAYLOAD, derive)
 
@@ -277,19 +274,19 @@ class KeyringStore:
                 _remove_tree(self.dir / entry)
 
 
-class Follower(Generic[T]):
+class Follower:  # not typing.Generic: `status` imports this module (issue 13)
     """What a reader keeps of the current payload (`derive` of it), derived
     again only when `keyring.json` names another file. One open and one
     fstat when it does not: the egress proxy asks at every connection."""
 
-    def __init__(self, payload: Path, derive: Callable[[dict], T]):
+    def __init__(self, payload: Path, derive: Callable[[dict], object]):
         self._payload = payload
         self._derive = derive
         self._stamp: tuple | None = None
-        self._derived: T | None = None
+        self._derived = None
 
-    def current(self) -> T | None:
-        """None when there is no current payload, or none readable."""
+    def current(self):
+        """`derive` of the current payload; None when there is none, or none readable."""
         try:
             fd = os.open(self._payload, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:

@@ -5,22 +5,27 @@ under are all read from these.
 """
 
 import json
-import signal as signals
 from contextlib import contextmanager
 from pathlib import Path
 
-from tappass_host import clock, statefile
+from tappass_host import statefile
 from tappass_host.errors import NotFound, TappassError
 from tappass_host.paths import HostPaths, SandboxPaths
 from tappass_host.processes import process_alive
-from tappass_host.runtime.monitor import MonitorFiles
+
+# clock (datetime), signal and runtime.monitor (typing) are imported where an
+# exit is read or written: `logs`, `status` and `stop` mostly never get there
+# (issue 13: `signal` alone is 3M instructions, datetime 5M).
 
 
 class LifecycleError(TappassError):
     pass
 
 
-def monitor_files(sandbox: SandboxPaths) -> MonitorFiles:
+def monitor_files(sandbox: SandboxPaths):
+    """conmon's files of the sandbox's run (runtime.monitor.MonitorFiles)."""
+    from tappass_host.runtime.monitor import MonitorFiles
+
     return MonitorFiles(sandbox.runtime)
 
 
@@ -97,6 +102,7 @@ def write_exit(paths: HostPaths, name: str, code: int | None, oom: bool,
     here for the run that started at `started_at`; the second one returns the
     first one's record without a second audit event. The daemon's supervision
     is told at once (a datagram to its doorbell, if it listens)."""
+    from tappass_host import clock
     from tappass_host.runtime import doorbell
 
     sandbox = paths.sandbox(name)
@@ -115,6 +121,8 @@ def write_exit(paths: HostPaths, name: str, code: int | None, oom: bool,
 
 
 def exit_details(code: int | None, oom: bool, finished_at: str | None) -> dict:
+    import signal as signals
+
     signal = code - 128 if code is not None and code > 128 else None
     return {"code": code, "signal": signals.Signals(signal).name if signal and
             signal in signals.Signals._value2member_map_ else signal,
