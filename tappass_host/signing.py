@@ -1,17 +1,15 @@
 """Ed25519 keys in the text form the contracts use: `ed25519:<base64 raw key>`.
 
 A key's id is the hex SHA-256 of its raw 32-byte public key (the DSSE keyid).
+Keys are cryptography's Ed25519PrivateKey and Ed25519PublicKey, imported
+where a key is made or read: importing this module for PREFIX (the audit log's
+readers, a `stop` whose exit hook signed its record) costs no cryptography
+(issue 13).
 """
 
 import base64
 import binascii
-import hashlib
 from pathlib import Path
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
 
 from tappass_host.errors import TappassError
 
@@ -27,7 +25,10 @@ class BadKey(TappassError):
     """A key string is not `ed25519:<base64 of 32 bytes>`."""
 
 
-def public_key_from_text(text: str) -> Ed25519PublicKey:
+def public_key_from_text(text: str):
+    """The Ed25519PublicKey of `ed25519:<base64>`."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     if not isinstance(text, str) or not text.startswith(PREFIX):
         raise BadKey("signing key must look like 'ed25519:<base64>'")
     try:
@@ -39,24 +40,31 @@ def public_key_from_text(text: str) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(raw)
 
 
-def raw_public(key: Ed25519PublicKey) -> bytes:
+def raw_public(key) -> bytes:
     return key.public_bytes_raw()
 
 
-def public_key_to_text(key: Ed25519PublicKey) -> str:
+def public_key_to_text(key) -> str:
     return PREFIX + base64.b64encode(raw_public(key)).decode("ascii")
 
 
-def key_id(key: Ed25519PublicKey) -> str:
+def key_id(key) -> str:
+    import hashlib
+
     return hashlib.sha256(raw_public(key)).hexdigest()
 
 
-def generate() -> Ed25519PrivateKey:
+def generate():
+    """A new Ed25519PrivateKey."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     return Ed25519PrivateKey.generate()
 
 
-def load_or_create_private_key(path: Path) -> Ed25519PrivateKey:
-    """Load a PEM Ed25519 key, creating it (0600, O_EXCL) on first use."""
+def load_or_create_private_key(path: Path):
+    """Load a PEM Ed25519 key (Ed25519PrivateKey), creating it (0600, O_EXCL) on first use."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     path = Path(path)
     try:
         pem = path.read_bytes()
@@ -87,8 +95,10 @@ def load_or_create_private_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def _pkcs8_ed25519(pem: bytes) -> Ed25519PrivateKey | None:
-    """The key of an unencrypted PKCS#8 Ed25519 PEM; None for any other PEM."""
+def _pkcs8_ed25519(pem: bytes):
+    """The key (Ed25519PrivateKey) of an unencrypted PKCS#8 Ed25519 PEM; None for any other PEM."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     lines = pem.strip().splitlines()
     if len(lines) < 3 or lines[0] != b"-----BEGIN PRIVATE KEY-----" \
             or lines[-1] != b"-----END PRIVATE KEY-----":

@@ -7,14 +7,13 @@ disagree on such input could disagree on what was signed.
 
 import json
 import math
-from typing import Any
 
 
 class StrictJSONError(ValueError):
     pass
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
     obj = {}
     for key, value in pairs:
         if key in obj:
@@ -23,7 +22,7 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict:
     return obj
 
 
-def _reject_constant(name: str) -> Any:
+def _reject_constant(name: str):
     raise StrictJSONError(f"non-finite number {name}")
 
 
@@ -34,7 +33,7 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def loads(data: bytes | str) -> Any:
+def loads(data: bytes | str):
     """Parse strict JSON; raises StrictJSONError on anything not strict."""
     if isinstance(data, bytes):
         try:
@@ -52,7 +51,7 @@ def loads(data: bytes | str) -> Any:
         raise StrictJSONError("not valid JSON") from exc
 
 
-def canonical(value: Any) -> bytes:
+def canonical(value) -> bytes:
     """Sorted keys, no whitespace, UTF-8: the encoding hashes and signatures cover."""
     return json.dumps(
         value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False

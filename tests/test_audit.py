@@ -120,6 +120,36 @@ def test_bad_event_name_or_sandbox_is_rejected(log, paths):
     assert not paths.audit_log.exists()
 
 
+def test_events_appended_together_are_chained_lines_of_one_write_and_one_fsync(
+        log, paths, monkeypatch):
+    import os
+
+    log.append("sandbox.started", "web")
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or fsync(fd))  # counts, then syncs
+    exited, stopped = log.append_all([("sandbox.exited", {"code": 0}),
+                                      ("sandbox.stopped", {"code": 0, "by": "operator"})], "web")
+    assert len(synced) == 1
+    assert read_lines(paths.audit_log)[1:] == [encode(exited), encode(stopped)]
+    assert (exited["seq"], stopped["seq"], stopped["prev_hash"]) == (2, 3, exited["hash"])
+    assert log.verify() == (True, 3, None, None)
+    with pytest.raises(AuditError):  # one bad name: nothing of the batch is written
+        log.append_all([("sandbox.exited", {}), ("Bad Name", {})], "web")
+    assert len(read_lines(paths.audit_log)) == 3
+
+
+def test_events_after_a_mark_are_those_appended_since(log, paths):
+    assert log.end() == 0 and log.events_after(0) == []
+    fill(log, 2)
+    mark = log.end()
+    assert mark == paths.audit_log.stat().st_size and log.events_after(mark) == []
+    third = log.append("sandbox.stopped", "web", {"by": "operator"})
+    with open(paths.audit_log, "ab") as f:
+        f.write(b"not json\n")  # a damaged line is left out, not an error
+    assert log.events_after(mark) == [third]
+    assert [e["seq"] for e in log.events_after(0)] == [1, 2, 3]
+
+
 # --- verify ------------------------------------------------------------------
 
 

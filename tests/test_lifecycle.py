@@ -48,6 +48,15 @@ def audit_events(host, name=None) -> list[str]:
     return [e["event"] for e in read_audit(host.paths.audit_log, sandbox=name)]
 
 
+def ends_recorded(host, name) -> list[tuple]:
+    """(seq, event, details) of `name`'s sandbox.exited and sandbox.stopped events;
+    the audit log verified."""
+    assert host.run("audit", "verify").returncode == 0
+    return [(e["seq"], e["event"], e["details"].get("code"), e["details"].get("by"))
+            for e in read_audit(host.paths.audit_log, sandbox=name)
+            if e["event"] in ("sandbox.exited", "sandbox.stopped")]
+
+
 def nothing_left(host, runtime, name) -> None:
     """No runtime dir, no container, no sandbox.started for `name`."""
     assert not host.paths.sandbox(name).runtime.exists(), \
@@ -193,6 +202,10 @@ def test_stop_escalates_to_sigkill(runtime, host):
     assert host.exit_record(name)["code"] == 137
     assert host.exit_record(name)["signal"] == "SIGKILL"
     assert host.status(name)["state"] == "exited"
+    # the exit and the stop that caused it: one record each, appended together
+    (seq, *exited), stopped = ends_recorded(host, name)
+    assert exited == ["sandbox.exited", 137, None]
+    assert stopped == (seq + 1, "sandbox.stopped", 137, "operator")
 
 
 def test_logs_show_a_long_line_whole_and_tail(runtime, host):
@@ -276,6 +289,10 @@ def test_stop_stops_a_foreground_sandbox(runtime, host):
         if proc.poll() is None:
             proc.kill()
     assert host.status(name)["state"] == "exited"
+    # recorded by the attached start's own process, the stop with the exit
+    (seq, *exited), stopped = ends_recorded(host, name)
+    assert exited == ["sandbox.exited", 0, None]
+    assert stopped == (seq + 1, "sandbox.stopped", 0, "operator")
 
 
 # --- refusals -----------------------------------------------------------------------
@@ -293,6 +310,14 @@ def test_starting_a_running_sandbox_and_stopping_a_stopped_one_are_clear_errors(
     assert host.run("stop", name, "--timeout", "5").returncode == 0
     error = one_line_error(host.run("stop", name))
     assert error == f"tappass-host: error: sandbox {name!r} is not running"
+    assert [e[1] for e in ends_recorded(host, name)] == ["sandbox.exited", "sandbox.stopped"]
+    # a run that ended on its own: a stop finds it exited, and records no stop
+    agent = write_agent(host.root / "quick", ["/bin/true"])
+    assert host.start(name, agent, runtime).returncode == 0
+    host.wait_exited(name)
+    assert "is not running" in one_line_error(host.run("stop", name))
+    ends = wait_for(lambda: (e := ends_recorded(host, name))[2:] and e, what="its exit recorded")
+    assert [e[1] for e in ends] == ["sandbox.exited", "sandbox.stopped", "sandbox.exited"]
     never = host.enroll(unique_name("never", runtime))
     assert "is not running" in one_line_error(host.run("stop", never))
     assert "no sandbox named" in one_line_error(host.run("stop", "ghost"))

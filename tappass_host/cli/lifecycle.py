@@ -56,7 +56,9 @@ def stop(host, name, timeout):
     if not runstate.is_running(sandbox):
         raise stopping.not_running(host.paths, name)
     state = runstate.read_json(runstate.state_file(sandbox)) or {}
-    runtime = runstate.runtime_of(host.paths, state, host.config["runtime"])
+    # the config (tomllib: 40M instructions) only for a run whose state names no runtime
+    runtime = runstate.runtime_of(host.paths, state, None if state.get("runtime")
+                                  else host.config["runtime"])
     exit_record = stopping.stop(host.paths, name, runtime, timeout)
     host.emit({"name": name, "exit": exit_record},
               f"{name}: stopped (exit code {exit_record.get('code')})")

@@ -100,8 +100,11 @@ def write_exit(paths: HostPaths, name: str, code: int | None, oom: bool,
 
     Exactly once per run: the exit hook and `stop`'s fallback may both get
     here for the run that started at `started_at`; the second one returns the
-    first one's record without a second audit event. The daemon's supervision
-    is told at once (a datagram to its doorbell, if it listens)."""
+    first one's record without a second audit event. A run that `stop` ended
+    (`stop_signalled` in its state.json) gets its `sandbox.stopped` event in the
+    same append as `sandbox.exited`: one fsync for both, and the stop's own
+    process signs nothing (runtime.stop.stop). The daemon's supervision is
+    told at once (a datagram to its doorbell, if it listens)."""
     from tappass_host import clock
     from tappass_host.runtime import doorbell
 
@@ -113,9 +116,13 @@ def write_exit(paths: HostPaths, name: str, code: int | None, oom: bool,
             return previous
         record = {**exit_details(code, oom, clock.now_text("microseconds")), "started_at": started_at}
         statefile.write_atomic(sandbox.exit_record, json.dumps(record).encode(), 0o644)
+        events = [("sandbox.exited", record)]
+        state = read_json(state_file(sandbox)) or {}
+        if started_at and state.get("started_at") == started_at and state.get("stop_signalled"):
+            events.append(("sandbox.stopped", {"code": code, "by": state["stopped_by"]}))
         from tappass_host.audit import AuditLog
 
-        AuditLog.for_host(paths).append("sandbox.exited", sandbox=name, details=record)
+        AuditLog.for_host(paths).append_all(events, sandbox=name)
     doorbell.ring(paths, name)
     return record
 

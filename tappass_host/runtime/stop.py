@@ -1,7 +1,7 @@
 """The end of a run: `stop`, conmon's exit hook, and what both undo after
 the agent (its network namespace, its workspace's mount)."""
 
-from tappass_host import clock
+from tappass_host import statefile
 from tappass_host.errors import TappassError, describe
 from tappass_host.paths import HostPaths
 from tappass_host.processes import process_alive, wait_until
@@ -21,12 +21,20 @@ def stop(paths: HostPaths, name: str, runtime, timeout: float = 10,
     """Stop a running sandbox. `intent` (operator | expiry | policy_change |
     image_revoked) is
     recorded in state.json before the signal: the daemon's supervision never
-    restarts a sandbox stopped on purpose (supervision.py)."""
+    restarts a sandbox stopped on purpose (supervision.py). So is
+    `stop_signalled`: whoever records the exit (conmon's exit hook, as a rule)
+    appends `sandbox.stopped` with `sandbox.exited` (runstate.write_exit), and
+    this process appends it only if no one did, e.g. when the agent ended on
+    its own before the signal: it signs nothing when the hook did (issue 13)."""
+    from tappass_host.audit import AuditLog
+
     sandbox = paths.sandbox(name)
     state = read_json(state_file(sandbox))
     if not state or not is_running(sandbox):
         raise not_running(paths, name)
-    write_state(sandbox, {**state, "stopped_by": intent})
+    audit = AuditLog.for_host(paths)
+    mark = audit.end()  # a sandbox.stopped of `name` after here is this stop's
+    write_state(sandbox, {**state, "stopped_by": intent, "stop_signalled": True})
     cid = container_id(name)
     runtime.kill(cid, "SIGTERM")
     if not wait_until(lambda: not process_alive(state["pid"]), timeout):
@@ -40,6 +48,8 @@ def stop(paths: HostPaths, name: str, runtime, timeout: float = 10,
         exit_record = (read_json(sandbox.exit_record) if hook_ran
                        else record_exit_from_monitor(paths, name))
     except (OSError, TappassError) as exc:
+        from tappass_host import clock
+
         files = monitor_files(sandbox)
         exit_record = exit_details(files.exit_code(), files.oom_killed(), clock.now_text("microseconds"))
         unrecorded.append(("its exit", exc))
@@ -47,11 +57,13 @@ def stop(paths: HostPaths, name: str, runtime, timeout: float = 10,
     detach_network(paths, name)
     release_workspace(paths, name)
     release_image_root(paths, name)
-    from tappass_host.audit import AuditLog
-
     try:
-        AuditLog.for_host(paths).append("sandbox.stopped", sandbox=name,
-                                        details={"code": exit_record.get("code"), "by": intent})
+        with statefile.locked(sandbox.exit_lock):  # the exit's appends are done
+            recorded = any(e.get("event") == "sandbox.stopped" and e.get("sandbox") == name
+                           for e in audit.events_after(mark))
+        if not recorded:
+            audit.append("sandbox.stopped", sandbox=name,
+                         details={"code": exit_record.get("code"), "by": intent})
     except (OSError, TappassError) as exc:
         unrecorded.append(("the stop", exc))
     if intent == "operator":  # not brought back after a reboot either (supervision.py)
