@@ -3,7 +3,8 @@ perf counters) of the hot commands, from a non-editable install in a venv of
 its own (bench/_installed.py): `python -c pass` of that venv, `status`,
 `status NAME`, `logs NAME --tail 1`, `stop NAME` (the stop's own process; it
 waits for conmon's exit hook, counted apart), conmon's exit hook as conmon
-runs it (runtime.start.exit_command, on the exit stop just recorded) and
+runs it (runtime.start.exit_command, on the exit stop just recorded; their sum
+`stop_plus_exit_hook`: the hook appends the stop's record with the exit's) and
 `start NAME --foreground --rm` of /bin/true (the CLI's process only: not the
 runtime's, conmon's or the sandbox's; valgrind does not know the Landlock
 system calls, so the host's config says kernel_layer = "best-effort" and the
@@ -26,7 +27,7 @@ import shutil
 import subprocess
 
 from _installed import installed_cli
-from _sandboxes import ensure_crun_works, new_host, run, unique_name, write_agent
+from _sandboxes import ensure_crun_works, new_host, unique_name, write_agent
 
 STOPPABLE = ["/bin/sh", "-c", "trap 'exit 0' TERM; echo ready; sleep 1000 & wait"]
 
@@ -77,6 +78,12 @@ def count(cli, host, runtime: str) -> dict:
     host.paths.sandbox(stoppable).exit_record.unlink()
     figures["exit_hook"] = instructions(hook)
     assert host.exit_record(stoppable)["code"] == 0  # the hook really recorded the exit
+    # what a stop costs in all: its own process and the hook it waits for (the hook
+    # appends the stop's record with the exit's since issue 13)
+    figures["stop_plus_exit_hook"] = round(figures["stop"] + figures["exit_hook"], 1)
+    figures["ratio_to_python_c_pass"] = {
+        key: round(value / figures["python_c_pass"], 2) for key, value in figures.items()
+        if key in ("status", "status_name", "logs_tail_1", "stop")}
     return figures
 
 
@@ -102,7 +109,8 @@ def main() -> None:
         if "baseline" in out:
             out["baseline_wheel"] = args.baseline_wheel
             out["this_vs_baseline"] = {key: round(out["this"][key] / out["baseline"][key], 2)
-                                       for key in out["this"]}
+                                       for key in out["this"] if key in out["baseline"]
+                                       and not isinstance(out["this"][key], dict)}
         print(json.dumps(out, indent=2))
     finally:
         for cli in clis.values():

@@ -47,7 +47,7 @@ UNUSED_STDLIB = {
     # hashed or signed, no timestamp made
     "stop": {"ctypes", "tomllib", "hashlib", "datetime"},
     "status": LEAN,
-    "logs": LEAN | {"shutil", "hashlib", "datetime"},
+    "logs": LEAN | {"shutil", "hashlib", "datetime", "contextlib"},
     "_exited": {"tomllib"},  # conmon's exit hook reads no config
 }
 OURS_NEVER = ("tappass_host.daemon", "tappass_host.devplane", "tappass_host.identity",

@@ -5,17 +5,16 @@ under are all read from these.
 """
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
-from tappass_host import statefile
 from tappass_host.errors import NotFound, TappassError
 from tappass_host.paths import HostPaths, SandboxPaths
 from tappass_host.processes import process_alive
 
-# clock (datetime), signal and runtime.monitor (typing) are imported where an
-# exit is read or written: `logs`, `status` and `stop` mostly never get there
-# (issue 13: `signal` alone is 3M instructions, datetime 5M).
+# clock (datetime), signal, runtime.monitor and statefile (contextlib) are
+# imported where an exit is read or written, or state written: `logs` and
+# `status` never get there (issue 13: signal alone is 3M instructions,
+# datetime 5M, contextlib 3M).
 
 
 class LifecycleError(TappassError):
@@ -41,6 +40,8 @@ def read_json(path: Path) -> dict | None:
 
 
 def write_state(sandbox: SandboxPaths, state: dict) -> None:
+    from tappass_host import statefile
+
     sandbox.runtime.mkdir(parents=True, exist_ok=True)
     statefile.write_runtime_file(state_file(sandbox), json.dumps(state, indent=2).encode(), 0o644)
 
@@ -63,12 +64,13 @@ def is_running(sandbox: SandboxPaths) -> bool:
     return process_alive(state.get("conmon_pid"), "conmon") and process_alive(state.get("pid"))
 
 
-@contextmanager
 def host_lock(paths: HostPaths):
-    """Serializes starts, so `max_sandboxes` holds under concurrent starts."""
+    """Serializes starts, so `max_sandboxes` holds under concurrent starts
+    (`with host_lock(paths):`)."""
+    from tappass_host import statefile
+
     paths.runtime.mkdir(parents=True, exist_ok=True)
-    with statefile.locked(paths.start_lock):
-        yield
+    return statefile.locked(paths.start_lock)
 
 
 def running_names(paths: HostPaths) -> list[str]:
@@ -105,7 +107,7 @@ def write_exit(paths: HostPaths, name: str, code: int | None, oom: bool,
     same append as `sandbox.exited`: one fsync for both, and the stop's own
     process signs nothing (runtime.stop.stop). The daemon's supervision is
     told at once (a datagram to its doorbell, if it listens)."""
-    from tappass_host import clock
+    from tappass_host import clock, statefile
     from tappass_host.runtime import doorbell
 
     sandbox = paths.sandbox(name)
