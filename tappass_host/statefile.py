@@ -10,8 +10,6 @@ file or the complete new one, never a prefix. Sequence:
 
 import fcntl
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -75,13 +73,22 @@ def prune_oldest(directory: Path, limit: int) -> None:
             entry.unlink(missing_ok=True)
 
 
-@contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the lock file `path` (made 0600 if missing)
-    for the block; the kernel drops it if the process dies."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+class locked:
+    """`with locked(path):` holds an exclusive lock on the lock file `path`
+    (made 0600 if missing) for the block; the kernel drops it if the process
+    dies. A class, not a contextlib.contextmanager: contextlib is 3M
+    instructions of `status`, which imports this module and never locks (issue 13)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> None:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)

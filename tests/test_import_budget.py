@@ -46,7 +46,7 @@ UNUSED_STDLIB = {
     # its run's state.json names the runtime: the config (tomllib) is not read; nothing
     # hashed or signed, no timestamp made
     "stop": {"ctypes", "tomllib", "hashlib", "datetime"},
-    "status": LEAN,
+    "status": LEAN | {"contextlib"},  # it reads; statefile and keyring.store lock for writers
     "logs": LEAN | {"shutil", "hashlib", "datetime", "contextlib"},
     "_exited": {"tomllib"},  # conmon's exit hook reads no config
 }

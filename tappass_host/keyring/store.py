@@ -38,7 +38,6 @@ import json
 import os
 import re
 from collections.abc import Callable
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 
@@ -121,14 +120,20 @@ class KeyringStore:
         self.lock_path = Path(lock_path)
         self.group = group  # the agent's gid: files are root:<group>
 
-    @contextmanager
     def transaction(self):
-        """Hold the store's lock, with leftovers of a crashed write removed."""
-        self.dir.parent.mkdir(parents=True, exist_ok=True)
-        with locked(self.lock_path):
-            self._prepare_top()
-            self.recover()
-            yield self
+        """Hold the store's lock, with leftovers of a crashed write removed
+        (`with store.transaction():`; contextlib imported here, not by `status`,
+        which only reads: issue 13)."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def held():
+            self.dir.parent.mkdir(parents=True, exist_ok=True)
+            with locked(self.lock_path):
+                self._prepare_top()
+                self.recover()
+                yield self
+        return held()
 
     def _prepare_top(self) -> None:
         self.dir.mkdir(mode=TOP_MODE, exist_ok=True)
