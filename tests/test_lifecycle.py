@@ -186,6 +186,37 @@ def test_an_oom_killed_foreground_agent_is_reported(runtime, host):
     assert (host.exit_record(name)["signal"], host.exit_record(name)["oom"]) == ("SIGKILL", False)
 
 
+def test_stop_invokes_the_runtime_only_to_signal_and_delete(runtime, host, tmp_path):
+    """The runtime start found on PATH is not asked its --version by stop (start
+    never asks it); one configured by `runtime_path`, not on PATH, still is, as
+    start asks it."""
+    wrappers, calls = tmp_path / "bin", tmp_path / "calls"
+    wrappers.mkdir()
+    wrapper = wrappers / runtime  # logs each invocation, then is the real runtime
+    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {calls}\nexec {shutil.which(runtime)} "$@"\n')
+    wrapper.chmod(0o755)
+    env = {**os.environ, "PATH": f"{wrappers}:{os.environ['PATH']}"}
+    name = host.enroll(unique_name("calls", runtime))
+    agent = write_agent(host.root / "agent", [
+        "/bin/sh", "-c", "trap 'exit 0' TERM; echo ready; sleep 1000 & wait"])
+
+    def stop_calls() -> list[str]:
+        host.started.append(name)
+        assert host.run("start", name, "--agent", str(agent), "--runtime", runtime,
+                        env=env).returncode == 0
+        host.wait_log(name, "ready")
+        calls.write_text("")
+        assert host.run("stop", name, "--timeout", "5", env=env).returncode == 0
+        return [" ".join(line.split()[-3:]) for line in calls.read_text().splitlines()]
+
+    assert stop_calls() == [f"kill tappass-{name} SIGTERM", f"delete --force tappass-{name}"]
+    host.configure(f'runtime = "{runtime}"\nruntime_path = "{wrapper}"\n')  # checked again
+    env["PATH"] = os.environ["PATH"]
+    assert stop_calls() == ["--version", f"kill tappass-{name} SIGTERM",
+                            f"delete --force tappass-{name}"]
+    assert host.exit_record(name)["code"] == 0
+
+
 def test_stop_escalates_to_sigkill(runtime, host):
     name = host.enroll(unique_name("stubborn", runtime))
     agent = python_agent(host.root / "agent", """

@@ -48,11 +48,21 @@ def write_state(sandbox: SandboxPaths, state: dict) -> None:
 
 def runtime_of(paths: HostPaths, state: dict, default: str | None = None):
     """The OCI runtime (runtime.ociruntime.OCIRuntime) of the run `state` describes:
-    the same runtime and binary; `default` when state.json names none."""
+    the same runtime and binary; `default` when state.json names none.
+
+    A binary start found on PATH is found there again, as start found it; one
+    that is not (config `runtime_path`) is checked again as start checked it
+    (its `--version`). Before, every stop ran `<runtime> --version` of the
+    binary on PATH too, a runtime invocation start never made (issue 13)."""
+    import shutil
+
     from tappass_host.runtime.ociruntime import OCIRuntime
 
-    return OCIRuntime.find(state.get("runtime") or default, paths.runtime,
-                           state.get("runtime_binary", ""))
+    name = state.get("runtime") or default
+    recorded = state.get("runtime_binary", "")
+    if recorded and recorded == shutil.which(name or ""):
+        recorded = ""
+    return OCIRuntime.find(name, paths.runtime, recorded)
 
 
 def is_running(sandbox: SandboxPaths) -> bool:
