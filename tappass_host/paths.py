@@ -33,6 +33,7 @@ CONMON_EXITS = "exits"
 CONMON_PERSIST = "persist"
 CONMON_EXIT_CODE = "exit"
 CONMON_OOM = "oom"
+OOM_BASELINE = "oom-baseline"  # the sandbox's OOM-kill counter, and its value at the start
 # An attached (foreground) run's files beside its bundle (tappass_host.runtime.attached):
 ATTACHED_PID = "attached.pid"
 RUNTIME_LOG = "runtime.log"  # the OCI runtime's own messages

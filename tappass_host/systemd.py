@@ -6,10 +6,11 @@ tappass-host this code was installed with (a venv, /usr/local, …), so an
 installed unit always starts the same tappass-host that installed it.
 
 Where systemd is PID 1, it owns the cgroup tree: each sandbox's cgroup is
-then a transient scope `tappass-<name>.scope` in `tappass.slice`, which the
-runtime asks systemd for (its `--systemd-cgroup`, with linux.cgroupsPath
-`tappass.slice:tappass:<name>`), so `systemd-cgls` and `systemctl status
-tappass.slice` show the sandboxes, and restarting a unit never touches them.
+then a transient scope `tappass-<name>.scope` in the sandbox's own slice in
+`tappass.slice`, which the runtime asks systemd for (its `--systemd-cgroup`,
+with linux.cgroupsPath `tappass-<name>.slice:tappass:<name>`), so
+`systemd-cgls` and `systemctl status tappass.slice` show the sandboxes, and
+restarting a unit never touches them.
 Rootless, the user's own systemd manager (user@UID.service, running while
 the user is logged in or lingering) plays that part as it does for rootless
 podman: where it runs, with its bus at $XDG_RUNTIME_DIR/bus, on cgroup v2
@@ -158,8 +159,18 @@ def runtime_environ() -> dict[str, str] | None:
 
 def cgroups_path(name: str) -> str:
     """linux.cgroupsPath of sandbox `name` under the systemd driver: the
-    scope tappass-<name>.scope in tappass.slice."""
-    return f"{SLICE}:{SCOPE_PREFIX}:{name}"
+    scope tappass-<name>.scope in the sandbox's own slice (sandbox_slice)."""
+    return f"{sandbox_slice(name)}:{SCOPE_PREFIX}:{name}"
+
+
+def sandbox_slice(name: str) -> str:
+    """The slice of sandbox `name`'s scope, in tappass.slice (a dash in a
+    slice's name means nesting: the name's own are escaped). systemd removes
+    a scope, and its cgroup, as soon as its last process ends, before
+    conmon can read the OOM kill from it (conmon#426, seen in the cgroup v2
+    lane); the slice stays, and counts its scopes' OOM kills
+    (tappass_host.runtime.attached.oom_counter)."""
+    return f"{SCOPE_PREFIX}-{name.replace('-', chr(92) + 'x2d')}.slice"
 
 
 def executable() -> str:

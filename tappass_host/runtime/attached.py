@@ -34,6 +34,21 @@ def become_subreaper() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
+def oom_counter(pid: int) -> Path | None:
+    """The OOM-kill counter that counts `pid`'s sandbox and outlives it: its
+    own cgroup's (memory_events), or, where systemd holds the sandbox in a
+    scope, which goes with the sandbox's last process, its slice's
+    (tappass_host.systemd.sandbox_slice; memory.events counts the kills of
+    every cgroup below)."""
+    events = memory_events(pid)
+    if events is None or events.name != "memory.events":
+        return events
+    for directory in events.parents:
+        if directory.name.startswith("tappass-") and directory.name.endswith(".slice"):
+            return directory / "memory.events"
+    return events
+
+
 def memory_events(pid: int) -> Path | None:
     """The file holding the OOM-kill counter of `pid`'s memory cgroup."""
     try:
@@ -88,7 +103,7 @@ def run(runtime, cid: str, bundle: Path) -> Exit:
     finally:
         pid_file.unlink(missing_ok=True)
         log.unlink(missing_ok=True)
-    events = memory_events(pid)
+    events = oom_counter(pid)
     before = oom_kills(events)
 
     def forward(signum, _frame):

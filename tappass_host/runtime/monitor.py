@@ -49,8 +49,31 @@ class MonitorFiles(NamedTuple):
         except (FileNotFoundError, ValueError):
             return None
 
+    @property
+    def oom_baseline(self) -> Path:
+        return self.root / paths.OOM_BASELINE
+
     def oom_killed(self) -> bool:
-        return (self.persist / paths.CONMON_OOM).exists()
+        """conmon saw an OOM kill, or the counter that outlives the sandbox
+        (attached.oom_counter) rose since the start: conmon misses the kill
+        when the cgroup is gone before it reads it."""
+        if (self.persist / paths.CONMON_OOM).exists():
+            return True
+        from tappass_host.runtime.attached import oom_kills
+
+        try:
+            counter, _, before = self.oom_baseline.read_text().rpartition("\n")
+            return bool(counter) and oom_kills(Path(counter)) > int(before)
+        except (OSError, ValueError):
+            return False
+
+    def note_oom_baseline(self, pid: int) -> None:
+        """Keep the OOM-kill counter of the agent `pid`'s sandbox, as it is now."""
+        from tappass_host.runtime.attached import oom_counter, oom_kills
+
+        counter = oom_counter(pid)
+        if counter is not None:
+            self.oom_baseline.write_text(f"{counter}\n{oom_kills(counter)}")
 
 
 def find_conmon(override: str = "") -> str:
@@ -74,7 +97,8 @@ def launch(runtime, conmon: str, cid: str, bundle: Path, files: MonitorFiles,
     for directory in (files.exits, files.persist):
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
-    for stale in (files.conmon_pid, files.container_pid, files.root / paths.CONMON_OOM):
+    for stale in (files.conmon_pid, files.container_pid, files.root / paths.CONMON_OOM,
+                  files.oom_baseline):
         stale.unlink(missing_ok=True)  # an earlier run's: never mistaken for this one's
     runtime.root.mkdir(parents=True, exist_ok=True)
     argv = [
@@ -115,4 +139,5 @@ def launch(runtime, conmon: str, cid: str, bundle: Path, files: MonitorFiles,
     if not isinstance(pid, int) or pid <= 0:
         detail = (message.get("message") or "unknown error").strip().splitlines()[-1]
         raise MonitorError(f"{runtime.name} could not create {cid}: {detail}")
+    files.note_oom_baseline(pid)
     return pid
