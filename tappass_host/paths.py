@@ -37,6 +37,9 @@ OOM_BASELINE = "oom-baseline"  # the sandbox's OOM-kill counter, and its value a
 # An attached (foreground) run's files beside its bundle (tappass_host.runtime.attached):
 ATTACHED_PID = "attached.pid"
 RUNTIME_LOG = "runtime.log"  # the OCI runtime's own messages
+# systemd's: a user manager's bus in $XDG_RUNTIME_DIR; a cgroup's controllers (tappass_host.systemd).
+USER_BUS = "bus"
+CGROUP_CONTROLLERS = "cgroup.controllers"
 # The OCI runtime's own state root, per runtime, under the host's runtime directory.
 OCI_RUNTIME_STATE = "oci"
 SANDBOX_RECORD = "sandbox.json"

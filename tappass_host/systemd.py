@@ -29,7 +29,7 @@ import stat
 import sys
 from pathlib import Path
 
-from tappass_host import shipped, statefile
+from tappass_host import paths, shipped, statefile
 from tappass_host.errors import NotFound, TappassError
 from tappass_host.paths import is_rootless
 
@@ -74,17 +74,20 @@ def user_bus() -> Path | None:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if not runtime or not os.path.isabs(runtime):
         return None
-    bus = Path(runtime) / "bus"
+    bus = Path(runtime) / paths.USER_BUS
     uid = host_uid()
     try:
         if not stat.S_ISSOCK(bus.stat().st_mode):
             return None
-        with open(f"/sys/fs/cgroup/user.slice/user-{uid}.slice/user@{uid}.service/"
-                  "cgroup.controllers") as f:
+        with open(_user_manager_cgroup(uid) / paths.CGROUP_CONTROLLERS) as f:
             delegated = set(f.read().split())
     except OSError:
         return None
     return bus if DELEGATED_CONTROLLERS <= delegated else None
+
+
+def _user_manager_cgroup(uid: int) -> Path:
+    return Path(f"/sys/fs/cgroup/user.slice/user-{uid}.slice/user@{uid}.service")
 
 
 def host_uid() -> int:
@@ -108,7 +111,7 @@ def delegation_advice() -> str:
             and os.path.isdir("/run/systemd/system")):
         return ""  # cgroup v1 is never delegated to a user; without systemd, nothing delegates
     uid = host_uid()
-    manager = Path(f"/sys/fs/cgroup/user.slice/user-{uid}.slice/user@{uid}.service")
+    manager = _user_manager_cgroup(uid)
     if not manager.is_dir():
         import pwd
 
@@ -119,7 +122,7 @@ def delegation_advice() -> str:
         return (f"the user's systemd manager is not running: `loginctl enable-linger {user}` "
                 "(as root) keeps it running")
     try:
-        delegated = set((manager / "cgroup.controllers").read_text().split())
+        delegated = set((manager / paths.CGROUP_CONTROLLERS).read_text().split())
     except OSError:
         delegated = set()
     missing = sorted(DELEGATED_CONTROLLERS - delegated)
