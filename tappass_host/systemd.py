@@ -24,7 +24,6 @@ before. The system driver is off for now (SYSTEMD_DRIVER).
 """
 
 import os
-import shutil
 import stat
 import sys
 from pathlib import Path
@@ -181,6 +180,8 @@ def executable() -> str:
     beside = Path(sys.executable).parent / "tappass-host"
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
+    import shutil  # not at import: systemd.py is on every stop's path (issue 13)
+
     found = shutil.which("tappass-host")
     if found:
         return str(Path(found).resolve())

@@ -22,8 +22,6 @@ directory with no size limit; the filesystem layer says so (warning,
 """
 
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 from tappass_host.errors import TappassError
@@ -159,6 +157,8 @@ def _create(sandbox: SandboxPaths, size_mb: int) -> None:
         staging.unlink(missing_ok=True)
         raise
     if _has_entries(sandbox.workspace):  # copied into the image above
+        import shutil
+
         for entry in list(sandbox.workspace.iterdir()):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
@@ -167,6 +167,8 @@ def _create(sandbox: SandboxPaths, size_mb: int) -> None:
 
 
 def _mkfs() -> str:
+    import shutil
+
     found = shutil.which("mkfs.ext4") or shutil.which("mkfs.ext4", path="/usr/sbin:/sbin")
     if not found:
         raise WorkspaceError("mkfs.ext4 is not installed (apt-get install -y e2fsprogs); "
@@ -277,6 +279,8 @@ def _maj_min(dev: int) -> str:
 
 
 def _succeeds(argv: list[str]) -> bool:
+    import subprocess
+
     try:
         return subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL).returncode == 0
     except FileNotFoundError:
@@ -284,6 +288,8 @@ def _succeeds(argv: list[str]) -> bool:
 
 
 def _run(argv: list[str], check: bool = True) -> str:
+    import subprocess
+
     try:
         result = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     except FileNotFoundError:

@@ -6,14 +6,12 @@ spawns one, which ends once idle."""
 
 import json
 import os
-import subprocess
 import sys
 
 from tappass_host import network
 from tappass_host.errors import TappassError
 from tappass_host.paths import HostPaths
 from tappass_host.processes import process_alive, wait_until
-from tappass_host.unixaddress import short_address
 
 SPAWN_WAIT_S = 15.0
 REQUEST_TIMEOUT_S = 30.0
@@ -26,6 +24,8 @@ class EgressError(TappassError):
 def _ask(paths: HostPaths, request: dict) -> dict:
     """One request; OSError when no service answers."""
     import socket  # only when there is something to ask: not on every start
+
+    from tappass_host.unixaddress import short_address  # contextlib: not on every stop
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(REQUEST_TIMEOUT_S)
@@ -51,6 +51,8 @@ def _spawn(paths: HostPaths, config) -> None:
     # Not systemd's to hear from: spawned by a notify unit (the daemon), the
     # proxy would otherwise report READY=1 as that unit.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
+    import subprocess  # here: not on every stop's and start's path (issue 13)
+
     with open(network.log_file(paths), "ab") as log:
         subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                          start_new_session=True, close_fds=True, cwd="/")

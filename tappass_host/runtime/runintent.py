@@ -10,7 +10,7 @@ wiped) and that had not ended on its own, restarts the sandbox per its restart p
 """
 
 import json
-from typing import NamedTuple
+from collections import namedtuple
 
 from tappass_host import statefile
 from tappass_host.processes import boot_id
@@ -20,11 +20,11 @@ from tappass_host.runtime.runstate import is_running, read_json, state_file
 RECORDED = ("agent", "runtime", "runtime_binary", "image", "restart_policy", "started_at")
 
 
-class LostRun(NamedTuple):
-    """A run that should be live but whose runtime state is gone."""
-    intent: dict  # what start recorded (the fields of RECORDED, boot_id)
-    reason: str  # "reboot" (another boot) | "run_state_lost" (this boot, state.json gone)
-    exit: dict | None  # the run's exit record, if it had ended before
+# A run that should be live but whose runtime state is gone. intent: what start
+# recorded (the fields of RECORDED, boot_id); reason: "reboot" (another boot) |
+# "run_state_lost" (this boot, state.json gone); exit: the run's exit record, if it
+# had ended before. Not typing.NamedTuple: typing is 12M instructions of `stop` (issue 13).
+LostRun = namedtuple("LostRun", ("intent", "reason", "exit"))
 
 
 def record(sandbox: SandboxPaths, state: dict) -> None:

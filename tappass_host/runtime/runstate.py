@@ -54,13 +54,11 @@ def runtime_of(paths: HostPaths, state: dict, default: str | None = None):
     that is not (config `runtime_path`) is checked again as start checked it
     (its `--version`). Before, every stop ran `<runtime> --version` of the
     binary on PATH too, a runtime invocation start never made (issue 13)."""
-    import shutil
-
-    from tappass_host.runtime.ociruntime import OCIRuntime
+    from tappass_host.runtime.ociruntime import OCIRuntime, on_path
 
     name = state.get("runtime") or default
     recorded = state.get("runtime_binary", "")
-    if recorded and recorded == shutil.which(name or ""):
+    if recorded and recorded == on_path(name or ""):
         recorded = ""
     return OCIRuntime.find(name, paths.runtime, recorded)
 

@@ -4,7 +4,7 @@ the agent (its network namespace, its workspace's mount)."""
 from tappass_host import statefile
 from tappass_host.errors import TappassError, describe
 from tappass_host.paths import HostPaths
-from tappass_host.processes import process_alive, wait_until
+from tappass_host.processes import wait_ended, wait_until
 from tappass_host.runtime import container_id, runintent
 from tappass_host.runtime.runstate import (
     LifecycleError, exit_details, host_lock, is_running, monitor_files, read_json,
@@ -37,10 +37,10 @@ def stop(paths: HostPaths, name: str, runtime, timeout: float = 10,
     write_state(sandbox, {**state, "stopped_by": intent, "stop_signalled": True})
     cid = container_id(name)
     runtime.kill(cid, "SIGTERM")
-    if not _wait_exit(state["pid"], None, timeout):
+    if not wait_ended(state["pid"], None, timeout):
         runtime.kill(cid, "SIGKILL")
-        _wait_exit(state["pid"], None, 10)
-    _wait_exit(state.get("conmon_pid"), "conmon", 10)  # conmon waits for its exit hook
+        wait_ended(state["pid"], None, 10)
+    wait_ended(state.get("conmon_pid"), "conmon", 10)  # conmon waits for its exit hook
     hook_ran = wait_until(lambda: (read_json(sandbox.exit_record) or {}).get("finished_at", "")
                      >= state["started_at"], 10)
     unrecorded = []
@@ -75,30 +75,6 @@ def stop(paths: HostPaths, name: str, runtime, timeout: float = 10,
     return exit_record
 
 
-def _wait_exit(pid: int | None, comm: str | None, timeout: float) -> bool:
-    """Wait until `pid` (given `comm`, that program) has ended: woken by its
-    pidfd at the moment it does, not by a poll up to 20 ms late (issue 13);
-    False on timeout. Polls (processes.wait_until) where there is no pidfd."""
-    if not process_alive(pid, comm):
-        return True
-    import os
-
-    try:
-        fd = os.pidfd_open(pid)
-    except (OSError, AttributeError):  # gone already, or no pidfd (kernel < 5.3)
-        return wait_until(lambda: not process_alive(pid, comm), timeout)
-    try:
-        if not process_alive(pid, comm):  # gone, or the pid is another process's now
-            return True
-        import select
-
-        poll = select.poll()
-        poll.register(fd, select.POLLIN)
-        return bool(poll.poll(timeout * 1000)) or not process_alive(pid, comm)
-    finally:
-        os.close(fd)
-
-
 def not_running(paths: HostPaths, name: str) -> LifecycleError:
     """The error for stopping a sandbox that is not running. One that exited
     on its own is marked as stopped by the operator all the same: a restart
@@ -128,11 +104,13 @@ def exit_hook(paths: HostPaths, name: str) -> dict | None:
 def release_workspace(paths: HostPaths, name: str) -> None:
     """After a run: unmount the workspace's filesystem (tappass_host.workspace),
     unless a new run of the sandbox has started meanwhile."""
-    from tappass_host import workspace
+    import os
 
     sandbox = paths.sandbox(name)
-    if not workspace.image_of(sandbox).exists():
+    if not os.path.ismount(sandbox.workspace):  # its image is mounted there, if at all
         return
+    from tappass_host import workspace
+
     with host_lock(paths):
         if not is_running(sandbox):
             workspace.release(sandbox)
