@@ -43,7 +43,6 @@ needs the audit key. What it cannot detect: events cut off the end of the log
 (what remains is a valid chain), or forgery by someone who can read the key.
 """
 
-import base64
 import binascii
 import fcntl
 import json
@@ -99,6 +98,8 @@ def event_hash(event: dict) -> str:
 def _decode_sig(text: str) -> bytes | None:
     if not text.startswith(signing.PREFIX):
         return None
+    import base64
+
     try:
         return base64.b64decode(text[len(signing.PREFIX):], validate=True)
     except (binascii.Error, ValueError):
@@ -246,6 +247,8 @@ class AuditLog:
         self.log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(self.log_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
+            import base64  # as clock: where an event is written, not for every reader
+
             from tappass_host import clock  # datetime: only where an event is written
 
             fcntl.flock(fd, fcntl.LOCK_EX)

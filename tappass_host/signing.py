@@ -7,7 +7,6 @@ readers, a `stop` whose exit hook signed its record) costs no cryptography
 (issue 13).
 """
 
-import base64
 import binascii
 from pathlib import Path
 
@@ -31,6 +30,8 @@ def public_key_from_text(text: str):
 
     if not isinstance(text, str) or not text.startswith(PREFIX):
         raise BadKey("signing key must look like 'ed25519:<base64>'")
+    import base64  # where a key is read or written: not for every reader (issue 13)
+
     try:
         raw = base64.b64decode(text[len(PREFIX):], validate=True)
     except (binascii.Error, ValueError):
@@ -45,6 +46,8 @@ def raw_public(key) -> bytes:
 
 
 def public_key_to_text(key) -> str:
+    import base64
+
     return PREFIX + base64.b64encode(raw_public(key)).decode("ascii")
 
 
@@ -103,6 +106,8 @@ def _pkcs8_ed25519(pem: bytes):
     if len(lines) < 3 or lines[0] != b"-----BEGIN PRIVATE KEY-----" \
             or lines[-1] != b"-----END PRIVATE KEY-----":
         return None
+    import base64
+
     try:
         der = base64.b64decode(b"".join(lines[1:-1]), validate=True)
     except (binascii.Error, ValueError):

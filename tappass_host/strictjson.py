@@ -6,7 +6,6 @@ disagree on such input could disagree on what was signed.
 """
 
 import json
-import math
 
 
 class StrictJSONError(ValueError):
@@ -28,6 +27,8 @@ def _reject_constant(name: str):
 
 def _finite_float(text: str) -> float:
     value = float(text)
+    import math
+
     if not math.isfinite(value):
         raise StrictJSONError("number out of range")
     return value
