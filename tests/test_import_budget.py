@@ -45,9 +45,10 @@ UNUSED_STDLIB = {
     "start": set(),
     # its run's state.json names the runtime: the config (tomllib) is not read; nothing
     # hashed or signed, no timestamp made; the runtime's kill and delete are spawned
-    # (posix_spawn), not run by subprocess; no typing.NamedTuple, no shutil.which
+    # (posix_spawn), not run by subprocess; no typing.NamedTuple, no shutil.which; no
+    # signature or key encoded (base64), no float parsed (math)
     "stop": {"ctypes", "tomllib", "hashlib", "datetime", "subprocess", "shutil", "typing",
-             "contextlib", "signal"},
+             "contextlib", "signal", "base64", "math"},
     "status": LEAN | {"contextlib"},  # it reads; statefile and keyring.store lock for writers
     "logs": LEAN | {"shutil", "hashlib", "datetime", "contextlib"},
     "_exited": {"tomllib"},  # conmon's exit hook reads no config
