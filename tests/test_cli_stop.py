@@ -31,3 +31,52 @@ def test_a_pid_of_another_program_or_none_has_ended():
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_the_runtimes_kill_and_delete_run_with_their_output_discarded(tmp_path):
+    """stop's kill and delete are spawned (posix_spawn, issue 13): the runtime
+    runs with its arguments, its output goes nowhere and its status is not read."""
+    from tappass_host.runtime.ociruntime import OCIRuntime
+
+    called = tmp_path / "called"
+    script = tmp_path / "crun"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {called}\necho noise; echo noise >&2\nexit 3\n')
+    script.chmod(0o755)
+    runtime = OCIRuntime("crun", str(script), tmp_path / "root")
+    runtime.kill("cid", "SIGTERM")
+    runtime.delete("cid")
+    lines = called.read_text().splitlines()
+    assert [line.split()[-3:] for line in lines] == [["kill", "cid", "SIGTERM"],
+                                                   ["delete", "--force", "cid"]]
+    assert all(line.startswith(f"--root {tmp_path / 'root'}") for line in lines)
+    assert _children_named("crun") == []  # both reaped, no zombie left
+
+
+def test_a_runtime_that_does_not_finish_is_killed_and_named(tmp_path):
+    import pytest
+    from tappass_host.runtime.ociruntime import OCIRuntime, OCIRuntimeFailed
+
+    script = tmp_path / "crun"
+    script.write_text("#!/bin/sh\nexec sleep 1000\n")
+    script.chmod(0o755)
+    runtime = OCIRuntime("crun", str(script), tmp_path / "root")
+    with pytest.raises(OCIRuntimeFailed, match="crun kill did not finish in 0.2 s"):
+        runtime._run_unread("kill", "cid", "SIGTERM", timeout=0.2)
+    assert _children_named("sleep") == []  # killed and reaped
+
+
+def _children_named(comm: str) -> list[int]:
+    """This process's children (zombies included) running `comm`."""
+    import os
+
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.find("(") + 1:stat.rfind(")")]
+        if name == comm and int(stat[stat.rfind(")") + 2:].split()[1]) == os.getpid():
+            found.append(int(pid))
+    return found

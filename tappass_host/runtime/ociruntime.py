@@ -131,7 +131,10 @@ class OCIRuntime(namedtuple("OCIRuntime", ("name", "binary", "root"))):
         ended = wait_ended(pid, None, timeout)
         if not ended:
             os.kill(pid, SIGKILL)
-        os.waitpid(pid, 0)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:  # reaped already (as subprocess allows for)
+            pass
         if not ended:
             raise OCIRuntimeFailed(f"{self.name} {args[0]} did not finish in {timeout:g} s")
 
