@@ -20,7 +20,7 @@ with the memory, pids and cpu controllers delegated to it, the scope is
 rootless sandbox runs degraded (tappass_host.layers.resources), and
 `delegation_advice` says how to get one.
 Elsewhere (no systemd as PID 1) the runtime makes the cgroup itself, as
-before. The system driver is off for now (SYSTEMD_DRIVER).
+before.
 """
 
 import os
@@ -42,12 +42,10 @@ PROTECTED_HOME_UNITS = ("tappass-host.service", "tappass-host@.service")
 SLICE = "tappass.slice"
 SCOPE_PREFIX = "tappass"
 SYSTEM_BUS = Path("/run/dbus/system_bus_socket")
-# Off until the cgroup v2 lane (scripts/test-vm driver) passes with it. Its last
-# run: limits, live updates and OOM reports passed under crun and runc, and
-# runc's scope was in tappass.slice; crun's was under root's user manager
-# (sd-bus picks the bus by the caller's cgroup), which runtime_environ now
-# corrects, not yet seen in the lane (issue 12).
-SYSTEMD_DRIVER = False
+# On since the cgroup v2 lane passed with it (scripts/test-vm driver): scopes in
+# tappass.slice under crun and runc, limits, live updates, OOM reports (from
+# the sandbox's slice: conmon missed every one there).
+SYSTEMD_DRIVER = True
 
 
 USER_DRIVER = True
