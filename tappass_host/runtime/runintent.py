@@ -10,7 +10,6 @@ wiped) and that had not ended on its own, restarts the sandbox per its restart p
 """
 
 import json
-from collections import namedtuple
 
 from tappass_host import statefile
 from tappass_host.processes import boot_id
@@ -20,11 +19,16 @@ from tappass_host.runtime.runstate import is_running, read_json, state_file
 RECORDED = ("agent", "runtime", "runtime_binary", "image", "restart_policy", "started_at")
 
 
-# A run that should be live but whose runtime state is gone. intent: what start
-# recorded (the fields of RECORDED, boot_id); reason: "reboot" (another boot) |
-# "run_state_lost" (this boot, state.json gone); exit: the run's exit record, if it
-# had ended before. Not typing.NamedTuple: typing is 12M instructions of `stop` (issue 13).
-LostRun = namedtuple("LostRun", ("intent", "reason", "exit"))
+class LostRun:
+    """A run that should be live but whose runtime state is gone. A plain class:
+    typing.NamedTuple's import was 12M instructions of every `stop`,
+    collections.namedtuple's class 0.4M (issue 13)."""
+    __slots__ = ("intent", "reason", "exit")
+
+    def __init__(self, intent: dict, reason: str, exit: dict | None):
+        self.intent = intent  # what start recorded (the fields of RECORDED, boot_id)
+        self.reason = reason  # "reboot" (another boot) | "run_state_lost" (this boot, state.json gone)
+        self.exit = exit  # the run's exit record, if it had ended before
 
 
 def record(sandbox: SandboxPaths, state: dict) -> None:

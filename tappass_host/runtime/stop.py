@@ -132,6 +132,10 @@ def release_image_root(paths: HostPaths, name: str) -> None:
 
 
 def detach_network(paths: HostPaths, name: str) -> None:
+    from tappass_host import network
+
+    if not network.record_file(paths, name).exists():  # none attached (mode none)
+        return  # and network.control (0.8M instructions) not imported (issue 13)
     from tappass_host.network import control
 
     control.detach(paths, name)
