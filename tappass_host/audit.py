@@ -43,7 +43,6 @@ needs the audit key. What it cannot detect: events cut off the end of the log
 (what remains is a valid chain), or forgery by someone who can read the key.
 """
 
-import binascii
 import fcntl
 import json
 import os
@@ -99,6 +98,7 @@ def _decode_sig(text: str) -> bytes | None:
     if not text.startswith(signing.PREFIX):
         return None
     import base64
+    import binascii
 
     try:
         return base64.b64decode(text[len(signing.PREFIX):], validate=True)

@@ -7,7 +7,6 @@ readers, a `stop` whose exit hook signed its record) costs no cryptography
 (issue 13).
 """
 
-import binascii
 from pathlib import Path
 
 from tappass_host.errors import TappassError
@@ -31,6 +30,7 @@ def public_key_from_text(text: str):
     if not isinstance(text, str) or not text.startswith(PREFIX):
         raise BadKey("signing key must look like 'ed25519:<base64>'")
     import base64  # where a key is read or written: not for every reader (issue 13)
+    import binascii
 
     try:
         raw = base64.b64decode(text[len(PREFIX):], validate=True)
@@ -107,6 +107,7 @@ def _pkcs8_ed25519(pem: bytes):
             or lines[-1] != b"-----END PRIVATE KEY-----":
         return None
     import base64
+    import binascii
 
     try:
         der = base64.b64decode(b"".join(lines[1:-1]), validate=True)
