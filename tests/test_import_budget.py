@@ -46,9 +46,9 @@ UNUSED_STDLIB = {
     # its run's state.json names the runtime: the config (tomllib) is not read; nothing
     # hashed or signed, no timestamp made; the runtime's kill and delete are spawned
     # (posix_spawn), not run by subprocess; no typing.NamedTuple, no shutil.which; no
-    # signature or key encoded (base64), no float parsed (math)
+    # signature or key encoded or decoded (base64, binascii), no float parsed (math)
     "stop": {"ctypes", "tomllib", "hashlib", "datetime", "subprocess", "shutil", "typing",
-             "contextlib", "signal", "base64", "math"},
+             "contextlib", "signal", "base64", "binascii", "math"},
     "status": LEAN | {"contextlib"},  # it reads; statefile and keyring.store lock for writers
     "logs": LEAN | {"shutil", "hashlib", "datetime", "contextlib"},
     "_exited": {"tomllib"},  # conmon's exit hook reads no config
