@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+from pathlib import Path
 
 import patience
 from sandbox_fixture import host, runtime, unique_name, write_agent  # noqa: F401  (fixtures)
@@ -157,6 +158,16 @@ def test_an_interrupted_follow_ends_as_under_click(host, tmp_path):
                                   stdin=subprocess.DEVNULL)
         assert follow.stdout.readline() == "one\n"  # it is following
         follow.send_signal(signal.SIGINT)
-        out, err = follow.communicate(timeout=patience.seconds(30))
+        try:
+            out, err = follow.communicate(timeout=patience.seconds(30))
+        except subprocess.TimeoutExpired:  # seen once in CI under load: say where it was
+            where = {key: Path(f"/proc/{follow.pid}/{key}").read_text().strip()
+                     for key in ("wchan", "stat")}
+            where["signals"] = [line for line in Path(f"/proc/{follow.pid}/status").read_text()
+                                .splitlines() if line.startswith(("Sig", "Shd", "Threads"))]
+            follow.kill()
+            out, err = follow.communicate()
+            raise AssertionError(f"the follow did not end on SIGINT: {where}; "
+                                 f"stderr: {err[-2000:]!r}") from None
         ended.append((follow.returncode, out, err))
     assert ended[0] == ended[1] == (130, "", "\ntappass-host: aborted\n")
