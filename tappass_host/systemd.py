@@ -72,19 +72,24 @@ def user_bus() -> Path | None:
     if not runtime or not os.path.isabs(runtime):
         return None
     bus = Path(runtime) / paths.USER_BUS
-    uid = host_uid()
     try:
         if not stat.S_ISSOCK(bus.stat().st_mode):
             return None
-        with open(_user_manager_cgroup(uid) / paths.CGROUP_CONTROLLERS) as f:
-            delegated = set(f.read().split())
     except OSError:
         return None
-    return bus if DELEGATED_CONTROLLERS <= delegated else None
+    return bus if DELEGATED_CONTROLLERS <= _delegated(host_uid()) else None
 
 
 def _user_manager_cgroup(uid: int) -> Path:
     return Path(f"/sys/fs/cgroup/user.slice/user-{uid}.slice/user@{uid}.service")
+
+
+def _delegated(uid: int) -> set[str]:
+    """The controllers user `uid`'s manager has (none where it does not run)."""
+    try:
+        return set((_user_manager_cgroup(uid) / paths.CGROUP_CONTROLLERS).read_text().split())
+    except OSError:
+        return set()
 
 
 def host_uid() -> int:
@@ -118,11 +123,7 @@ def delegation_advice() -> str:
             user = str(uid)
         return (f"the user's systemd manager is not running: `loginctl enable-linger {user}` "
                 "(as root) keeps it running")
-    try:
-        delegated = set((manager / paths.CGROUP_CONTROLLERS).read_text().split())
-    except OSError:
-        delegated = set()
-    missing = sorted(DELEGATED_CONTROLLERS - delegated)
+    missing = sorted(DELEGATED_CONTROLLERS - _delegated(uid))
     if missing:
         return (f"user@{uid}.service is not delegated the {', '.join(missing)} controller(s): "
                 "as root, a drop-in for user@.service with [Service] Delegate=cpu memory pids, "
@@ -142,10 +143,11 @@ def cgroup_flags() -> list[str]:
 def runtime_environ() -> dict[str, str] | None:
     """The environment an OCI runtime runs in (None: ours, as is). Under the
     systemd driver the runtime asks systemd for the sandbox's scope over
-    D-Bus. As root, the system manager's: sd-bus picks the bus by the
-    caller's cgroup, and from a login session, root's included, that is the
-    user's own manager, where crun made the scope (under user@0.service, seen
-    in the cgroup v2 lane). Rootless, the user's manager's."""
+    D-Bus. As root, the system manager's: crun 1.8 asks the user's bus first
+    when it finds one ($DBUS_SESSION_BUS_ADDRESS, $XDG_RUNTIME_DIR/bus), and
+    from root's login session it made the scope under user@0.service (seen in
+    the cgroup v2 lane), so neither reaches it. Rootless, the user's
+    manager's."""
     if not manages_cgroups():
         return None
     if is_rootless():

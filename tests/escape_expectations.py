@@ -109,3 +109,33 @@ def isolated(probed) -> None:
     assert report["interfaces"] == ["EACCES"]  # /sys is outside the Landlock ruleset
     assert report["details"]["network"]["if_nameindex"] == ["lo"]
     assert not report["network_reachable"]
+
+
+# The limit probes' agents (test_escape, test_rootless_systemd): a fork bomb that reports
+# how far it got, and a memory hog that reports what it held.
+FORK_BOMB = """
+import errno, json, os, signal, time
+children, error = [], None
+for _ in range(4096):
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        error = errno.errorcode[exc.errno]
+        break
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    children.append(pid)
+print(json.dumps({"forked": len(children), "error": error}), flush=True)
+for pid in children:
+    os.kill(pid, signal.SIGKILL)
+for pid in children:
+    os.waitpid(pid, 0)
+"""
+MEMORY_HOG = """
+hoard = []
+while True:
+    hoard.append(bytearray(1 << 20))
+    if len(hoard) % 4 == 0:
+        print(f"held {len(hoard)} MiB", flush=True)
+"""

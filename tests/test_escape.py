@@ -88,31 +88,12 @@ def test_no_host_pids_and_only_loopback(probed):
 
 # --- limits -------------------------------------------------------------------------
 
-FORK_BOMB = """
-import errno, json, os, signal, time
-children, error = [], None
-for _ in range(4096):
-    try:
-        pid = os.fork()
-    except OSError as exc:
-        error = errno.errorcode[exc.errno]
-        break
-    if pid == 0:
-        time.sleep(60)
-        os._exit(0)
-    children.append(pid)
-print(json.dumps({"forked": len(children), "error": error}), flush=True)
-for pid in children:
-    os.kill(pid, signal.SIGKILL)
-for pid in children:
-    os.waitpid(pid, 0)
-"""
 
 
 def test_a_fork_bomb_stops_at_pids_max(runtime, host):
     name = host.enroll(unique_name("forks", runtime),
                        process={"memory_mb": 256, "pids_max": 32, "cpu_millis": 1000})
-    agent = python_agent(host.root / "agent", FORK_BOMB)
+    agent = python_agent(host.root / "agent", expect.FORK_BOMB)
     assert host.start(name, agent, runtime).returncode == 0
     status = host.wait_exited(name, timeout=30)
     line = next(line for line in host.logs(name).splitlines() if line.startswith("{"))
@@ -125,13 +106,7 @@ def test_a_fork_bomb_stops_at_pids_max(runtime, host):
 def test_a_memory_hog_is_oom_killed_at_memory_mb(runtime, host):
     name = host.enroll(unique_name("hog", runtime),
                        process={"memory_mb": 48, "pids_max": 32, "cpu_millis": 1000})
-    agent = python_agent(host.root / "agent", """
-        hoard = []
-        while True:
-            hoard.append(bytearray(1 << 20))
-            if len(hoard) % 4 == 0:
-                print(f"held {len(hoard)} MiB", flush=True)
-    """)
+    agent = python_agent(host.root / "agent", expect.MEMORY_HOG)
     assert host.start(name, agent, runtime).returncode == 0
     status = host.wait_exited(name, timeout=30)
     assert status["exit"]["oom"] is True, status

@@ -20,7 +20,6 @@ import os
 import shutil
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,8 @@ from audit_records import read_audit
 from daemon_fixture import POLICY
 from devplane_fixture import devplane, make_devplane  # noqa: F401  (fixtures)
 from rootless_fixture import rootless_users, staged  # noqa: F401  (fixtures)
-from sandbox_fixture import python_agent, runtime, unique_name  # noqa: F401
+from escape_expectations import FORK_BOMB, MEMORY_HOG
+from sandbox_fixture import python_agent, runtime, unique_name, wait_for  # noqa: F401
 from tappass_host import systemd
 from test_rootless_userns import Shell
 
@@ -46,42 +46,6 @@ import time
 print("up", flush=True)
 time.sleep(3600)
 """
-FORK_BOMB = """
-import errno, json, os, signal, time
-children, error = [], None
-for _ in range(4096):
-    try:
-        pid = os.fork()
-    except OSError as exc:
-        error = errno.errorcode[exc.errno]
-        break
-    if pid == 0:
-        time.sleep(60)
-        os._exit(0)
-    children.append(pid)
-print(json.dumps({"forked": len(children), "error": error}), flush=True)
-for pid in children:
-    os.kill(pid, signal.SIGKILL)
-for pid in children:
-    os.waitpid(pid, 0)
-"""
-MEMORY_HOG = """
-hoard = []
-while True:
-    hoard.append(bytearray(1 << 20))
-    if len(hoard) % 4 == 0:
-        print(f"held {len(hoard)} MiB", flush=True)
-"""
-
-
-def wait_for(check, seconds: float, what: str):
-    deadline = time.monotonic() + patience.seconds(seconds)
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def is_socket(path: Path) -> bool:
@@ -99,7 +63,7 @@ def managed_user(rootless_users):
     subprocess.run(["loginctl", "enable-linger", user.name], check=True, capture_output=True,
                    timeout=patience.seconds(60))
     try:
-        wait_for(lambda: is_socket(runtime_dir / "bus"), 120, f"{user.name}'s manager's bus")
+        wait_for(lambda: is_socket(runtime_dir / "bus"), 120, what=f"{user.name}'s manager's bus")
         yield user, runtime_dir
     finally:
         subprocess.run(["loginctl", "disable-linger", user.name], capture_output=True,
@@ -189,7 +153,7 @@ def test_the_users_manager_holds_the_sandbox_and_its_limits(runtime, managed_use
     stopped = shell.ok("stop", name, "--timeout", "5")
     assert f"{name}: stopped" in stopped
     wait_for(lambda: not Path("/sys/fs/cgroup", *Path(scope).parts[1:]).exists(), 60,
-             f"{scope} to go with the sandbox")
+             what=f"{scope} to go with the sandbox")
 
 
 def test_a_fork_bomb_stops_at_pids_max_and_a_memory_hog_is_oom_killed(
@@ -217,7 +181,7 @@ def test_a_fork_bomb_stops_at_pids_max_and_a_memory_hog_is_oom_killed(
 
 def wait_exited(shell: Shell, name: str) -> dict:
     return wait_for(lambda: (s := json.loads(shell.ok("--json", "status", name)))["state"]
-                    == "exited" and s, 60, f"{name} to exit")
+                    == "exited" and s, 60, what=f"{name} to exit")
 
 
 def test_without_a_running_manager_the_warning_names_the_command_that_starts_one(

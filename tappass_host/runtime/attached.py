@@ -43,8 +43,10 @@ def oom_counter(pid: int) -> Path | None:
     events = memory_events(pid)
     if events is None or events.name != "memory.events":
         return events
+    from tappass_host.systemd import SCOPE_PREFIX
+
     for directory in events.parents:
-        if directory.name.startswith("tappass-") and directory.name.endswith(".slice"):
+        if directory.name.startswith(f"{SCOPE_PREFIX}-") and directory.name.endswith(".slice"):
             return directory / "memory.events"
     return events
 
