@@ -33,7 +33,7 @@ from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
 )
 from tappass_host import ids
 from tappass_host.oci import invariants
-from test_escape import FORK_BOMB
+from escape_expectations import FORK_BOMB
 
 AGENT_ID = ids.ROOTLESS_FIRST_AGENT_ID
 
