@@ -13,11 +13,11 @@ import signal
 import socket
 import time
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 
 import patience
+from cgroup_limits import cgroup_limits
 from daemon_fixture import *  # noqa: F403
 from daemon_fixture import (POLICY, acks, agent_log, audit_events, enroll, keyring_version,
                             publish, publish_raw, running_with_v1, wait_agent_sees)
@@ -147,26 +147,16 @@ def test_a_stalled_stream_is_detected_and_reopened(devplane, host, tmp_path, dae
 # --- live limits ------------------------------------------------------------------------------
 
 
-def _pids_max(pid: int) -> str:
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "pids" in controllers.split(","):
-            return Path(f"/sys/fs/cgroup/pids{path}/pids.max").read_text().strip()
-        if controllers == "" and Path(f"/sys/fs/cgroup{path}/pids.max").exists():
-            return Path(f"/sys/fs/cgroup{path}/pids.max").read_text().strip()
-    raise AssertionError(f"no pids cgroup for {pid}")
-
-
 @pytest.mark.parametrize("runtime", ["crun", "runc"])
 def test_lower_pids_max_applies_live(devplane, host, tmp_path, sandboxes, daemons, name, runtime):
     pid, daemon = running_with_v1(devplane, host, tmp_path, sandboxes, daemons, name, runtime)
-    assert _pids_max(pid) == "128"
+    assert cgroup_limits(pid)["pids"] == 128
 
     lower = {**POLICY, "process": {**POLICY["process"], "pids_max": 40}}
     assert publish(devplane, tmp_path, lower, name) == 2
     daemon.wait_line(f"{name}: applied policy_version 2; process limits updated live (pids 40)")
 
-    assert _pids_max(pid) == "40"
+    assert cgroup_limits(pid)["pids"] == 40
     status = json.loads(run_host(host, "--json", "status", name).stdout)
     assert status["pid"] == pid and "restart-pending" not in status["flags"]
     # A change outside `process` updates nothing live.

@@ -12,12 +12,12 @@ Never run the probe on the host: as root its attempts would succeed.
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 
 import patience
 import escape_expectations as expect
+from cgroup_limits import UNIFIED, cgroup_limits, own_cgroup
 from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
     RUNTIMES,
     host,
@@ -29,7 +29,7 @@ from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
     wait_for,
 )
 from tappass_host import paths, systemd
-from tappass_host.runtime import attached, container_id, runstate
+from tappass_host.runtime import container_id, runstate
 
 
 @pytest.fixture(scope="module", params=RUNTIMES)
@@ -128,47 +128,6 @@ def test_a_memory_hog_is_oom_killed_at_memory_mb(runtime, host):
 
 # --- the limits as the kernel holds them (cgroup v1 here, v2 on most hosts) ---------
 
-UNIFIED = Path("/sys/fs/cgroup/cgroup.controllers").exists()  # cgroup v2 only at /sys/fs/cgroup
-
-
-def cgroup_limits(pid: int) -> dict:
-    """`pid`'s memory, pids and cpu limits read from its cgroup's files: on cgroup
-    v2 memory.max, pids.max, cpu.max; on v1 each controller's own."""
-    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-    if UNIFIED:
-        own = Path("/sys/fs/cgroup" + next(line[3:] for line in lines if line.startswith("0::")))
-
-        def limit(kind: str) -> str:
-            # the nearest limit up from the agent's own cgroup, short of the host's
-            # slice: crun under systemd runs the agent in a `container` subgroup
-            # of the sandbox's scope
-            for directory in (own, *own.parents):
-                if directory == Path("/sys/fs/cgroup") or directory.name.endswith(".slice"):
-                    break
-                value = (directory / f"{kind}.max").read_text().strip()
-                if not value.startswith("max"):
-                    return value
-            return "max"
-
-        quota, period = limit("cpu").split()
-        return {"hierarchy": "v2", "memory": int(limit("memory")), "pids": int(limit("pids")),
-                "cpu": (int(quota), int(period)),
-                "oom_counter": attached.memory_events(pid) == own / "memory.events"}
-    mounts = {controller: f"/sys/fs/cgroup/{controllers}{path}"
-              for _, controllers, path in (line.split(":", 2) for line in lines)
-              for controller in controllers.split(",") if controller}
-    memory = Path(mounts["memory"])
-
-    def value(directory: str, name: str) -> int:
-        return int(Path(directory, name).read_text())
-
-    return {"hierarchy": "v1", "memory": value(mounts["memory"], "memory.limit_in_bytes"),
-            "pids": value(mounts["pids"], "pids.max"),
-            "cpu": (value(mounts["cpu"], "cpu.cfs_quota_us"),
-                    value(mounts["cpu"], "cpu.cfs_period_us")),
-            "oom_counter": attached.memory_events(pid) == memory / "memory.oom_control"}
-
-
 def test_the_limits_are_the_cgroups_and_an_update_changes_them_live(runtime, host, tmp_path):
     """memory_mb, pids_max and cpu_millis are the sandbox cgroup's memory.max,
     pids.max and cpu.max (v1: limit_in_bytes, pids.max, cfs quota/period);
@@ -196,15 +155,6 @@ def test_the_limits_are_the_cgroups_and_an_update_changes_them_live(runtime, hos
     assert cgroup_limits(pid) == {"hierarchy": hierarchy, "memory": 192 << 20, "pids": 40,
                                   "cpu": (50_000, 100_000), "oom_counter": True}
     assert host.status(name)["pid"] == pid  # live: the same agent
-
-
-def own_cgroup(pid: int) -> str:
-    """`pid`'s cgroup path (v2; on v1 the pids controller's)."""
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if (UNIFIED and controllers == "") or "pids" in controllers.split(","):
-            return path
-    raise AssertionError(f"no cgroup for {pid}")
 
 
 def test_the_sandbox_cgroup_is_a_scope_in_tappass_slice_where_systemd_is_pid_1(runtime, host):

@@ -475,18 +475,18 @@ def test_status_and_logs_stay_light(runtime, host):
 def test_sync_apply_applies_process_limits_live(runtime, host, tmp_path):
     # DESIGN §6: after a flip, `process` limits are applied live, whichever path brought the
     # keyring (`sync apply` went straight to the flip and left the old limits in place).
-    from test_daemon import _pids_max
+    from cgroup_limits import cgroup_limits
 
     name = host.enroll(unique_name("limits", runtime),
                        process={"memory_mb": 256, "pids_max": 128, "cpu_millis": 1000})
     assert host.start(name, HELLO_AGENT, runtime).returncode == 0
     host.wait_log(name, "policy_version=1")
     pid = host.status(name)["pid"]
-    assert _pids_max(pid) == "128"
+    assert cgroup_limits(pid)["pids"] == 128
     envelope = tmp_path / "v2.dsse.json"
     envelope.write_bytes(host.envelope(name, 2, process={"memory_mb": 256, "pids_max": 40,
                                                          "cpu_millis": 1000}))
     applied = host.run("sync", "apply", name, str(envelope))
     assert applied.returncode == 0, applied.stderr
     assert "process limits updated live (pids 40)" in applied.stdout, applied.stdout
-    assert _pids_max(pid) == "40"
+    assert cgroup_limits(pid)["pids"] == 40

@@ -29,12 +29,12 @@ from audit_records import read_audit
 from daemon_fixture import POLICY
 from devplane_fixture import devplane, make_devplane  # noqa: F401  (fixtures)
 from rootless_fixture import rootless_users, staged  # noqa: F401  (fixtures)
+from cgroup_limits import UNIFIED, nearest_limit, own_cgroup
 from escape_expectations import FORK_BOMB, MEMORY_HOG
 from sandbox_fixture import python_agent, runtime, unique_name, wait_for  # noqa: F401
 from tappass_host import systemd
 from test_rootless_userns import Shell
 
-UNIFIED = Path("/sys/fs/cgroup/cgroup.controllers").exists()
 SYSTEMD = Path("/run/systemd/system").is_dir()
 pytestmark = pytest.mark.skipif(
     not (UNIFIED and SYSTEMD and shutil.which("loginctl")),
@@ -98,24 +98,6 @@ def agent(shell: Shell, label: str, source: str) -> Path:
     for path in (directory, *directory.iterdir()):
         path.chmod(0o755)
     return directory
-
-
-def own_cgroup(pid: int) -> Path:
-    line = next(line for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-                if line.startswith("0::"))
-    return Path(line[3:])
-
-
-def nearest_limit(cgroup: Path, kind: str) -> str:
-    """The limit `kind`.max nearest above `cgroup`, short of the first slice: the
-    runtime may run the agent in a subgroup of its scope."""
-    for directory in (cgroup, *cgroup.parents):
-        if directory.name.endswith(".slice") or directory == Path("/"):
-            break
-        value = Path("/sys/fs/cgroup", *directory.parts[1:], f"{kind}.max").read_text().strip()
-        if not value.startswith("max"):
-            return value
-    return "max"
 
 
 def start_warnings(shell: Shell, name: str, agent_dir: Path, runtime: str,
