@@ -24,6 +24,7 @@ import pytest
 import patience
 from audit_records import read_audit
 import keyrings
+from tappass_host import paths
 from sandbox_fixture import (  # noqa: F401  (host is a fixture)
     HELLO_AGENT,
     RUNTIMES,
@@ -253,6 +254,31 @@ def test_logs_show_a_long_line_whole_and_tail(runtime, host):
     assert host.logs(name).splitlines() == ["first", "x" * 20000, "last"]
     tail = host.run("logs", "--tail", "2", name)
     assert tail.stdout.splitlines() == ["x" * 20000, "last"]
+
+
+def test_the_runtimes_own_messages_stay_out_of_the_agents_log(runtime, host):
+    """The runtime shares the agent's stdio while it creates the container; its
+    own messages (runc warns under the systemd cgroup driver: "skipping device
+    /dev/char/10:200 for systemd") go to its `--log`, as a runtime that honours
+    the option writes them, and `logs` shows the agent's lines only."""
+    real = shutil.which(runtime)
+    noisy = host.root / f"noisy-{runtime}"
+    noisy.write_text(
+        "#!/bin/sh\nlog=/dev/stderr; prev=\n"
+        "for arg in \"$@\"; do [ \"$prev\" = --log ] && log=$arg; prev=$arg; done\n"
+        "case \" $* \" in *\" create \"*) echo 'level=warning msg=\"runtime noise\"' >>\"$log\" ;; esac\n"
+        f"exec {real} \"$@\"\n")
+    noisy.chmod(0o755)
+    host.configure(f'runtime = "{runtime}"\nruntime_path = "{noisy}"\n')
+    name = host.enroll(unique_name("quiet", runtime))
+    agent = python_agent(host.root / "agent", """
+        print("agent line", flush=True)
+    """)
+    assert host.start(name, agent, runtime).returncode == 0
+    host.wait_exited(name)
+    assert host.logs(name).splitlines() == ["agent line"]
+    logged = host.paths.sandbox(name).runtime / paths.RUNTIME_LOG
+    assert "runtime noise" in logged.read_text()
 
 
 # --- foreground ---------------------------------------------------------------------

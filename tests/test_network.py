@@ -20,7 +20,7 @@ from sandbox_fixture import (RUNTIMES, new_host, python_agent, require_runtime, 
                              wait_for, write_agent)
 from tappass_host import network
 from tappass_host.network import policy as egress
-from tappass_host.network.denials import DenialLog
+from tappass_host.network.denials import LIMIT, WINDOW_S, DenialLog
 from tappass_host.network.http1 import BadRequest, BadResponse, ResponseHeads, parse_head
 from tappass_host.oci import invariants
 
@@ -297,9 +297,11 @@ def test_tls_inside_a_tunnel_must_ask_for_an_allowed_name(net, upstream):
     # The upstream's certificate covers denied.test too: only the proxy stands in the way.
     fronted = world.in_sandbox(net, name, FRONTED, "allowed.test", port, "denied.test")
     assert fronted == "CLOSED SSLError TLSV1_ALERT_ACCESS_DENIED", fronted
-    reasons = {(e["details"]["host"], e["details"]["reason"])
-               for e in audit(net, "network.denied", name)}
-    assert ("denied.test", egress.SNI_NOT_ALLOWED) in reasons
+    # The alert is sent after the denial is handed to the audit writer, not
+    # after it is on disk: waited for.
+    wait_for(lambda: ("denied.test", egress.SNI_NOT_ALLOWED) in {
+        (e["details"]["host"], e["details"]["reason"]) for e in audit(net, "network.denied", name)},
+        what="the sni_not_allowed denial audited")
     assert fetch(net, name, upstream.url("allowed.test")) == "STATUS 200 1024"
 
 
@@ -442,6 +444,7 @@ def test_proxy_survives_abuse_without_leaking(net, upstream):
     reply, elapsed = exchange(b"CONNECT allowed.test:8443 HTTP/1.1\r\nHost: a", timeout=10)
     assert reply.startswith(b"HTTP/1.1 408 ") and elapsed < patience.seconds(5)
     # An IP literal is allowed only when listed; the proxy's own addresses never.
+    began = time.monotonic()  # the first denial, which opens the limit's window
     assert exchange(f"CONNECT {link['host_address']}:22 HTTP/1.1\r\n\r\n".encode())[0] \
         .startswith(b"HTTP/1.1 403 ")
     # The hub holds nothing but the proxy: no host service is reachable from the link.
@@ -452,7 +455,11 @@ def test_proxy_survives_abuse_without_leaking(net, upstream):
         assert exchange(b"CONNECT denied.test:443 HTTP/1.1\r\n\r\n")[0] \
             .startswith(b"HTTP/1.1 403")
     denied = audit(net, "network.denied", name)
-    assert len(denied) == 20  # 31 denials, the limit per minute written
+    if time.monotonic() - began < WINDOW_S - 5:  # all 31 denials in the limit's window
+        assert len(denied) == LIMIT
+    else:  # an emulated machine: a second window began, which writes its own
+        assert LIMIT <= len(denied) <= 31 and sum(
+            e["details"].get("suppressed", 0) for e in denied) <= 31 - LIMIT, denied
 
     # 1,000 tunnels open at once, however long opening them takes here (the
     # script waits while they keep opening); then every descriptor is released,

@@ -98,9 +98,9 @@ def run(runtime, cid: str, bundle: Path) -> Exit:
                                               "--pid-file", str(pid_file), cid),
                                  stdin=subprocess.DEVNULL, env=runtime.environ())
         if created.returncode != 0:
-            from tappass_host.runtime.ociruntime import OCIRuntimeFailed
+            from tappass_host.runtime.ociruntime import OCIRuntimeFailed, last_logged
 
-            raise OCIRuntimeFailed(f"{runtime.name} create failed: {_last_message(log)}")
+            raise OCIRuntimeFailed(f"{runtime.name} create failed: {last_logged(log)}")
         pid = int(pid_file.read_text().strip())
     finally:
         pid_file.unlink(missing_ok=True)
@@ -120,17 +120,3 @@ def run(runtime, cid: str, bundle: Path) -> Exit:
             signals.signal(s, handler)
     code = os.waitstatus_to_exitcode(status)
     return Exit(code=128 - code if code < 0 else code, oom=oom_kills(events) > before)
-
-
-def _last_message(log: Path) -> str:
-    """The last line the runtime logged, without runc's `time=… level=…` frame."""
-    try:
-        lines = log.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        lines = []
-    if not lines:
-        return "(no message)"
-    line = lines[-1]
-    if 'msg="' in line:
-        line = line.split('msg="', 1)[1].rsplit('"', 1)[0]
-    return line

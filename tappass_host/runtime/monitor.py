@@ -97,8 +97,9 @@ def launch(runtime, conmon: str, cid: str, bundle: Path, files: MonitorFiles,
     for directory in (files.exits, files.persist):
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
+    runtime_log = files.root / paths.RUNTIME_LOG
     for stale in (files.conmon_pid, files.container_pid, files.root / paths.CONMON_OOM,
-                  files.oom_baseline):
+                  files.oom_baseline, runtime_log):
         stale.unlink(missing_ok=True)  # an earlier run's: never mistaken for this one's
     runtime.root.mkdir(parents=True, exist_ok=True)
     argv = [
@@ -109,6 +110,9 @@ def launch(runtime, conmon: str, cid: str, bundle: Path, files: MonitorFiles,
         "--exit-dir", str(files.exits), "-0", str(files.persist),
         "--socket-dir-path", str(files.root),
         "--runtime-arg", "--root", "--runtime-arg", str(runtime.root),
+        # The runtime's own messages (runc warns under the systemd driver) go to
+        # its log, not to the agent's, whose stdio the runtime shares.
+        "--runtime-arg", "--log", "--runtime-arg", str(runtime_log),
         *[arg for flag in systemd.cgroup_flags() for arg in ("--runtime-arg", flag)],
         *(["--systemd-cgroup"] if systemd.manages_cgroups() else []),
         "--exit-command", exit_command[0],
@@ -137,7 +141,10 @@ def launch(runtime, conmon: str, cid: str, bundle: Path, files: MonitorFiles,
                            + (f": {said[-1]}" if said else "")) from None
     pid = message.get("data", -1)
     if not isinstance(pid, int) or pid <= 0:
-        detail = (message.get("message") or "unknown error").strip().splitlines()[-1]
+        from tappass_host.runtime.ociruntime import last_logged
+
+        said = (message.get("message") or "").strip().splitlines()
+        detail = said[-1] if said else last_logged(runtime_log)
         raise MonitorError(f"{runtime.name} could not create {cid}: {detail}")
     files.note_oom_baseline(pid)
     return pid

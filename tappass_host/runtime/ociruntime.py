@@ -149,3 +149,18 @@ class OCIRuntime:
             json.dump(resources, f)
             f.flush()
             self._call("update", "--resources", f.name, cid)
+
+
+def last_logged(log: Path) -> str:
+    """The last line the runtime logged to its `--log` file (paths.RUNTIME_LOG),
+    without runc's `time=… level=…` frame."""
+    try:
+        lines = log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        lines = []
+    if not lines:
+        return "(no message)"
+    line = lines[-1]
+    if 'msg="' in line:
+        line = line.split('msg="', 1)[1].rsplit('"', 1)[0]
+    return line
