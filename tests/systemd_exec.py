@@ -3,7 +3,7 @@ the unit's capability bounding set and no_new_privs (setpriv), then, in a
 small launcher, its UMask=, ProtectHostname= (a UTS namespace),
 MemoryDenyWriteExecute= (the kernel's PR_SET_MDWE, which refuses what
 systemd's seccomp rule refuses: writable+executable mappings and mappings
-turning executable) and its SystemCallFilter= with SystemCallErrorNumber=,
+turning executable; before Linux 6.3, which has none, that seccomp rule) and its SystemCallFilter= with SystemCallErrorNumber=,
 expanded from `systemd-analyze syscall-filter` (this systemd's own groups)
 and loaded with libseccomp, together with the calls other directives refuse
 by seccomp (ProtectHostname=: sethostname, which a runtime calls to name a
@@ -28,17 +28,36 @@ if umask:
     os.umask(int(umask, 8))
 if own_uts == "yes" and libc.unshare(0x04000000) != 0:       # CLONE_NEWUTS
     sys.exit(f"unshare(CLONE_NEWUTS): {os.strerror(ctypes.get_errno())}")
+seccomp = ctypes.CDLL("libseccomp.so.2")
+seccomp.seccomp_init.restype = ctypes.c_void_p
+seccomp.seccomp_init.argtypes = [ctypes.c_uint32]
+seccomp.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+seccomp.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                     ctypes.c_uint]
+seccomp.seccomp_load.argtypes = [ctypes.c_void_p]
+allow, refuse = 0x7FFF0000, 0x00050000 | getattr(errno, error or "EPERM")
 if mdwe == "yes" and libc.prctl(65, 1, 0, 0, 0) != 0:        # PR_SET_MDWE, REFUSE_EXEC_GAIN
-    sys.exit(f"prctl(PR_SET_MDWE): {os.strerror(ctypes.get_errno())}")
+    if ctypes.get_errno() != errno.EINVAL:
+        sys.exit(f"prctl(PR_SET_MDWE): {os.strerror(ctypes.get_errno())}")
+    # A kernel before 6.3 has no PR_SET_MDWE: systemd's own rule, a filter of its
+    # own: mmap W+X, mprotect/pkey_mprotect to X, shmat SHM_EXEC refused.
+    class Cmp(ctypes.Structure):  # struct scmp_arg_cmp; op 7: SCMP_CMP_MASKED_EQ
+        _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
+                    ("a", ctypes.c_uint64), ("b", ctypes.c_uint64)]
+    seccomp.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                               ctypes.c_uint, ctypes.POINTER(Cmp)]
+    wx = seccomp.seccomp_init(allow)
+    for name, mask in (("mmap", 6), ("mmap2", 6), ("mprotect", 4), ("pkey_mprotect", 4),
+                       ("shmat", 0o100000)):
+        number = seccomp.seccomp_syscall_resolve_name(name.encode())
+        if number >= 0:
+            rc = seccomp.seccomp_rule_add_array(wx, refuse, number, 1,
+                                                (Cmp * 1)(Cmp(2, 7, mask, mask)))
+            if rc < 0:
+                sys.exit(f"seccomp_rule_add_array({name}): {os.strerror(-rc)}")
+    if seccomp.seccomp_load(wx) < 0:
+        sys.exit("seccomp_load (MemoryDenyWriteExecute)")
 if mode:
-    seccomp = ctypes.CDLL("libseccomp.so.2")
-    seccomp.seccomp_init.restype = ctypes.c_void_p
-    seccomp.seccomp_init.argtypes = [ctypes.c_uint32]
-    seccomp.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
-    seccomp.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
-                                         ctypes.c_uint]
-    seccomp.seccomp_load.argtypes = [ctypes.c_void_p]
-    allow, refuse = 0x7FFF0000, 0x00050000 | getattr(errno, error or "EPERM")
     ctx = seccomp.seccomp_init(refuse if mode == "ALLOW" else allow)
     for name in names.split(","):
         number = seccomp.seccomp_syscall_resolve_name(name.encode())

@@ -351,9 +351,13 @@ def test_an_oversized_event_is_dropped_unread_and_rejected(devplane, host, tmp_p
     daemon.wait_line(f"{name}: rejected policy_version 7: too_large", timeout=60)
 
     assert _peak_rss_kib(daemon.proc.pid) - before < 16 << 10
-    rejected = events_of(host, name, "keyring.rejected")
-    assert [(e["details"]["reason"], e["details"]["policy_version"]) for e in rejected] \
-        == [("too_large", 7)]
+    # On a slow machine the stream can stall on the 48 MiB first, and the pull
+    # after it meets the same keyring: rejected too, by its digest (a body
+    # too large to read has no version to name).
+    rejected = [(e["details"]["reason"], e["details"].get("policy_version"))
+                for e in events_of(host, name, "keyring.rejected")]
+    assert ("too_large", 7) in rejected and set(rejected) <= {("too_large", 7),
+                                                              ("too_large", None)}, rejected
     wait_for(lambda: any(a["policy_version"] == 7 and a["reason"] == "too_large"
                          for a in acks(devplane, name)))
     assert not (host.paths.sandbox(name).keyring / "keyring.json").exists()
