@@ -340,13 +340,14 @@ def test_detached_lifecycle_in_one_user_namespace(runtime, rootless_users):
     name = user.enroll(unique_name("rldet", runtime))
     th = f"{user.python} -m tappass_host --state-dir {user.state} --config {user.config_file}"
     envelope = user.home / f"{name}.v2.json"
+    start_err = user.home / f"{name}.start.err"
     script = f"""
-        set -e
+        set -ex
         wait_log() {{
             for i in $(seq 100); do {th} logs {name} | grep -q "$1" && return; sleep 0.1; done
             return 1
         }}
-        {th} start {name} --agent {HELLO_AGENT} --runtime {runtime} 2>/dev/null
+        {th} start {name} --agent {HELLO_AGENT} --runtime {runtime} 2>{start_err}
         wait_log policy_version=1
         {th} --json status {name} > {user.home}/{name}.running.json
         {user.python} -c {shlex.quote(SIGN)} {user.state} {name} 2 {envelope}
@@ -357,7 +358,8 @@ def test_detached_lifecycle_in_one_user_namespace(runtime, rootless_users):
         {th} --json status {name} > {user.home}/{name}.exited.json
     """
     result = user.run("sh", "-c", script)
-    assert result.returncode == 0, result.stderr
+    start_said = start_err.read_text() if start_err.exists() else ""
+    assert result.returncode == 0, f"{result.stderr}\nstart said: {start_said}"
     docs = [json.loads((user.home / f"{name}.{state}.json").read_text())
             for state in ("running", "exited")]
     assert docs[0]["state"] == "running" and docs[0]["pid"]
