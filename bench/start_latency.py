@@ -14,6 +14,9 @@ agent running /bin/true, from a non-editable install in a venv of its own
   (its args start with the kernel layer's Landlock launcher, a python3 inside
   the sandbox), over a copy of its rootfs: what the sandbox itself costs.
 - `bare_rendered_true`: the same config with args /bin/true (no launcher).
+- the runtime directory (runtime state, bundles, the runtime's --root, bare's too) is a
+  tmpfs, as `/run` is on the hosts users run (systemd mounts one; `$XDG_RUNTIME_DIR` is
+  one too); `--runtime-dir disk` keeps it beside the state dir, on this disk.
 - with `--network proxy`, also starts of a sandbox whose keyring says
   `network.mode = "proxy"` (goal: at most 40 ms more than mode none).
 
@@ -35,6 +38,7 @@ Prints one JSON object. Usage:
   python bench/start_latency.py [--runs N] [--runtime crun|runc|both]
                                 [--network none|proxy] [--cli installed|checkout] [--wheel FILE]
                                 [--baseline-wheel FILE]  (e.g. one built at the commit before)
+                                [--runtime-dir tmpfs|disk]
 """
 
 import argparse
@@ -119,11 +123,17 @@ def import_argv(cli, modules: list[str]) -> list[str]:
             "    except Exception: pass" % (modules,)]
 
 
-def measure(cli, runtime: str, runs: int, cold_runs: int, network: str, baseline=None) -> dict:
+def measure(cli, runtime: str, runs: int, cold_runs: int, network: str, baseline=None,
+            runtime_dir: str = "tmpfs") -> dict:
     host = new_host()
     host.command = cli.command
     proxied = None
+    run_dir = host.paths.runtime
     try:
+        if runtime_dir == "tmpfs":
+            run_dir.mkdir(parents=True)
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755,nosuid,nodev", "tmpfs",
+                            str(run_dir)], check=True)
         name = host.enroll(unique_name("bench", runtime))
         if network == "proxy":
             proxied = host.enroll(unique_name("benchnet", runtime),
@@ -146,7 +156,7 @@ def measure(cli, runtime: str, runs: int, cold_runs: int, network: str, baseline
         minimal = host.root / "minimal"
         minimal.mkdir()
         minimal_rootfs = minimal_bundle(minimal)
-        binary, state = shutil.which(runtime), str(host.root / "bare-root")
+        binary, state = shutil.which(runtime), str(run_dir / "bare-root")
 
         def bare(directory: Path, cid: str) -> list[str]:
             return [binary, "--root", state, "run", "--bundle", str(directory), f"{cid}-{name}"]
@@ -232,7 +242,10 @@ def measure(cli, runtime: str, runs: int, cold_runs: int, network: str, baseline
     finally:
         if proxied:
             stop_egress_proxy(host)
-        host.cleanup()
+        host.cleanup()  # before the unmount: it stops what runs from the runtime dir
+        if runtime_dir == "tmpfs":
+            subprocess.run(["umount", "--lazy", str(run_dir)], capture_output=True)
+            shutil.rmtree(host.root, ignore_errors=True)
 
 
 def stop_egress_proxy(host) -> None:
@@ -258,6 +271,9 @@ def main() -> None:
     parser.add_argument("--runtime", choices=("crun", "runc", "both"), default="both")
     parser.add_argument("--network", choices=("none", "proxy"), default="none",
                         help="proxy: also time starts with network.mode = proxy")
+    parser.add_argument("--runtime-dir", choices=("tmpfs", "disk"), default="tmpfs",
+                        help="tmpfs: the runtime directory on a tmpfs, as /run is on a "
+                             "standard host (default); disk: beside the state dir")
     parser.add_argument("--cli", choices=("installed", "checkout"), default="installed",
                         help="installed: a wheel of this tree in a venv of its own (the "
                              "figures to report); checkout: the test venv's editable install")
@@ -276,11 +292,13 @@ def main() -> None:
             "cli": args.wheel or args.cli,
             "agent": "/bin/true",
             "load_average": os.getloadavg(),
+            "runtime_dir": args.runtime_dir,
             "podman": shutil.which("podman") and subprocess.run(
                 ["podman", "--version"], capture_output=True, text=True).stdout.strip()
             or "missing",
             "baseline": args.baseline_wheel,
-            **{runtime: measure(cli, runtime, args.runs, args.cold_runs, args.network, baseline)
+            **{runtime: measure(cli, runtime, args.runs, args.cold_runs, args.network, baseline,
+                               args.runtime_dir)
                for runtime in runtimes},
             "goal": {"ratio_max": GOAL_RATIO, "faster_than_podman": True,
                      "moonshot_ratio_max": MOONSHOT_RATIO,

@@ -92,3 +92,38 @@ class locked:
 
     def __exit__(self, *exc) -> None:
         os.close(self.fd)
+
+
+def remove_tree(top: Path) -> None:
+    """Remove the directory `top` and everything in it, best effort, like
+    shutil.rmtree(ignore_errors=True) without shutil's import (bz2, lzma and
+    zlib: several ms of every `start --rm`, issue 13). Symlinks are removed,
+    never followed, and nothing on another filesystem mounted below `top`
+    (one still busy) is touched."""
+    try:
+        device = os.lstat(top).st_dev
+    except OSError:
+        return
+    for directory, subdirs, names, fd in os.fwalk(top, topdown=False):
+        if os.fstat(fd).st_dev != device:
+            continue
+        for name in names:
+            _unlink_at(name, fd)
+        for name in subdirs:
+            try:
+                os.rmdir(name, dir_fd=fd)
+            except NotADirectoryError:  # a symlink to a directory
+                _unlink_at(name, fd)
+            except OSError:
+                pass
+    try:
+        os.rmdir(top)
+    except OSError:
+        pass
+
+
+def _unlink_at(name: str, fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=fd)
+    except OSError:
+        pass

@@ -27,16 +27,18 @@ def prepare(rootfs: Path, mount_destinations: list[str]) -> None:
         target = rootfs / link.lstrip("/")
         if os.path.islink(link) and not os.path.lexists(target):  # an image's own /bin stays
             os.symlink(os.readlink(link), target)
-    for path in [mount_point(rootfs, destination) for destination in mount_destinations]:
+    real_root = os.path.realpath(rootfs)
+    for path in [mount_point(rootfs, destination, real_root) for destination in mount_destinations]:
         path.mkdir(parents=True, exist_ok=True)
     tmp = rootfs / "tmp"
     if tmp.is_dir():
         os.chmod(tmp, 0o1777)  # runc gives a tmpfs its mount point's mode
 
 
-def mount_point(rootfs: Path, destination: str) -> Path:
-    """Where `destination` lies under `rootfs`, through the symlinks already
-    there (/bin/x is usr/bin/x); refused if that is outside it."""
+def mount_point(rootfs: Path, destination: str, real_root: str | None = None) -> Path:
+    """Where `destination` lies under `rootfs` (whose realpath `real_root` is,
+    if the caller has it), through the symlinks already there (/bin/x is
+    usr/bin/x); refused if that is outside it."""
     if not isinstance(destination, str) or not destination.startswith("/") or (
             ".." in destination.split("/")):
         raise MountPointOutsideRootfs(
@@ -46,7 +48,7 @@ def mount_point(rootfs: Path, destination: str) -> Path:
     existing = path
     while not os.path.lexists(existing):
         existing = existing.parent
-    real_root = os.path.realpath(rootfs)
+    real_root = real_root or os.path.realpath(rootfs)
     real = os.path.realpath(existing)
     if real != real_root and not real.startswith(real_root + "/"):
         raise MountPointOutsideRootfs(

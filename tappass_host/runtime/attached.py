@@ -12,7 +12,6 @@ the cgroup's `oom_kill` counter, and only then delete the container.
 
 import os
 import signal as signals
-import subprocess
 from pathlib import Path
 from typing import NamedTuple
 
@@ -84,20 +83,34 @@ def oom_kills(events: Path | None) -> int:
     return 0
 
 
-def run(runtime, cid: str, bundle: Path) -> Exit:
-    """Run the container attached to our stdout/stderr until the agent exits."""
-    runtime.root.mkdir(parents=True, exist_ok=True)
+class Creating:
+    """A container's `<runtime> create` under way (begin)."""
+    __slots__ = ("runtime", "cid", "bundle", "spawned")
+
+    def __init__(self, runtime, cid: str, bundle: Path, spawned):
+        self.runtime, self.cid, self.bundle, self.spawned = runtime, cid, bundle, spawned
+
+
+def begin(runtime, cid: str, bundle: Path) -> Creating:
+    """Begin creating the container attached to our stdout/stderr; the caller
+    may do other work while the runtime does (`run` takes it from there)."""
     become_subreaper()
     # In the sandbox's own runtime dir, which only this start (under the host lock) uses.
-    pid_file, log = bundle.parent / paths.ATTACHED_PID, bundle.parent / paths.RUNTIME_LOG
+    pid_file, log = _files(bundle)
     pid_file.unlink(missing_ok=True)
+    # The container's stdio are create's: ours. The runtime's own messages
+    # go to --log, so that a failure is still one line of ours.
+    return Creating(runtime, cid, bundle, runtime.spawn(
+        "--log", str(log), "create", "--bundle", str(bundle), "--pid-file", str(pid_file), cid,
+        output=True))
+
+
+def run(creating: Creating) -> Exit:
+    """Once created: start the container and wait until the agent exits."""
+    runtime, cid = creating.runtime, creating.cid
+    pid_file, log = _files(creating.bundle)
     try:
-        # The container's stdio are create's: ours. The runtime's own messages
-        # go to --log, so that a failure is still one line of ours.
-        created = subprocess.run(runtime.argv("--log", str(log), "create", "--bundle", str(bundle),
-                                              "--pid-file", str(pid_file), cid),
-                                 stdin=subprocess.DEVNULL, env=runtime.environ())
-        if created.returncode != 0:
+        if creating.spawned.wait(None) != 0:
             from tappass_host.runtime.ociruntime import OCIRuntimeFailed, last_logged
 
             raise OCIRuntimeFailed(f"{runtime.name} create failed: {last_logged(log)}")
@@ -120,3 +133,8 @@ def run(runtime, cid: str, bundle: Path) -> Exit:
             signals.signal(s, handler)
     code = os.waitstatus_to_exitcode(status)
     return Exit(code=128 - code if code < 0 else code, oom=oom_kills(events) > before)
+
+
+def _files(bundle: Path) -> tuple[Path, Path]:
+    """The pid file and the runtime's log of an attached run, beside its bundle."""
+    return bundle.parent / paths.ATTACHED_PID, bundle.parent / paths.RUNTIME_LOG

@@ -109,37 +109,38 @@ class OCIRuntime:
         self._run_unread("kill", cid, signal)
 
     def delete(self, cid: str) -> None:
-        self._run_unread("delete", "--force", cid)
+        self.begin_delete(cid).wait()
+
+    def begin_delete(self, cid: str) -> "Spawned":
+        """`delete --force` under way, for a caller with other work to do meanwhile."""
+        return self.spawn("delete", "--force", cid)
 
     def _run_unread(self, *args: str, timeout: float = 30) -> None:
         """Run the runtime where neither its output nor its status is read
-        (kill, delete: what they leave is checked by their callers), through
-        posix_spawn: subprocess's import was a tenth of every `stop` (issue 13).
-        Its output goes to /dev/null; SIGPIPE and SIGXFSZ, which Python
-        ignores, are the defaults again, as subprocess makes them."""
-        from _signal import SIGKILL, SIGPIPE, SIGXFSZ
+        (kill, delete: what they leave is checked by their callers)."""
+        self.spawn(*args).wait(timeout)
+
+    def spawn(self, *args: str, output: bool = False) -> "Spawned":
+        """The runtime started with `args` through posix_spawn: subprocess's
+        import was a tenth of every `stop` (issue 13). Its output is ours with
+        `output`, else /dev/null; its stdin /dev/null; SIGPIPE and SIGXFSZ,
+        which Python ignores, are the defaults again, as subprocess makes them."""
+        from _signal import SIGPIPE, SIGXFSZ
 
         self.root.mkdir(parents=True, exist_ok=True)
         argv = self.argv(*args)
         null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        actions = [(os.POSIX_SPAWN_DUP2, null, 0)]
+        if not output:
+            actions += [(os.POSIX_SPAWN_DUP2, null, 1), (os.POSIX_SPAWN_DUP2, null, 2)]
         try:
             pid = os.posix_spawn(argv[0], argv, self.environ() or os.environ,
-                                 file_actions=[(os.POSIX_SPAWN_DUP2, null, 1),
-                                               (os.POSIX_SPAWN_DUP2, null, 2)],
-                                 setsigdef=(SIGPIPE, SIGXFSZ))
+                                 file_actions=actions, setsigdef=(SIGPIPE, SIGXFSZ))
         except OSError as exc:
             raise OCIRuntimeFailed(f"cannot run {self.name} ({self.binary}): {exc.strerror}") from None
         finally:
             os.close(null)
-        ended = wait_ended(pid, None, timeout)
-        if not ended:
-            os.kill(pid, SIGKILL)
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:  # reaped already (as subprocess allows for)
-            pass
-        if not ended:
-            raise OCIRuntimeFailed(f"{self.name} {args[0]} did not finish in {timeout:g} s")
+        return Spawned(pid, f"{self.name} {args[0]}")
 
     def update(self, cid: str, resources: dict) -> None:
         """Apply new `linux.resources` to a running container."""
@@ -149,6 +150,34 @@ class OCIRuntime:
             json.dump(resources, f)
             f.flush()
             self._call("update", "--resources", f.name, cid)
+
+
+class Spawned:
+    """A runtime invocation under way (OCIRuntime.spawn)."""
+    __slots__ = ("pid", "what", "code")
+
+    def __init__(self, pid: int, what: str):
+        self.pid, self.what, self.code = pid, what, None
+
+    def wait(self, timeout: float | None = 30) -> int:
+        """Its exit code once it ends; past `timeout` seconds (None: no limit)
+        it is killed and OCIRuntimeFailed raised."""
+        if self.code is None and timeout is not None and not wait_ended(self.pid, None, timeout):
+            from _signal import SIGKILL
+
+            os.kill(self.pid, SIGKILL)
+            self._reap()
+            raise OCIRuntimeFailed(f"{self.what} did not finish in {timeout:g} s")
+        return self._reap()
+
+    def _reap(self) -> int:
+        if self.code is None:
+            try:
+                _, status = os.waitpid(self.pid, 0)
+                self.code = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:  # reaped already (as subprocess allows for)
+                self.code = 0
+        return self.code
 
 
 def last_logged(log: Path) -> str:

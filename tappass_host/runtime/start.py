@@ -7,7 +7,6 @@ the CLI is a thin client and no process of ours stays behind per sandbox.
 import os
 import signal as signals
 import sys
-from pathlib import Path
 from typing import NamedTuple
 
 from tappass_host import clock
@@ -23,14 +22,6 @@ from tappass_host.runtime.stop import detach_network, release_image_root, releas
 def exit_command(paths: HostPaths, name: str) -> list[str]:
     return [sys.executable, "-m", "tappass_host", "--state-dir", str(paths.state),
             "_exited", name]
-
-
-def foreground(runtime, cid: str, bundle: Path):
-    """Run attached; signals to us go to the agent; returns its
-    tappass_host.runtime.attached.Exit (code, OOM kill)."""
-    from tappass_host.runtime import attached
-
-    return attached.run(runtime, cid, bundle)
 
 
 def _refuse_expired(name: str, keyring: dict) -> None:
@@ -61,7 +52,6 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
     from (over its package's [rootfs]), which `keyring` must allow."""
     from tappass_host import agent, ids, workspace
     from tappass_host import sandbox_record
-    from tappass_host.audit import AuditLog
     from tappass_host.keyring.store import store_for
     from tappass_host.oci import bundle_cache
     from tappass_host.paths import is_rootless
@@ -159,8 +149,52 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
             if not had_log:
                 sandbox.agent_log.unlink(missing_ok=True)  # conmon's, for nothing
             raise
+    # Attached: the runtime creates the container while the audit record is written.
+    creating = _begin_attached(runtime, cid, sandbox) if foreground_run else None
     try:
-        if foreground_run:  # its unit, not the daemon, brings it back
+        warnings = _record_start(paths, sandbox, name, state, runtime, keyring, manifest,
+                                 reused, admitted, prepared, warnings, warn)
+    except BaseException:
+        if creating is not None:
+            _end_attached(paths, name, sandbox, remove, _deleting(creating))
+        raise
+    if not foreground_run:
+        return Started(name, pid, runtime.name, keyring["policy_version"], warnings)
+    code = _run_attached(paths, name, sandbox, state, remove, creating)
+    return Started(name, 0, runtime.name, keyring["policy_version"], warnings,
+                   exit_code=code)
+
+
+def _run_attached(paths: HostPaths, name: str, sandbox: SandboxPaths, state: dict,
+                  remove: bool, creating) -> int:
+    """The created container run attached until its agent exits; its exit
+    recorded while the runtime deletes it; returns the exit code."""
+    from tappass_host.runtime import attached
+
+    ended = None
+    try:
+        ended = attached.run(creating)
+    finally:
+        deleting = _deleting(creating)  # its cgroup counted OOM kills until now
+        try:
+            if ended is not None:
+                write_exit(paths, name, ended.code, oom=ended.oom,
+                           started_at=state["started_at"])
+        finally:
+            _end_attached(paths, name, sandbox, remove, deleting)
+    return ended.code
+
+
+def _record_start(paths: HostPaths, sandbox: SandboxPaths, name: str, state: dict, runtime,
+                  keyring: dict, manifest, reused: bool, admitted, prepared, warnings,
+                  warn) -> list[str]:
+    """What a start leaves once its sandbox is up: the intent to run it again
+    after a reboot (or none, for a foreground run, which its unit brings back),
+    the audit records, the warnings shown; returns the warnings."""
+    from tappass_host.audit import AuditLog
+
+    try:
+        if state["foreground"]:
             runintent.clear(sandbox)
         else:
             runintent.record(sandbox, state)
@@ -169,32 +203,48 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
     audit = AuditLog.for_host(paths)
     audit.append("sandbox.started", sandbox=name, details={
         "runtime": runtime.name, "policy_version": keyring["policy_version"],
-        "agent": manifest.name, "foreground": foreground_run, "config_reused": reused,
+        "agent": manifest.name, "foreground": state["foreground"], "config_reused": reused,
         **({"image": admitted.digest} if admitted else {})})
     for layer, feature in prepared.unavailable:
         audit.append("layer.unavailable", sandbox=name, details={"layer": layer, "feature": feature})
     for warning in warnings if warn else ():
         warn(warning)
-    if not foreground_run:
-        return Started(name, pid, runtime.name, keyring["policy_version"], warnings)
-    try:
-        ended = foreground(runtime, cid, sandbox.bundle)
-        code = ended.code
-        write_exit(paths, name, code, oom=ended.oom, started_at=state["started_at"])
-    finally:
-        # The attached run keeps the container (its cgroup counted OOM kills).
-        if runtime.has_state(cid):
-            runtime.delete(cid)
-        detach_network(paths, name)
-        state_file(sandbox).unlink(missing_ok=True)
-        release_workspace(paths, name)
-        release_image_root(paths, name)
-        if remove:
-            import shutil
+    return warnings
 
-            shutil.rmtree(sandbox.runtime, ignore_errors=True)
-    return Started(name, 0, runtime.name, keyring["policy_version"], warnings,
-                   exit_code=code)
+
+def _begin_attached(runtime, cid: str, sandbox: SandboxPaths):
+    """The attached run's create, begun (tappass_host.runtime.attached)."""
+    from tappass_host.runtime import attached
+
+    return attached.begin(runtime, cid, sandbox.bundle)
+
+
+def _deleting(creating):
+    """The container's `delete` begun, once its create has ended (None: the
+    runtime holds no state for it)."""
+    creating.spawned.wait(None)
+    runtime, cid = creating.runtime, creating.cid
+    return runtime.begin_delete(cid) if runtime.has_state(cid) else None
+
+
+def _end_attached(paths: HostPaths, name: str, sandbox: SandboxPaths, remove: bool,
+                  deleting) -> None:
+    """After an attached run: its network, workspace and image root released
+    while the runtime deletes the container; then its state (which kept any
+    other start of it out until the container was gone) and, with --rm, its
+    runtime directory removed."""
+    try:
+        detach_network(paths, name)
+        release_workspace(paths, name, ours=True)
+        release_image_root(paths, name, ours=True)
+    finally:
+        if deleting is not None:
+            deleting.wait()
+        state_file(sandbox).unlink(missing_ok=True)
+        if remove:
+            from tappass_host.statefile import remove_tree
+
+            remove_tree(sandbox.runtime)
 
 
 def _admit_image(paths: HostPaths, config, name: str, manifest, image: str | None,

@@ -101,9 +101,10 @@ def exit_hook(paths: HostPaths, name: str) -> dict | None:
     return record_exit_from_monitor(paths, name)
 
 
-def release_workspace(paths: HostPaths, name: str) -> None:
+def release_workspace(paths: HostPaths, name: str, *, ours: bool = False) -> None:
     """After a run: unmount the workspace's filesystem (tappass_host.workspace),
-    unless a new run of the sandbox has started meanwhile."""
+    unless a new run of the sandbox has started meanwhile (`ours`: the caller
+    is the run, its state still says so, and no other can have started)."""
     import os
 
     sandbox = paths.sandbox(name)
@@ -112,13 +113,13 @@ def release_workspace(paths: HostPaths, name: str) -> None:
     from tappass_host import workspace
 
     with host_lock(paths):
-        if not is_running(sandbox):
+        if ours or not is_running(sandbox):
             workspace.release(sandbox)
 
 
-def release_image_root(paths: HostPaths, name: str) -> None:
+def release_image_root(paths: HostPaths, name: str, *, ours: bool = False) -> None:
     """After an image-based run: unmount its overlay (tappass_host.runtime.imageroot),
-    unless a new run of the sandbox has started meanwhile."""
+    unless a new run of the sandbox has started meanwhile (`ours`: as release_workspace)."""
     import os
 
     sandbox = paths.sandbox(name)
@@ -127,7 +128,7 @@ def release_image_root(paths: HostPaths, name: str) -> None:
     from tappass_host.runtime import imageroot
 
     with host_lock(paths):
-        if not is_running(sandbox):
+        if ours or not is_running(sandbox):
             imageroot.unmount(sandbox)
 
 
