@@ -28,9 +28,9 @@ from tappass_host.errors import TappassError
 from tappass_host.paths import SandboxPaths
 
 # noinit_itable: the kernel would zero the inode tables in the background, and a
-# loop device zeroes by punching holes, giving back reserved space
-MOUNT_OPTIONS = "loop,nosuid,nodev,noinit_itable"
-LOOP_CONTROL = "/dev/loop-control"
+# loop device zeroes by punching holes, giving back reserved space (nosuid, nodev:
+# tappass_host.loopdev)
+MOUNT_OPTIONS = "noinit_itable"
 MIB = 1024 * 1024
 FITRIM = 0xC0185879  # _IOWR('X', 121, struct fstrim_range)
 SYS_BLOCK = "/sys/dev/block"
@@ -104,10 +104,12 @@ def release(sandbox: SandboxPaths) -> None:
     mountpoint = sandbox.workspace_trim_mount
     mountpoint.mkdir(mode=0o700, exist_ok=True)
     try:
-        if _succeeds(["mount", "-t", "ext4", "-o", MOUNT_OPTIONS, str(image_of(sandbox)),
-                      str(mountpoint)]):
-            _trim(mountpoint)
-            _unmount(mountpoint)
+        try:
+            _mount(image_of(sandbox), mountpoint)
+        except WorkspaceError:
+            return  # as before: a failed trim only keeps the space reserved
+        _trim(mountpoint)
+        _unmount(mountpoint)
     finally:
         try:
             mountpoint.rmdir()
@@ -150,7 +152,7 @@ def _create(sandbox: SandboxPaths, size_mb: int) -> None:
             if _has_entries(sandbox.workspace):
                 _run(["cp", "-a", "--", f"{sandbox.workspace}/.", f"{mountpoint}/"])
         finally:
-            _run(["umount", str(mountpoint)], check=False)
+            _unmount(mountpoint)
             mountpoint.rmdir()
         os.rename(staging, image)
     except BaseException:
@@ -177,16 +179,15 @@ def _mkfs() -> str:
 
 
 def _mount(image: Path, mountpoint: Path) -> None:
-    """`mount -o loop` attaches a loop device, or reuses the one already
-    attached to this image (mounted in another mount namespace): one image is
-    never behind two loop devices, which would corrupt it."""
+    """The image's filesystem on `mountpoint` through a loop device: the one
+    already bound to this image (mounted in another mount namespace), or a new
+    one (tappass_host.loopdev)."""
+    from tappass_host import loopdev
+
     try:
-        _run(["mount", "-t", "ext4", "-o", MOUNT_OPTIONS, str(image), str(mountpoint)])
-    except WorkspaceError as exc:
-        if not os.path.exists(LOOP_CONTROL):  # mount says only "Operation not permitted"
-            raise WorkspaceError(f"{exc}: this host has no loop devices ({LOOP_CONTROL} is "
-                                 "missing: load the loop module, modprobe loop)") from None
-        raise
+        loopdev.mount(image, mountpoint, "ext4", MOUNT_OPTIONS)
+    except OSError as exc:
+        raise WorkspaceError(f"workspace: mount: {exc.strerror or exc}") from None
 
 
 def _reserve(image: Path) -> None:
@@ -256,35 +257,13 @@ def _mounted_here(sandbox: SandboxPaths) -> bool:
 
 def _loop_devices_of(backing: os.stat_result) -> set[int]:
     """The device numbers of the loop devices whose backing file is `backing`."""
-    import json
+    from tappass_host import loopdev
 
-    listed = _run(["losetup", "--list", "--json",
-                   "--output", "MAJ:MIN,BACK-INO,BACK-MAJ:MIN"], check=False)
-    try:
-        rows = json.loads(listed)["loopdevices"] if listed.strip() else []
-    except (ValueError, KeyError, TypeError):
-        return set()
-    devices = set()
-    for row in rows:
-        own, back = str(row.get("maj:min", "")).strip(), str(row.get("back-maj:min", "")).strip()
-        if str(row.get("back-ino", "")).strip() == str(backing.st_ino) and \
-                back == _maj_min(backing.st_dev) and ":" in own:
-            major, minor = own.split(":")
-            devices.add(os.makedev(int(major), int(minor)))
-    return devices
+    return {device for device, _ in loopdev.bound_devices(backing)}
 
 
 def _maj_min(dev: int) -> str:
     return f"{os.major(dev)}:{os.minor(dev)}"
-
-
-def _succeeds(argv: list[str]) -> bool:
-    import subprocess
-
-    try:
-        return subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL).returncode == 0
-    except FileNotFoundError:
-        return False
 
 
 def _run(argv: list[str], check: bool = True) -> str:

@@ -289,15 +289,20 @@ def test_an_update_flipped_when_its_audit_cannot_be_written_is_acked_applied(
 
 
 def test_a_host_without_loop_devices_is_named_in_the_workspace_error(tmp_path, monkeypatch):
-    """mount -o loop with no loop module loaded says only "Operation not
-    permitted" (seen on a minimal arm64 host): the error names the cause."""
+    """mount -o loop with no loop module loaded said only "Operation not
+    permitted" (seen on a minimal arm64 host): the error names the cause.
+    A failed mount leaves no loop device bound to the image."""
+    from tappass_host import loopdev
+
     image, mountpoint = tmp_path / "workspace.img", tmp_path / "mnt"
     image.write_bytes(bytes(4096))  # no filesystem: the mount fails either way
     mountpoint.mkdir()
     with pytest.raises(workspace.WorkspaceError) as present:
         workspace._mount(image, mountpoint)
     assert "modprobe loop" not in str(present.value)
-    monkeypatch.setattr(workspace, "LOOP_CONTROL", str(tmp_path / "loop-control"))
+    assert "as ext4 on" in str(present.value) and "\n" not in str(present.value)
+    assert loopdev.bound_devices(image.stat()) == []  # autoclear: freed with our close
+    monkeypatch.setattr(loopdev, "LOOP_CONTROL", str(tmp_path / "loop-control"))
     with pytest.raises(workspace.WorkspaceError) as missing:
         workspace._mount(image, mountpoint)
     message = str(missing.value)

@@ -117,8 +117,11 @@ def test_start_foreground_stays_in_its_import_budget(host, runtime):
             "tappass_host.oci.bundle_cache"} <= reused  # it really ran
     assert over_budget("start", reused) == []
     assert renders(reused) == []
-    # dataclasses (with inspect, ast, dis, tokenize) was a tenth of a reused start
-    assert not {"dataclasses", "inspect"} & reused
+    # dataclasses (with inspect, ast, dis, tokenize) was a tenth of a reused start;
+    # subprocess (for `mount -o loop`, now tappass_host.loopdev) and shutil (bz2, lzma,
+    # for --rm's rmtree, now statefile.remove_tree) another
+    assert not {"dataclasses", "inspect", "subprocess", "shutil"} & reused, \
+        {"dataclasses", "inspect", "subprocess", "shutil"} & reused
     host.configure("max_sandboxes = 7\n")  # another input, the same config.json
     rendered = host.modules_loaded(*args)  # renders again, its schema verdict cached
     assert "tappass_host.oci.invariants" in rendered

@@ -115,22 +115,23 @@ def run(creating: Creating) -> Exit:
 
             raise OCIRuntimeFailed(f"{runtime.name} create failed: {last_logged(log)}")
         pid = int(pid_file.read_text().strip())
+        events = oom_counter(pid)
+        before = oom_kills(events)
+
+        def forward(signum, _frame):
+            runtime.kill(cid, signals.Signals(signum).name)
+
+        previous = {s: signals.signal(s, forward) for s in (signals.SIGTERM, signals.SIGINT)}
+        try:
+            runtime.start(cid, log)
+            log.unlink(missing_ok=True)
+            _, status = os.waitpid(pid, 0)
+        finally:
+            for s, handler in previous.items():
+                signals.signal(s, handler)
     finally:
         pid_file.unlink(missing_ok=True)
         log.unlink(missing_ok=True)
-    events = oom_counter(pid)
-    before = oom_kills(events)
-
-    def forward(signum, _frame):
-        runtime.kill(cid, signals.Signals(signum).name)
-
-    previous = {s: signals.signal(s, forward) for s in (signals.SIGTERM, signals.SIGINT)}
-    try:
-        runtime.start(cid)
-        _, status = os.waitpid(pid, 0)
-    finally:
-        for s, handler in previous.items():
-            signals.signal(s, handler)
     code = os.waitstatus_to_exitcode(status)
     return Exit(code=128 - code if code < 0 else code, oom=oom_kills(events) > before)
 

@@ -102,8 +102,14 @@ class OCIRuntime:
             return None
         return json.loads(result.stdout)
 
-    def start(self, cid: str) -> None:
-        self._call("start", cid)
+    def start(self, cid: str, log: Path | None = None) -> None:
+        """`log`: the runtime's messages go to that file (paths.RUNTIME_LOG),
+        and the runtime is spawned, not run by subprocess (issue 13)."""
+        if log is None:
+            self._call("start", cid)
+            return
+        if self.spawn("--log", str(log), "start", cid).wait() != 0:
+            raise OCIRuntimeFailed(f"{self.name} start failed: {last_logged(log)}")
 
     def kill(self, cid: str, signal: str) -> None:
         self._run_unread("kill", cid, signal)
