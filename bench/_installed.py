@@ -10,6 +10,8 @@ Both benchmarks take `--wheel FILE` to measure a wheel built elsewhere
 """
 
 import shutil
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +33,30 @@ class Installed:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def installed_cli(kind: str = "installed", wheel: str | None = None) -> Installed:
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def base_python(choice: str = "system") -> str:
+    """The interpreter the venv is made of: `system`, the distribution's
+    python3, as the README's production install (python3 -m venv /opt/tappass)
+    uses it, when it is of the test venv's major.minor (the dependencies are
+    the test venv's); else, or with `venv`, the test venv's own."""
+    if choice == "system" and shutil.which(SYSTEM_PYTHON):
+        version = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"],
+                                 capture_output=True, text=True).stdout.strip()
+        if version == str(sys.version_info[:2]):
+            return SYSTEM_PYTHON
+    return sys.executable
+
+
+def installed_cli(kind: str = "installed", wheel: str | None = None,
+                  base: str = sys.executable) -> Installed:
     """`wheel`: install that wheel (e.g. one built from an earlier commit, to
-    compare before and after in the same run) instead of building this tree's."""
+    compare before and after in the same run) instead of building this tree's;
+    `base`: the interpreter of its venv (base_python)."""
     if kind == "checkout":
         return Installed(PYTHON, (PYTHON, "-m", "tappass_host"), kind)
     root = Path(tempfile.mkdtemp(prefix="tp-wheel-"))
     root.chmod(0o755)
-    python = install(Path(wheel) if wheel else build_wheel(root), root / "venv")
+    python = install(Path(wheel) if wheel else build_wheel(root), root / "venv", base)
     return Installed(str(python), (str(python.parent / "tappass-host"),), kind, root)

@@ -1,6 +1,7 @@
 """Benchmark: `tappass-host start NAME --agent PKG --foreground --rm` of an
 agent running /bin/true, from a non-editable install in a venv of its own
-(bench/_installed.py), against, in the same run, alternating, per runtime
+(bench/_installed.py) made, as the README's production install is, of the
+distribution's python3 (`--python venv`: of the test venv's), against, in the same run, alternating, per runtime
 (crun, runc):
 
 - `bare`: `<runtime> run` of a minimal bundle: `runc spec`'s config, args
@@ -38,7 +39,7 @@ Prints one JSON object. Usage:
   python bench/start_latency.py [--runs N] [--runtime crun|runc|both]
                                 [--network none|proxy] [--cli installed|checkout] [--wheel FILE]
                                 [--baseline-wheel FILE]  (e.g. one built at the commit before)
-                                [--runtime-dir tmpfs|disk]
+                                [--runtime-dir tmpfs|disk] [--python system|venv]
 """
 
 import argparse
@@ -51,7 +52,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _installed import installed_cli
+from _installed import base_python, installed_cli
 from _sandboxes import ensure_crun_works, ms, new_host, run, unique_name, write_agent
 
 from audit_records import read_audit  # noqa: E402
@@ -278,12 +279,17 @@ def main() -> None:
                         help="installed: a wheel of this tree in a venv of its own (the "
                              "figures to report); checkout: the test venv's editable install")
     parser.add_argument("--wheel", help="measure this wheel instead of one built from the tree")
+    parser.add_argument("--python", choices=("system", "venv"), default="system",
+                        help="the interpreter of the install's venv: system, the distribution's "
+                             "python3 as a production install uses it (default, when of the "
+                             "test venv's version); venv: the test venv's")
     parser.add_argument("--baseline-wheel",
                         help="also time this wheel's start in the same rounds (before/after)")
     args = parser.parse_args()
     ensure_crun_works()
-    cli = installed_cli(args.cli, args.wheel)
-    baseline = installed_cli("installed", args.baseline_wheel) if args.baseline_wheel else None
+    base = base_python(args.python)
+    cli = installed_cli(args.cli, args.wheel, base)
+    baseline = installed_cli("installed", args.baseline_wheel, base) if args.baseline_wheel else None
     try:
         runtimes = ("crun", "runc") if args.runtime == "both" else (args.runtime,)
         print(json.dumps({
@@ -293,6 +299,8 @@ def main() -> None:
             "agent": "/bin/true",
             "load_average": os.getloadavg(),
             "runtime_dir": args.runtime_dir,
+            "python": subprocess.run([cli.python, "-c", "import sys; print(sys.version.split()[0])"],
+                                     capture_output=True, text=True).stdout.strip() + f" ({base})",
             "podman": shutil.which("podman") and subprocess.run(
                 ["podman", "--version"], capture_output=True, text=True).stdout.strip()
             or "missing",

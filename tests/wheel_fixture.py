@@ -34,11 +34,12 @@ def wheel(tmp_path_factory) -> Path:
     return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
-def install(wheel: Path, venv: Path) -> Path:
-    """A venv at `venv` with `wheel` installed; its python. Its dependencies
-    are the test venv's (a path entry whose own .pth files, such as the test
-    venv's editable tappass_host, are not processed), so nothing is fetched."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+def install(wheel: Path, venv: Path, base: str = sys.executable) -> Path:
+    """A venv at `venv` of the interpreter `base` (of this one's major.minor)
+    with `wheel` installed; its python. Its dependencies are the test venv's
+    (a path entry whose own .pth files, such as the test venv's editable
+    tappass_host, are not processed), so nothing is fetched."""
+    subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
     site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                           check=True, capture_output=True, text=True).stdout.strip()
