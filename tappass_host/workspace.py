@@ -24,6 +24,7 @@ directory with no size limit; the filesystem layer says so (warning,
 import os
 from pathlib import Path
 
+from tappass_host import loopdev
 from tappass_host.errors import TappassError
 from tappass_host.paths import SandboxPaths
 
@@ -182,8 +183,6 @@ def _mount(image: Path, mountpoint: Path) -> None:
     """The image's filesystem on `mountpoint` through a loop device: the one
     already bound to this image (mounted in another mount namespace), or a new
     one (tappass_host.loopdev)."""
-    from tappass_host import loopdev
-
     try:
         loopdev.mount(image, mountpoint, "ext4", MOUNT_OPTIONS)
     except OSError as exc:
@@ -257,8 +256,6 @@ def _mounted_here(sandbox: SandboxPaths) -> bool:
 
 def _loop_devices_of(backing: os.stat_result) -> set[int]:
     """The device numbers of the loop devices whose backing file is `backing`."""
-    from tappass_host import loopdev
-
     return {device for device, _ in loopdev.bound_devices(backing)}
 
 

@@ -23,7 +23,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("values and files", (
         "tappass_host", "paths", "statefile", "clock", "errors", "config", "strictjson",
         "unixaddress", "domains", "responses", "shipped", "signing", "sandbox_record", "ids",
-        "workspace", "agent", "audit", "systemd", "processes", "userns", "sandbox_launcher")),
+        "loopdev", "workspace", "agent", "audit", "systemd", "processes", "userns",
+        "sandbox_launcher")),
     # The keyring (envelope, verification, the store), and the TLS contexts
     # pinned to the control plane's CA.
     ("keyring and the pinned TLS", ("keyring", "identity.tls")),
