@@ -159,6 +159,12 @@ class SandboxPaths(namedtuple("SandboxPaths", "root runtime")):  # both Paths
         return self.root / ".workspace-trim"
 
     @property
+    def workspace_refilled(self) -> Path:
+        """Set by the daemon's keep_reserved when it reserved the mounted image
+        again after a trim (tappass_host.workspace.release reads it)."""
+        return self.runtime / "workspace.refilled"
+
+    @property
     def workspace_new_mount(self) -> Path:
         return self.root / ".workspace-new"
 

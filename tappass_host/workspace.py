@@ -12,8 +12,8 @@ whatever the agent does: space it gives back during the run (by punching
 holes) was reserved at the start, and is only the agent's to lose. A
 host-wide fstrim (fstrim.timer) gives free blocks of a mounted image back:
 the daemon's supervision takes them again (keep_reserved). When the
-run ends the image is unmounted and its unused part given back (fstrim
-punches it out of the image); its contents persist. A plain workspace
+run ends the image's unused part is given back (FITRIM punches it out of the
+image) and the image unmounted; its contents persist. A plain workspace
 directory from before is copied into the image once.
 
 Rootless (no loop mounts for a user) and `workspace_mb = 0` keep a plain
@@ -27,12 +27,14 @@ from pathlib import Path
 from tappass_host import loopdev
 from tappass_host.errors import TappassError
 from tappass_host.paths import SandboxPaths
+from tappass_host.processes import wait_until
 
 # noinit_itable: the kernel would zero the inode tables in the background, and a
 # loop device zeroes by punching holes, giving back reserved space (nosuid, nodev:
 # tappass_host.loopdev)
 MOUNT_OPTIONS = "noinit_itable"
 MIB = 1024 * 1024
+RELEASED_WAIT_S = 2.0  # for the filesystem to be gone everywhere before a trim on a mount of its own
 FITRIM = 0xC0185879  # _IOWR('X', 121, struct fstrim_range)
 SYS_BLOCK = "/sys/dev/block"
 
@@ -85,23 +87,53 @@ def attach(sandbox: SandboxPaths, size_mb: int, uid: int, gid: int,
 
 def keep_reserved(sandbox: SandboxPaths) -> None:
     """Reserve a mounted workspace's image again: a host-wide fstrim (e.g.
-    fstrim.timer's) gives its free blocks back to the state filesystem."""
+    fstrim.timer's) gives its free blocks back to the state filesystem. What
+    it refilled is noted (workspace_refilled) for `release`."""
     image = image_of(sandbox)
     try:
         mounted = os.stat(sandbox.workspace).st_dev != os.stat(sandbox.root).st_dev
+        st = os.stat(image)
     except FileNotFoundError:
         return
-    if mounted and image.exists():
-        _reserve(image)
+    if not mounted:
+        return
+    if st.st_blocks * 512 < st.st_size:  # trimmed while mounted
+        try:
+            sandbox.workspace_refilled.touch()
+        except OSError:
+            pass  # then the next release gives back less: no harm to the run
+    _reserve(image)
 
 
 def release(sandbox: SandboxPaths) -> None:
-    """After a run: unmount the workspace and give the image's unused space
-    back. A workspace still busy stays mounted (the next start uses it as it is)."""
-    if not _mounted_here(sandbox) or not _unmount(sandbox.workspace):
+    """After a run: give the image's unused space back and unmount the
+    workspace. A workspace still busy stays mounted (the next start uses it as
+    it is), its space reserved again.
+
+    The unused space is trimmed on the workspace's own mount, unless
+    keep_reserved refilled the image after a trim during the run: ext4 skips
+    the block groups it trimmed before on the same mount, so those are trimmed
+    on a mount of their own, after the unmount."""
+    if not _mounted_here(sandbox):
         return
-    # Trimmed on a mount of its own: ext4 skips block groups it trimmed
-    # before on the same mount, though keep_reserved filled them again.
+    refilled = sandbox.workspace_refilled.exists()
+    if not refilled:
+        _trim(sandbox.workspace)
+    if not _unmount(sandbox.workspace):
+        _reserve(image_of(sandbox))
+        return
+    sandbox.workspace_refilled.unlink(missing_ok=True)
+    if refilled:
+        _trim_on_own_mount(sandbox)
+
+
+def _trim_on_own_mount(sandbox: SandboxPaths) -> None:
+    """Once the filesystem is gone everywhere: the container's mount namespace,
+    which had it too, may outlive the run by a moment, and a mount meanwhile
+    would be of the same filesystem (the same device, the same trimmed groups)."""
+    image = image_of(sandbox)
+    if not wait_until(lambda: not loopdev.bound_devices(os.stat(image)), RELEASED_WAIT_S):
+        return  # still in use somewhere: the space stays reserved, as for a busy workspace
     mountpoint = sandbox.workspace_trim_mount
     mountpoint.mkdir(mode=0o700, exist_ok=True)
     try:

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
+import patience
 from daemon_fixture import *  # noqa: F403
 from daemon_fixture import (AGENT, POLICY, SYNC_CONFIG, acks, agent_log, audit_events, enroll,
                             keyring_version, publish, wait_agent_sees)
-from devplane_fixture import run_host, wait_for
+from devplane_fixture import ENV, PYTHON, run_host, wait_for
 from rootless_fixture import rootless_users, staged  # noqa: F401  (fixtures)
 from sandbox_fixture import python_agent, unique_name
 from tappass_host import workspace
@@ -214,6 +215,54 @@ def test_the_daemon_survives_a_full_disk_and_applies_what_it_missed(
     # stopped, the workspace holds only what it uses
     assert not os.path.ismount(sandbox.workspace)
     assert image.stat().st_blocks * 512 < WORKSPACE_MB * MIB // 2
+
+
+WRITER = """
+import os, time
+with open("/workspace/data", "wb") as f:
+    f.write(os.urandom(2 << 20))
+print("written", flush=True)
+while not os.path.exists("/workspace/go"):
+    time.sleep(0.02)
+os.remove("/workspace/go")  # the workspace persists: the next run waits for its own
+"""
+
+
+@pytest.mark.parametrize("runtime", ["crun", "runc"])
+def test_the_end_of_a_run_gives_back_what_its_workspace_does_not_use(
+        devplane, host, small_disk, tmp_path, name, runtime):
+    """A run reserves its whole workspace; its end gives back all the image
+    does not use: trimmed on the workspace's own mount, or, when the daemon
+    refilled the image after a host-wide fstrim during the run (ext4 then
+    skips the groups it trimmed before on that mount), on a mount of its own."""
+    enroll(devplane, host, name)
+    assert publish(devplane, tmp_path, POLICY, name) == 1
+    agent = python_agent(tmp_path / "writer", WRITER)
+    sandbox = host.paths.sandbox(name)
+    image = workspace.image_of(sandbox)
+    for host_trim in (False, True):
+        run = subprocess.Popen(
+            [PYTHON, "-m", "tappass_host", "--state-dir", str(host.root), "--config",
+             str(host.config), "start", name, "--agent", str(agent), "--runtime", runtime,
+             "--foreground", "--rm"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        try:
+            assert run.stdout.readline().strip() == "written", run.stderr.read()
+            assert image.stat().st_blocks * 512 >= WORKSPACE_MB * MIB  # reserved
+            if host_trim:  # fstrim.timer, then the daemon's supervision
+                subprocess.run(["fstrim", str(sandbox.workspace)], check=True)
+                assert image.stat().st_blocks * 512 < WORKSPACE_MB * MIB // 2
+                workspace.keep_reserved(sandbox)
+                assert image.stat().st_blocks * 512 >= WORKSPACE_MB * MIB
+                assert sandbox.workspace_refilled.exists()
+            (sandbox.workspace / "go").touch()
+            assert run.wait(timeout=patience.seconds(30)) == 0, run.stderr.read()
+        finally:
+            run.kill()
+            run.wait()
+        assert not os.path.ismount(sandbox.workspace)
+        assert 2 * MIB <= image.stat().st_blocks * 512 < WORKSPACE_MB * MIB // 2, host_trim
+        assert not sandbox.runtime.exists()  # --rm: the note went with the run's state
 
 
 @pytest.mark.parametrize("runtime", ["crun", "runc"])
