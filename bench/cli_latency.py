@@ -1,7 +1,8 @@
 """Benchmark: wall time of `tappass-host status` (all sandboxes, and one by
 name), `stop NAME` (of a running sandbox), `logs NAME --tail 1` and
 `--help`, from a non-editable install in a venv of its own
-(bench/_installed.py), against `python -c pass` of that same venv,
+(bench/_installed.py; of the distribution's python3, `--python venv`: of the
+test venv's), against `python -c pass` of that same venv,
 alternating, in the same run. Goal: each at most 3x `python -c pass`.
 
 The state dir holds two enrolled sandboxes with keyrings; one has run once
@@ -20,7 +21,7 @@ import os
 import statistics
 import time
 
-from _installed import installed_cli
+from _installed import base_python, installed_cli
 from _sandboxes import ensure_crun_works, ms, new_host, run, unique_name, write_agent
 
 GOAL_RATIO = 3.0
@@ -33,13 +34,17 @@ def main() -> None:
     parser.add_argument("--runtime", choices=("crun", "runc"), default="runc")
     parser.add_argument("--cli", choices=("installed", "checkout"), default="installed")
     parser.add_argument("--wheel", help="measure this wheel instead of one built from the tree")
+    parser.add_argument("--python", choices=("system", "venv"), default="system",
+                        help="the interpreter of the install's venv (as bench/start_latency.py)")
     parser.add_argument("--baseline-wheel",
                         help="also time this wheel's status, logs and stop in the same rounds "
                              "(before/after)")
     args = parser.parse_args()
     ensure_crun_works()
-    cli = installed_cli(args.cli, args.wheel)
-    baseline = installed_cli("installed", args.baseline_wheel) if args.baseline_wheel else None
+    interpreter = base_python(args.python)
+    cli = installed_cli(args.cli, args.wheel, interpreter)
+    baseline = (installed_cli("installed", args.baseline_wheel, interpreter)
+                if args.baseline_wheel else None)
     host = new_host()
     host.command = cli.command
     try:
@@ -103,6 +108,7 @@ def main() -> None:
             "runs_each": args.runs,
             "cli": args.wheel or args.cli,
             "runtime": args.runtime,
+            "python": interpreter,
             "load_average": os.getloadavg(),
             **{key: ms(values) for key, values in samples.items()},
             **ratios,
