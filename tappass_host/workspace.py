@@ -138,7 +138,7 @@ def _trim_on_own_mount(sandbox: SandboxPaths) -> None:
     mountpoint.mkdir(mode=0o700, exist_ok=True)
     try:
         try:
-            _mount(image_of(sandbox), mountpoint)
+            _mount(image, mountpoint)
         except WorkspaceError:
             return  # as before: a failed trim only keeps the space reserved
         _trim(mountpoint)
@@ -218,7 +218,8 @@ def _mount(image: Path, mountpoint: Path) -> None:
     try:
         loopdev.mount(image, mountpoint, "ext4", MOUNT_OPTIONS)
     except OSError as exc:
-        raise WorkspaceError(f"workspace: mount: {exc.strerror or exc}") from None
+        where = f": {exc.filename}" if exc.filename else ""
+        raise WorkspaceError(f"workspace: mount: {exc.strerror or exc}{where}") from None
 
 
 def _reserve(image: Path) -> None:
@@ -283,12 +284,7 @@ def _mounted_here(sandbox: SandboxPaths) -> bool:
     if found is not None and (found.st_dev, found.st_ino) == (backing.st_dev, backing.st_ino):
         return True
     # e.g. attached from another mount namespace, where the image has another path
-    return workspace_dev in _loop_devices_of(backing)
-
-
-def _loop_devices_of(backing: os.stat_result) -> set[int]:
-    """The device numbers of the loop devices whose backing file is `backing`."""
-    return {device for device, _ in loopdev.bound_devices(backing)}
+    return workspace_dev in {device for device, _ in loopdev.bound_devices(backing)}
 
 
 def _maj_min(dev: int) -> str:

@@ -124,7 +124,6 @@ def run(creating: Creating) -> Exit:
         previous = {s: signals.signal(s, forward) for s in (signals.SIGTERM, signals.SIGINT)}
         try:
             runtime.start(cid, log)
-            log.unlink(missing_ok=True)
             _, status = os.waitpid(pid, 0)
         finally:
             for s, handler in previous.items():

@@ -150,7 +150,11 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
                 sandbox.agent_log.unlink(missing_ok=True)  # conmon's, for nothing
             raise
     # Attached: the runtime creates the container while the audit record is written.
-    creating = _begin_attached(runtime, cid, sandbox) if foreground_run else None
+    creating = None
+    if foreground_run:
+        from tappass_host.runtime import attached
+
+        creating = attached.begin(runtime, cid, sandbox.bundle)
     try:
         warnings = _record_start(paths, sandbox, name, state, runtime, keyring, manifest,
                                  reused, admitted, prepared, warnings, warn)
@@ -210,13 +214,6 @@ def _record_start(paths: HostPaths, sandbox: SandboxPaths, name: str, state: dic
     for warning in warnings if warn else ():
         warn(warning)
     return warnings
-
-
-def _begin_attached(runtime, cid: str, sandbox: SandboxPaths):
-    """The attached run's create, begun (tappass_host.runtime.attached)."""
-    from tappass_host.runtime import attached
-
-    return attached.begin(runtime, cid, sandbox.bundle)
 
 
 def _deleting(creating):
