@@ -19,6 +19,8 @@ behaves. With `kernel_layer = "required"` that still fails the start.
 import os
 from pathlib import Path
 
+from tappass_host import libc
+
 TEST_HOOK_ENV = "TAPPASS_HOST_LANDLOCK_ABI"
 SYS_CREATE_RULESET = 444  # x86_64 and aarch64 alike
 CREATE_RULESET_VERSION = 1
@@ -46,10 +48,11 @@ def kernel_abi() -> int:
     """The kernel's Landlock ABI version; 0 when unsupported or disabled."""
     import ctypes
 
-    syscall = ctypes.CDLL(None, use_errno=True).syscall
-    syscall.restype = ctypes.c_long
-    return max(syscall(SYS_CREATE_RULESET, None, ctypes.c_size_t(0),
-                       ctypes.c_uint32(CREATE_RULESET_VERSION)), 0)
+    try:
+        return libc.syscall(SYS_CREATE_RULESET, None, ctypes.c_size_t(0),
+                            ctypes.c_uint32(CREATE_RULESET_VERSION))
+    except OSError:  # ENOSYS, EOPNOTSUPP: none
+        return 0
 
 
 def host_abi() -> int:

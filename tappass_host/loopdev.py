@@ -25,6 +25,8 @@ import os
 import struct
 from pathlib import Path
 
+from tappass_host import libc
+
 LOOP_CONTROL = "/dev/loop-control"
 SYS_BLOCK = "/sys/block"
 LOOP_SET_FD, LOOP_SET_STATUS64, LOOP_GET_STATUS64 = 0x4C00, 0x4C04, 0x4C05
@@ -143,11 +145,8 @@ def _configure(fd: int, backing: int, name: bytes) -> None:
 
 
 def _mount(device: str, mountpoint: Path, fstype: str, options: str) -> None:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mount(device.encode(), os.fsencode(mountpoint), fstype.encode(),
-                  ctypes.c_ulong(MS_NOSUID | MS_NODEV), options.encode()) != 0:
-        err = ctypes.get_errno()
-        raise LoopError(err, f"cannot mount {device} as {fstype} on {mountpoint}: "
-                             f"{os.strerror(err)}")
+    try:
+        libc.mount(device, mountpoint, fstype, MS_NOSUID | MS_NODEV, options)
+    except OSError as exc:
+        raise LoopError(exc.errno, f"cannot mount {device} as {fstype} on {mountpoint}: "
+                                   f"{exc.strerror}") from None

@@ -31,6 +31,7 @@ so nothing is lost. On pure cgroup v1 or v2 hosts this does nothing.
 
 import os
 
+from tappass_host import libc
 from tappass_host.errors import TappassError
 from tappass_host.processes import boot_id
 
@@ -235,7 +236,6 @@ def _spawn(join: tuple[int, int] | None) -> int:
 def _pause(report: int, go: int, join: tuple[int, int] | None) -> None:
     """The pause process, before it becomes `sleep infinity`. Never returns."""
     try:
-        libc = _libc()
         if join is not None:
             _call(libc.setns, join[0], CLONE_NEWUSER, what="setns(user)")
             _call(libc.setns, join[1], CLONE_NEWNS, what="setns(mnt)")
@@ -248,8 +248,8 @@ def _pause(report: int, go: int, join: tuple[int, int] | None) -> None:
             # denies them): prove it on a namespace of the pause's own
             _call(libc.unshare, CLONE_NEWUTS, what="a capability in the new namespace")
             if _hybrid_cgroups():
-                _call(libc.mount, b"none", HYBRID_CGROUP2.encode(), b"tmpfs",
-                      MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, b"size=4k,mode=0555",
+                _call(libc.mount, "none", HYBRID_CGROUP2, "tmpfs",
+                      MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555",
                       what=f"covering {HYBRID_CGROUP2}")
         os.chdir("/")
         null = os.open("/dev/null", os.O_RDWR)
@@ -349,28 +349,17 @@ def _advice(tool: str | None = None) -> str:
 # --- joining ---------------------------------------------------------------------------
 
 
-def _libc():
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                           ctypes.c_char_p)
-    return libc
-
-
 def _call(function, *args, what: str) -> None:
-    import ctypes
-
-    if function(*args) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"{what}: {os.strerror(code)}")
+    try:
+        function(*args)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{what}: {exc.strerror}") from None
 
 
 def _join(user_fd: int, mnt_fd: int) -> None:
     """setns into the user, then the mount namespace (which moves the root
     and the working directory to its own; the caller goes back)."""
     try:
-        libc = _libc()
         try:
             _call(libc.setns, user_fd, CLONE_NEWUSER, what="setns(user)")
             _call(libc.setns, mnt_fd, CLONE_NEWNS, what="setns(mnt)")

@@ -24,7 +24,7 @@ directory with no size limit; the filesystem layer says so (warning,
 import os
 from pathlib import Path
 
-from tappass_host import loopdev
+from tappass_host import libc, loopdev
 from tappass_host.errors import TappassError
 from tappass_host.paths import SandboxPaths
 from tappass_host.processes import wait_until
@@ -237,10 +237,11 @@ def _reserve(image: Path) -> None:
 def _unmount(mountpoint: Path) -> bool:
     """umount(2), as `umount` does for these mounts without its process: the
     loop device goes with the last unmount (mount -o loop sets autoclear)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.umount2(os.fsencode(mountpoint), 0) == 0
+    try:
+        libc.umount2(mountpoint)
+    except OSError:
+        return False
+    return True
 
 
 def _trim(mountpoint: Path) -> None:

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("values and files", (
         "tappass_host", "paths", "statefile", "clock", "errors", "config", "strictjson",
         "unixaddress", "domains", "responses", "shipped", "signing", "sandbox_record", "ids",
-        "loopdev", "workspace", "agent", "audit", "systemd", "processes", "userns",
+        "libc", "loopdev", "workspace", "agent", "audit", "systemd", "processes", "userns",
         "sandbox_launcher")),
     # The keyring (envelope, verification, the store), and the TLS contexts
     # pinned to the control plane's CA.

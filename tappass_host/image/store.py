@@ -25,7 +25,6 @@ A sandbox names the image it runs in its record (sandbox.json `"image":
 `prune` removes those, and `rm` refuses an image a sandbox names.
 """
 
-import ctypes
 import hashlib
 import json
 import os
@@ -37,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tappass_host import clock, sandbox_record, statefile, strictjson
+from tappass_host import clock, libc, sandbox_record, statefile, strictjson
 from tappass_host import paths as names
 from tappass_host.errors import TappassError
 from tappass_host.image import ImageError
@@ -70,10 +69,7 @@ Progress = Callable[[str, int, int], None]
 
 def _syncfs(fd: int) -> None:
     """One syncfs for a whole unpacked tree instead of an fsync per file."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    libc.syncfs(fd)
 
 
 class ImageStoreError(ImageError):

@@ -47,6 +47,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from tappass_host import libc
 from tappass_host.image.manifest import LAYERS, ImageRejected
 
 SYS_OPENAT2 = 437  # x86_64 and aarch64 alike
@@ -96,27 +97,20 @@ class _OpenHow(ctypes.Structure):
                 ("resolve", ctypes.c_uint64)]
 
 
-_syscall = None
-
-
 def openat2(dirfd: int, path: str, flags: int, resolve: int = RESOLVE) -> int:
-    global _syscall
-    if _syscall is None:
-        _syscall = ctypes.CDLL(None, use_errno=True).syscall
-        _syscall.restype = ctypes.c_long
     how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
     name = os.fsencode(path)
     while True:
-        fd = _syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_int(dirfd), ctypes.c_char_p(name),
-                      ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
-        if fd >= 0:
-            return fd
-        err = ctypes.get_errno()
-        if err == errno.EAGAIN:  # a rename raced the lookup; nothing else writes here
-            continue
-        if err == errno.ENOSYS:
-            raise LayerRejected("unsupported", "unpacking needs openat2 (Linux 5.6 or later)")
-        raise OSError(err, os.strerror(err), path)
+        try:
+            return libc.syscall(SYS_OPENAT2, ctypes.c_int(dirfd), ctypes.c_char_p(name),
+                                ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+        except OSError as exc:
+            if exc.errno == errno.EAGAIN:  # a rename raced the lookup; nothing else writes here
+                continue
+            if exc.errno == errno.ENOSYS:
+                raise LayerRejected("unsupported",
+                                    "unpacking needs openat2 (Linux 5.6 or later)") from None
+            raise OSError(exc.errno, exc.strerror, path) from None
 
 
 def entry_name(name: str, what: str = "entry") -> str:

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 
+from tappass_host import libc
 from tappass_host.clock import parse_timestamp
 from tappass_host.errors import TappassError
 from tappass_host.keyring import KeyringVersion, VerifiedKeyring
@@ -74,20 +75,17 @@ class ExchangeUnsupported(TappassError):
 
 
 _RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
 
 
 def _exchange(a: Path, b: Path) -> None:
-    import ctypes  # only when a start must complete a version
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
-        code = ctypes.get_errno()
-        if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+    try:
+        libc.renameat2(a, b, _RENAME_EXCHANGE)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             raise ExchangeUnsupported(f"the filesystem of {a.parent} cannot exchange directories "
                                       "atomically (renameat2 RENAME_EXCHANGE): keep the state "
                                       "directory on a local filesystem (ext4, xfs, btrfs, tmpfs)")
-        raise OSError(code, os.strerror(code), str(b))
+        raise OSError(exc.errno, exc.strerror, str(b)) from None
 
 
 def _applier_path(relpath: str) -> PurePosixPath:

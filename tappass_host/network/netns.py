@@ -13,13 +13,13 @@ setns(2) — a thread's own namespace, so nothing forks and the rest of the
 process stays in the host's — and always returns to where it started.
 """
 
-import ctypes
 import errno
 import os
 import socket
 import threading
 from contextlib import contextmanager
 
+from tappass_host import libc
 from tappass_host.network.addresses import NETNS_DIR, Link
 
 SANDBOX_IFNAME = "eth0"
@@ -46,7 +46,6 @@ class Namespaces:
 
     def __init__(self, hub: str):
         self.hub = hub
-        self._libc = ctypes.CDLL(None, use_errno=True)
         self._home: int | None = None
         self._thread: int | None = None
         self._hub_rtnl = None
@@ -60,8 +59,7 @@ class Namespaces:
         assert self._thread == threading.get_ident(), "Namespaces is used from one thread"
 
     def _setns(self, fd: int) -> None:
-        if self._libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns failed")
+        libc.setns(fd, CLONE_NEWNET)
 
     @contextmanager
     def _inside(self, nsname: str):
@@ -82,8 +80,7 @@ class Namespaces:
         self._check_thread()
         pyroute2 = _pyroute2()
         NETNS_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-        if self._libc.unshare(CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "unshare failed")
+        libc.unshare(CLONE_NEWNET)
         try:
             pyroute2.netns.attach(nsname, f"{os.getpid()}/task/{threading.get_native_id()}")
             yield

@@ -15,7 +15,7 @@ import signal as signals
 from pathlib import Path
 from typing import NamedTuple
 
-from tappass_host import paths
+from tappass_host import libc, paths
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -26,11 +26,7 @@ class Exit(NamedTuple):
 
 
 def become_subreaper() -> None:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
 def oom_counter(pid: int) -> Path | None:

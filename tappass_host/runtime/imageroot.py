@@ -18,7 +18,6 @@ mount namespace, which the pause process keeps between commands; the host's
 mount table never shows it.
 """
 
-import ctypes
 import errno
 import os
 import posixpath
@@ -26,6 +25,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from tappass_host import libc
 from tappass_host.image import ImageError
 from tappass_host.paths import HostPaths, SandboxPaths
 
@@ -161,8 +161,10 @@ def mount(sandbox: SandboxPaths, lower: Path) -> None:
             raise ImageRootUnavailable(f"{path} holds ',', ':' or '\\', which overlayfs "
                                        "options cannot carry: choose another state directory")
     options = ",".join(f"{k}={v}" for k, v in dirs.items())
-    _call("mount", b"overlay", os.fsencode(sandbox.rootfs), b"overlay",
-          ctypes.c_ulong(MS_NOSUID | MS_NODEV), options.encode())
+    try:
+        libc.mount("overlay", sandbox.rootfs, "overlay", MS_NOSUID | MS_NODEV, options)
+    except OSError as exc:
+        raise ImageRootUnavailable(f"mount of an image root failed: {exc.strerror}") from None
     try:
         _mask_preload(sandbox.rootfs)
     except BaseException:
@@ -209,21 +211,16 @@ def unmount(sandbox: SandboxPaths) -> None:
     """Undo `mount`: the overlay goes, and the run's upper with it."""
     if mounted(sandbox):
         try:
-            _call("umount2", os.fsencode(sandbox.rootfs), ctypes.c_int(0))
+            _umount(sandbox.rootfs)
         except ImageRootUnavailable:
-            _call("umount2", os.fsencode(sandbox.rootfs), ctypes.c_int(MNT_DETACH))
+            _umount(sandbox.rootfs, MNT_DETACH)
     shutil.rmtree(sandbox.image_layer, ignore_errors=True)
 
 
-_libc = None
-
-
-def _call(function: str, *args) -> None:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    if getattr(_libc, function)(*args) != 0:
-        err = ctypes.get_errno()
-        if function == "umount2" and err == errno.EINVAL:
+def _umount(rootfs: Path, flags: int = 0) -> None:
+    try:
+        libc.umount2(rootfs, flags)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
             return  # not mounted (any more)
-        raise ImageRootUnavailable(f"{function} of an image root failed: {os.strerror(err)}")
+        raise ImageRootUnavailable(f"umount2 of an image root failed: {exc.strerror}") from None
