@@ -7,11 +7,18 @@ Invariants:
   blocks would corrupt it. An image already bound to a device (mounted in
   another mount namespace) is mounted from that device;
 - a device this module binds is freed with its last user (LO_FLAGS_AUTOCLEAR):
-  the last unmount, or, when the mount fails, our own close of it.
+  the last unmount, or, when the mount fails, our own close of it;
+- a device is held open from before its binding is read until the mount
+  holds it. A bound device's last user may let go at any moment (udev's probe
+  after the unmount that made the image, a container's mount namespace ending),
+  and the autoclear that follows fails every read of it with EIO: a device we
+  hold cannot begin to be cleared, and one already being cleared reads as
+  unbound (LOOP_GET_STATUS64: ENXIO).
 
 Sequence of `mount`:
   1. the image's device, if one is bound to it (sysfs lists the bound
-     devices; LOOP_GET_STATUS64 names each one's backing inode);
+     devices; LOOP_GET_STATUS64 names each one's backing inode), opened, and
+     its binding read again through that descriptor;
   2. else a free device (LOOP_CTL_GET_FREE) bound to the open image with
      LOOP_CONFIGURE (LOOP_SET_FD + LOOP_SET_STATUS64 before Linux 5.8),
      autoclear set; a device another process took meanwhile (EBUSY) is passed
@@ -47,22 +54,13 @@ class LoopError(OSError):
 
 def mount(image: Path, mountpoint: Path, fstype: str, options: str) -> None:
     """Mount the filesystem in `image` on `mountpoint` (nosuid, nodev)."""
-    st = os.stat(image)
-    device = bound_device(st)
-    held = None
+    device, held = _hold_bound(os.stat(image))
     if device is None:
         device, held = _bind_free(image)
     try:
         _mount(device, mountpoint, fstype, options)
     finally:
-        if held is not None:
-            os.close(held)  # a failed mount: the last close frees the device
-
-
-def bound_device(backing: os.stat_result) -> str | None:
-    """The loop device `backing` (the image's stat) is bound to, if any."""
-    found = bound_devices(backing)
-    return f"/dev/{found[0][1]}" if found else None
+        os.close(held)  # the mount holds it now; a failed mount: the last close frees ours
 
 
 def bound_devices(backing: os.stat_result) -> list[tuple[int, str]]:
@@ -75,17 +73,32 @@ def bound_devices(backing: os.stat_result) -> list[tuple[int, str]]:
     for name in sorted(names):
         if not os.path.isdir(f"{SYS_BLOCK}/{name}/loop"):  # not bound
             continue
-        info = _status(f"/dev/{name}")
-        if info is None:
-            continue
-        device, inode = info[0], info[1]
-        if inode == backing.st_ino and (os.major(device), os.minor(device)) == (
-                os.major(backing.st_dev), os.minor(backing.st_dev)):
+        if _backs(_status(f"/dev/{name}"), backing):
             try:
                 found.append((os.stat(f"/dev/{name}").st_rdev, name))
             except OSError:
                 pass
     return found
+
+
+def _hold_bound(backing: os.stat_result) -> tuple[str | None, int | None]:
+    """A device bound to `backing`, and our open descriptor of it, which keeps it bound."""
+    for _, name in bound_devices(backing):
+        device = f"/dev/{name}"
+        try:
+            fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue
+        if _backs(_status_of(fd), backing):
+            return device, fd
+        os.close(fd)  # being cleared, or bound to another image, since it was listed
+    return None, None
+
+
+def _backs(info: tuple | None, backing: os.stat_result) -> bool:
+    return info is not None and info[1] == backing.st_ino and (
+        os.major(info[0]), os.minor(info[0])) == (os.major(backing.st_dev),
+                                                  os.minor(backing.st_dev))
 
 
 def _status(device: str) -> tuple | None:
@@ -94,11 +107,16 @@ def _status(device: str) -> tuple | None:
     except OSError:
         return None
     try:
-        return LOOP_INFO64.unpack(fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(LOOP_INFO64.size)))
-    except OSError:  # unbound meanwhile (ENXIO)
-        return None
+        return _status_of(fd)
     finally:
         os.close(fd)
+
+
+def _status_of(fd: int) -> tuple | None:
+    try:
+        return LOOP_INFO64.unpack(fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(LOOP_INFO64.size)))
+    except OSError:  # not bound (ENXIO): never bound, or being cleared
+        return None
 
 
 def _bind_free(image: Path) -> tuple[str, int]:

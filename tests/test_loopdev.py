@@ -75,3 +75,28 @@ def test_an_image_mounted_in_another_namespace_is_never_behind_a_second_device(i
         holder.stdin.close()
         holder.wait(timeout=30)
     wait_for(lambda: loopdev.bound_devices(image.stat()) == [])
+
+
+def test_a_bound_device_whose_last_user_lets_go_is_kept_bound_until_the_mount(image, tmp_path):
+    """The device found bound to the image may lose its last user between the
+    lookup and the mount (udev's probe after the unmount that made the image; a
+    container's mount namespace ending): its autoclear would then fail the
+    mount with EIO (seen in the VM lane). The device the lookup returns is held."""
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    device, theirs = loopdev._bind_free(image)  # another user's binding, with autoclear
+    found, held = loopdev._hold_bound(image.stat())
+    assert found == device
+    try:
+        os.close(theirs)  # their last close: the autoclear would clear it now
+        assert [name for _, name in loopdev.bound_devices(image.stat())] == \
+            [device.removeprefix("/dev/")]
+        loopdev._mount(found, mountpoint, "ext4", "")
+    finally:
+        os.close(held)
+    try:
+        (mountpoint / "written").write_text("x")
+    finally:
+        assert workspace._unmount(mountpoint)
+    wait_for(lambda: loopdev.bound_devices(image.stat()) == [])
+
