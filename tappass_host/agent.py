@@ -51,9 +51,12 @@ class AgentManifest(NamedTuple):
 def _locate(spec: str) -> Path:
     if "/" in spec:
         path = Path(spec)
-        if not path.is_dir():
-            raise BadAgent(f"agent package {spec!r} is not a directory")
-        return path.resolve()
+        try:
+            if not path.is_dir():
+                raise BadAgent(f"agent package {spec!r} is not a directory")
+            return path.resolve()
+        except OSError as exc:  # EACCES: a directory on the way is not searchable by you
+            raise BadAgent(f"agent package {spec!r} cannot be reached: {exc.strerror}") from None
     from importlib.metadata import entry_points
     from importlib.util import find_spec
 
@@ -74,6 +77,8 @@ def load(spec: str) -> AgentManifest:
             doc = tomllib.load(f)
     except FileNotFoundError:
         raise BadAgent(f"agent package {directory} has no {MANIFEST}") from None
+    except OSError as exc:
+        raise BadAgent(f"cannot read {manifest}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise BadAgent(f"{manifest} is not valid TOML: {exc}") from None
     return _parse(doc, directory, manifest)

@@ -16,6 +16,7 @@ fallback (it needs the container's root mapped): a one-line error says so.
 import json
 import os
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -256,6 +257,28 @@ def test_runc_refuses_the_single_id_fallback_in_one_line(rootless_users):
     assert not (user.state / "run" / name).exists()
 
 
+def test_an_agent_package_the_user_cannot_reach_is_refused_in_one_line(rootless_users):
+    """A checkout in root's 0700 home, given to a user's start: one line, no traceback."""
+    user = rootless_users["subids"]
+    name = user.enroll(unique_name("rlunreach"))
+    closed = user.home / "closed"  # the user can reach its home, not what root closes in it
+    agent = write_agent(closed / "agent", ["/bin/true"])
+
+    def refused() -> str:
+        result = start(user, name, agent, "crun")
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1, result.stderr
+        assert lines[0].startswith("tappass-host: error: ") and "Permission denied" in lines[0]
+        return lines[0]
+
+    closed.chmod(0o700)  # root's, so the user cannot search it
+    assert "cannot be reached" in refused()
+    closed.chmod(0o711)
+    (agent / "tappass-agent.toml").chmod(0o600)
+    assert "cannot read" in refused()
+    assert not (user.state / "run" / name).exists()
+
+
 # --- units: the id layout and the rootless invariants -----------------------------------
 
 
@@ -341,13 +364,15 @@ def test_detached_lifecycle_in_one_user_namespace(runtime, rootless_users):
     th = f"{user.python} -m tappass_host --state-dir {user.state} --config {user.config_file}"
     envelope = user.home / f"{name}.v2.json"
     start_err = user.home / f"{name}.start.err"
+    agent = user.agent_dir("hello")  # not the checkout's: root's home may be 0700
+    shutil.copytree(HELLO_AGENT, agent, dirs_exist_ok=True)
     script = f"""
         set -ex
         wait_log() {{
             for i in $(seq 100); do {th} logs {name} | grep -q "$1" && return; sleep 0.1; done
             return 1
         }}
-        {th} start {name} --agent {HELLO_AGENT} --runtime {runtime} 2>{start_err}
+        {th} start {name} --agent {agent} --runtime {runtime} 2>{start_err}
         wait_log policy_version=1
         {th} --json status {name} > {user.home}/{name}.running.json
         {user.python} -c {shlex.quote(SIGN)} {user.state} {name} 2 {envelope}
