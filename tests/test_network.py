@@ -155,7 +155,7 @@ print(repr(reply.split(b"\\r\\n")[0]), round(time.monotonic() - started, 2))
 """
 
 TUNNELS = """
-import asyncio, resource, sys
+import asyncio, collections, resource, sys
 address, count = (sys.argv[1], int(sys.argv[2])), int(sys.argv[3])
 stall_s = float(sys.argv[4])
 resource.setrlimit(resource.RLIMIT_NOFILE, (count * 2 + 100, count * 2 + 100))
@@ -163,16 +163,25 @@ resource.setrlimit(resource.RLIMIT_NOFILE, (count * 2 + 100, count * 2 + 100))
 async def main():
     # Each tunnel is held open until all `count` are. The wait goes on as long as
     # tunnels keep opening, whatever the pace: only `stall_s` without a new one ends
-    # it. Prints how many were open at once.
-    opened, ready = asyncio.Event(), 0
+    # it. Prints how many were open at once, and why the others were not.
+    opened, ready, failed = asyncio.Event(), 0, collections.Counter()
 
     async def one():
         nonlocal ready
-        reader, writer = await asyncio.open_connection(*address)
+        try:
+            reader, writer = await asyncio.open_connection(*address)
+        except OSError as exc:
+            failed[f"connect: {exc.strerror or type(exc).__name__}"] += 1
+            raise
         try:
             writer.write(b"CONNECT allowed.test:8443 HTTP/1.1\\r\\nHost: allowed.test:8443\\r\\n\\r\\n")
-            status = await reader.readuntil(b"\\r\\n\\r\\n")
+            try:
+                status = await reader.readuntil(b"\\r\\n\\r\\n")
+            except (OSError, asyncio.IncompleteReadError) as exc:
+                failed[f"reply: {type(exc).__name__}"] += 1
+                raise
             if not status.startswith(b"HTTP/1.1 200 "):
+                failed[status.split(b"\\r\\n")[0].decode("latin-1")[:80]] += 1
                 return
             ready += 1
             if ready == count:
@@ -187,12 +196,13 @@ async def main():
     while not waiter.done() and ready > seen and not all(t.done() for t in tasks):
         seen = ready
         await asyncio.wait([waiter], timeout=stall_s)
-    held = ready
+    held, pending = ready, sum(not t.done() for t in tasks) - ready
     opened.set()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, waiter, return_exceptions=True)
-    print(held)
+    print(held if held == count else
+          f"{held} (not: {dict(failed)}; {pending} unanswered after {stall_s:.0f} s without a new one)")
 
 asyncio.run(main())
 """
