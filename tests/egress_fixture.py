@@ -202,8 +202,13 @@ def start_upstream(directory: Path) -> Upstream:
 
 
 def configure(host: Host, upstream: Upstream, header_timeout: float = 1.0) -> None:
+    """The egress settings of the network tests. The proxy's header timeout is a
+    deadline (a head that takes longer is dropped with 408), so it scales with the
+    machine (tests/patience.py): under emulation 1,000 heads arriving at once took
+    the proxy more than 1 s each to read, and every one was dropped."""
     host.configure(f'[network]\nhosts_file = "{upstream.hosts_file}"\n'
-                   f"header_timeout_s = {header_timeout}\nallow_ports = {TEST_PORTS}\n")
+                   f"header_timeout_s = {patience.seconds(header_timeout)}\n"
+                   f"allow_ports = {TEST_PORTS}\n")
 
 
 def proxy_policy(upstream: Upstream, *names: str) -> dict:
