@@ -65,14 +65,8 @@ def mount(image: Path, mountpoint: Path, fstype: str, options: str) -> None:
 
 def bound_devices(backing: os.stat_result) -> list[tuple[int, str]]:
     """(device number, name) of each loop device bound to `backing`."""
-    try:
-        names = [n for n in os.listdir(SYS_BLOCK) if n.startswith("loop")]
-    except OSError:
-        return []
     found = []
-    for name in sorted(names):
-        if not os.path.isdir(f"{SYS_BLOCK}/{name}/loop"):  # not bound
-            continue
+    for name in _bound_names():
         if _backs(_status(f"/dev/{name}"), backing):
             try:
                 found.append((os.stat(f"/dev/{name}").st_rdev, name))
@@ -81,9 +75,20 @@ def bound_devices(backing: os.stat_result) -> list[tuple[int, str]]:
     return found
 
 
+def _bound_names() -> list[str]:
+    """The loop devices sysfs lists as bound (to any image)."""
+    try:
+        names = [n for n in os.listdir(SYS_BLOCK) if n.startswith("loop")]
+    except OSError:
+        return []
+    return [n for n in sorted(names) if os.path.isdir(f"{SYS_BLOCK}/{n}/loop")]
+
+
 def _hold_bound(backing: os.stat_result) -> tuple[str | None, int | None]:
-    """A device bound to `backing`, and our open descriptor of it, which keeps it bound."""
-    for _, name in bound_devices(backing):
+    """A device bound to `backing`, and our open descriptor of it, which keeps it
+    bound: its binding is read through that descriptor (a device being cleared,
+    or cleared and bound to another image since sysfs listed it, is passed over)."""
+    for name in _bound_names():
         device = f"/dev/{name}"
         try:
             fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
@@ -91,7 +96,7 @@ def _hold_bound(backing: os.stat_result) -> tuple[str | None, int | None]:
             continue
         if _backs(_status_of(fd), backing):
             return device, fd
-        os.close(fd)  # being cleared, or bound to another image, since it was listed
+        os.close(fd)
     return None, None
 
 

@@ -99,4 +99,3 @@ def test_a_bound_device_whose_last_user_lets_go_is_kept_bound_until_the_mount(im
     finally:
         assert workspace._unmount(mountpoint)
     wait_for(lambda: loopdev.bound_devices(image.stat()) == [])
-
