@@ -36,6 +36,7 @@ import pytest
 
 import patience
 from audit_records import read_audit
+from sandbox_fixture import HELLO_AGENT
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
@@ -136,6 +137,13 @@ class User:
     def agent_dir(self, label: str) -> Path:
         directory = self.home / f"agent-{label}-{uuid.uuid4().hex[:6]}"
         directory.mkdir(mode=0o755)
+        return directory
+
+    def hello_agent(self) -> Path:
+        """The sample agent, copied where the user can read it (not the checkout's:
+        root's home, where a checkout may be, is 0700 on a stock Debian)."""
+        directory = self.agent_dir("hello")
+        shutil.copytree(HELLO_AGENT, directory, dirs_exist_ok=True)
         return directory
 
 

@@ -16,7 +16,6 @@ fallback (it needs the container's root mapped): a one-line error says so.
 import json
 import os
 import shlex
-import shutil
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,6 @@ import pytest
 import escape_expectations as expect
 from rootless_fixture import SIGN, rootless_users, staged  # noqa: F401  (fixtures)
 from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
-    HELLO_AGENT,
     RUNTIMES,
     python_agent,
     require_runtime,
@@ -364,8 +362,7 @@ def test_detached_lifecycle_in_one_user_namespace(runtime, rootless_users):
     th = f"{user.python} -m tappass_host --state-dir {user.state} --config {user.config_file}"
     envelope = user.home / f"{name}.v2.json"
     start_err = user.home / f"{name}.start.err"
-    agent = user.agent_dir("hello")  # not the checkout's: root's home may be 0700
-    shutil.copytree(HELLO_AGENT, agent, dirs_exist_ok=True)
+    agent = user.hello_agent()
     script = f"""
         set -ex
         wait_log() {{

@@ -25,7 +25,7 @@ import patience
 from daemon_fixture import POLICY
 from devplane_fixture import devplane, make_devplane  # noqa: F401  (fixtures)
 from rootless_fixture import rootless_users, staged  # noqa: F401  (fixtures)
-from sandbox_fixture import HELLO_AGENT, runtime, unique_name, write_agent  # noqa: F401
+from sandbox_fixture import runtime, unique_name, write_agent  # noqa: F401
 from tappass_host import ids, userns
 
 PAUSE_CMDLINE = f"{userns.PAUSE_NAME}\0infinity\0".encode()
@@ -59,12 +59,6 @@ class Shell:
         """(pid, start time, user ns inode, mount ns inode) from the pid file."""
         pid, start, _, user_ino, mnt_ino = self.pause_file.read_text().split()
         return int(pid), start, int(user_ino), int(mnt_ino)
-
-    def agent(self, label: str) -> Path:
-        """The sample agent, copied where the user can read it."""
-        directory = self.user.agent_dir(label)
-        shutil.copytree(HELLO_AGENT, directory, dirs_exist_ok=True)
-        return directory
 
     def wait_log(self, name: str, text: str) -> str:
         """The sandbox's log once it holds `text`; fails if the sandbox stops first."""
@@ -129,7 +123,7 @@ def test_init_start_status_logs_stop_from_separate_shells_without_a_wrapper(
     pause = shell.pause()
     assert alive(pause[0])
 
-    shell.ok("start", name, "--agent", str(shell.agent("hello")), "--runtime", runtime)
+    shell.ok("start", name, "--agent", str(shell.user.hello_agent()), "--runtime", runtime)
     running = json.loads(shell.ok("--json", "status", name))
     assert running["state"] == "running", running
     logs = shell.wait_log(name, "hello from hello-agent: policy_version=1")
@@ -197,7 +191,7 @@ def test_a_killed_pause_process_is_replaced_inside_the_namespace_a_running_sandb
     shell = Shell(user, "killed")
     name = unique_name("nskill")
     enroll(shell, devplane, name)
-    shell.ok("start", name, "--agent", str(shell.agent("hello")), "--runtime", "crun")
+    shell.ok("start", name, "--agent", str(shell.user.hello_agent()), "--runtime", "crun")
     shell.wait_log(name, "policy_version=1")
     old = shell.pause()
     kill_and_wait(old[0])
