@@ -27,6 +27,7 @@ import keyrings
 import patience
 from tappass_host import signing
 from tappass_host.paths import SANDBOX_NAME, HostPaths
+from tappass_host.processes import process_alive, wait_ended
 
 PYTHON = sys.executable
 RUNTIMES = ("crun", "runc")
@@ -272,6 +273,8 @@ class Host:
                                capture_output=True, timeout=patience.seconds(20))
         pid = state.get("conmon_pid")
         if pid and _is_ours(pid, self.root):
+            if not process_alive(state.get("pid")):  # stopped: its exit hook may still run
+                wait_ended(pid, "conmon", patience.seconds(10))
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -1,8 +1,8 @@
-"""How `stop` waits for the agent and for conmon (with its exit hook) to end
-(processes.wait_ended, which stop uses): woken by the process's pidfd when it ends, with the
-same answers as polling /proc gave: ended (a zombie counts), still running at
-the timeout, or a pid that is another program's now. The stops themselves,
-under crun and runc: tests/test_lifecycle.py."""
+"""How `stop` waits for the agent to end, and the next `start` for the last run's conmon
+(with its exit hook), which stop does not wait out (processes.wait_ended): woken by the
+process's pidfd when it ends, with the same answers as polling /proc gave: ended (a zombie
+counts), still running at the timeout, or a pid that is another program's now. The stops
+themselves, under crun and runc: tests/test_lifecycle.py."""
 
 import subprocess
 import sys
@@ -31,6 +31,39 @@ def test_a_pid_of_another_program_or_none_has_ended():
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_start_waits_for_the_last_runs_conmon_to_end(tmp_path):
+    """The exit hook conmon runs after `stop` has returned releases what the run held;
+    a new run of the sandbox begins only once it has ended (start.await_last_monitor)."""
+    import json
+    import shutil
+    import threading
+
+    from tappass_host.paths import HostPaths
+    from tappass_host.runtime.start import await_last_monitor
+
+    monitor = tmp_path / "conmon"  # a program named conmon, running until told to end
+    shutil.copy("/bin/sh", monitor)
+    conmon = subprocess.Popen([str(monitor), "-c", "read line"], stdin=subprocess.PIPE)
+    agent = subprocess.Popen(["true"])
+    agent.wait()  # the run's agent has ended; its pid names no process now
+    sandbox = HostPaths(state=tmp_path / "state", runtime=tmp_path / "run").sandbox("s")
+    sandbox.run_state.parent.mkdir(parents=True)
+    sandbox.run_state.write_text(json.dumps({"pid": agent.pid, "conmon_pid": conmon.pid}))
+    waiter = threading.Thread(target=await_last_monitor, args=(sandbox, 60))
+    try:
+        waiter.start()
+        waiter.join(0.3)
+        assert waiter.is_alive()  # conmon (its exit hook) still runs
+        conmon.stdin.close()
+        waiter.join(60)
+        assert not waiter.is_alive()
+        assert conmon.poll() is not None
+    finally:
+        conmon.kill()
+        conmon.wait()
+        waiter.join(60)
 
 
 def test_the_runtimes_kill_and_delete_run_with_their_output_discarded(tmp_path):

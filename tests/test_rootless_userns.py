@@ -25,7 +25,7 @@ import patience
 from daemon_fixture import POLICY
 from devplane_fixture import devplane, make_devplane  # noqa: F401  (fixtures)
 from rootless_fixture import rootless_users, staged  # noqa: F401  (fixtures)
-from sandbox_fixture import runtime, unique_name, write_agent  # noqa: F401
+from sandbox_fixture import runtime, unique_name, wait_for, write_agent  # noqa: F401
 from tappass_host import ids, userns
 
 PAUSE_CMDLINE = f"{userns.PAUSE_NAME}\0infinity\0".encode()
@@ -153,7 +153,9 @@ def test_init_start_status_logs_stop_from_separate_shells_without_a_wrapper(
 
     stopped = shell.ok("stop", name, "--timeout", "5")
     assert f"{name}: stopped" in stopped
-    assert not alive(agent) and not alive(state["conmon_pid"])
+    assert not alive(agent)
+    # conmon ends after its exit hook, which stop does not wait out
+    wait_for(lambda: not alive(state["conmon_pid"]), 10, what="conmon's end")
     assert json.loads(shell.ok("--json", "status", name))["state"] == "exited"
     assert shell.pause() == pause and alive(pause[0])
 

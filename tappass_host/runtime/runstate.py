@@ -108,13 +108,13 @@ def write_exit(paths: HostPaths, name: str, code: int | None, oom: bool,
                started_at: str | None = None) -> dict:
     """Record an exit (conmon reports a signal death as 128 + signal).
 
-    Exactly once per run: the exit hook and `stop`'s fallback may both get
-    here for the run that started at `started_at`; the second one returns the
-    first one's record without a second audit event. A run that `stop` ended
-    (`stop_signalled` in its state.json) gets its `sandbox.stopped` event in the
-    same append as `sandbox.exited`: one fsync for both, and the stop's own
-    process signs nothing (runtime.stop.stop). The daemon's supervision is
-    told at once (a datagram to its doorbell, if it listens)."""
+    Exactly once per run: conmon's exit hook and `stop` both get here for the
+    run that started at `started_at`, at the same moment as a rule; the second
+    one returns the first one's record without a second audit event. A run that
+    `stop` ended (`stop_signalled` in its state.json) gets its `sandbox.stopped`
+    event in the same append as `sandbox.exited`: one fsync for both. The
+    daemon's supervision is told at once (a datagram to its doorbell, if it
+    listens)."""
     from tappass_host import clock, statefile
     from tappass_host.runtime import doorbell
 

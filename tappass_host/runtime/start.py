@@ -11,10 +11,11 @@ from typing import NamedTuple
 
 from tappass_host import clock
 from tappass_host.paths import HostPaths, SandboxPaths
-from tappass_host.processes import process_alive
+from tappass_host.processes import process_alive, wait_ended
 from tappass_host.runtime import container_id, runintent
 from tappass_host.runtime.runstate import (
-    LifecycleError, ensure_known, host_lock, is_running, monitor_files, restart_aspects,
+    LifecycleError, ensure_known, host_lock, is_running, monitor_files, read_json,
+    restart_aspects,
     running_names, state_file, write_exit, write_state)
 from tappass_host.runtime.stop import detach_network, release_image_root, release_workspace
 
@@ -22,6 +23,17 @@ from tappass_host.runtime.stop import detach_network, release_image_root, releas
 def exit_command(paths: HostPaths, name: str) -> list[str]:
     return [sys.executable, "-m", "tappass_host", "--state-dir", str(paths.state),
             "_exited", name]
+
+
+def await_last_monitor(sandbox: SandboxPaths, timeout: float = 10) -> None:
+    """Wait for the conmon of the sandbox's last run, whose agent has ended,
+    to end too: it ends after its exit hook, which releases what the run held
+    (network, workspace, image root) and which `stop` does not wait out
+    (runtime.stop.stop). A new run begun under the old hook could lose them.
+    Not under the host lock, which the hook takes to release them."""
+    state = read_json(state_file(sandbox)) or {}
+    if not state.get("foreground") and not process_alive(state.get("pid")):
+        wait_ended(state.get("conmon_pid"), "conmon", timeout)
 
 
 def _refuse_expired(name: str, keyring: dict) -> None:
@@ -74,6 +86,7 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
     if not rootless:  # rootless: the agent's host id is a mapped one; the runtime decides
         agent.check_readable(manifest, agent_ids.uid, agent_ids.gid)
     cid = container_id(name)
+    await_last_monitor(sandbox)
     with host_lock(paths):
         if is_running(sandbox):
             raise LifecycleError(f"sandbox {name!r} is already running")

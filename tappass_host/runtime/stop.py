@@ -4,7 +4,7 @@ the agent (its network namespace, its workspace's mount)."""
 from tappass_host import statefile
 from tappass_host.errors import TappassError, describe
 from tappass_host.paths import HostPaths
-from tappass_host.processes import wait_ended, wait_until
+from tappass_host.processes import process_alive, wait_ended, wait_until
 from tappass_host.runtime import container_id, runintent
 from tappass_host.runtime.runstate import (
     LifecycleError, exit_details, host_lock, is_running, monitor_files, read_json,
@@ -22,10 +22,17 @@ def stop(paths: HostPaths, name: str, runtime, timeout: float = 10,
     image_revoked) is
     recorded in state.json before the signal: the daemon's supervision never
     restarts a sandbox stopped on purpose (supervision.py). So is
-    `stop_signalled`: whoever records the exit (conmon's exit hook, as a rule)
-    appends `sandbox.stopped` with `sandbox.exited` (runstate.write_exit), and
-    this process appends it only if no one did, e.g. when the agent ended on
-    its own before the signal: it signs nothing when the hook did (issue 13)."""
+    `stop_signalled`: whoever records the exit appends `sandbox.stopped` with
+    `sandbox.exited` (runstate.write_exit: once per run, whoever comes first),
+    and this process appends it only if no one did, e.g. when the agent ended
+    on its own before the signal.
+
+    This process records the exit itself, from conmon's exit file, rather
+    than wait for conmon's exit hook, which records it too: the hook is a
+    whole interpreter started after the agent's end, and waiting it out was
+    most of a stop's time (issue 13). The hook may still be running when stop
+    returns; the next start of the sandbox waits for it to end
+    (runtime.start.await_last_monitor)."""
     from tappass_host.audit import AuditLog
 
     sandbox = paths.sandbox(name)
@@ -40,20 +47,18 @@ def stop(paths: HostPaths, name: str, runtime, timeout: float = 10,
     if not wait_ended(state["pid"], None, timeout):
         runtime.kill(cid, "SIGKILL")
         wait_ended(state["pid"], None, 10)
-    wait_ended(state.get("conmon_pid"), "conmon", 10)  # conmon waits for its exit hook
-    hook_ran = wait_until(lambda: (read_json(sandbox.exit_record) or {}).get("finished_at", "")
-                     >= state["started_at"], 10)
+    # a foreground start deletes its container after the exit it records
+    deleting = None if state.get("foreground") else runtime.begin_delete(cid)
     unrecorded = []
     try:
-        exit_record = (read_json(sandbox.exit_record) if hook_ran
-                       else record_exit_from_monitor(paths, name))
+        exit_record = _recorded_exit(paths, name, state)
     except (OSError, TappassError) as exc:
         from tappass_host import clock
 
         files = monitor_files(sandbox)
         exit_record = exit_details(files.exit_code(), files.oom_killed(), clock.now_text("microseconds"))
         unrecorded.append(("its exit", exc))
-    runtime.delete(cid)
+    (deleting or runtime.begin_delete(cid)).wait()
     detach_network(paths, name)
     release_workspace(paths, name)
     release_image_root(paths, name)
@@ -73,6 +78,23 @@ def stop(paths: HostPaths, name: str, runtime, timeout: float = 10,
         raise StopNotRecorded(f"sandbox {name!r} stopped (exit code {exit_record.get('code')}), "
                               f"but {what} could not be recorded: {describe(unrecorded[0][1])}")
     return exit_record
+
+
+def _recorded_exit(paths: HostPaths, name: str, state: dict) -> dict:
+    """The exit of the run `state` describes, once its agent has ended: the
+    foreground start's record (that process records its run's exit); else
+    this process's, from conmon's exit file as soon as conmon has written it
+    (the exit hook's, if the hook came first: write_exit)."""
+    sandbox = paths.sandbox(name)
+    if state.get("foreground"):
+        if wait_until(lambda: (read_json(sandbox.exit_record) or {}).get("finished_at", "")
+                      >= state["started_at"], 10):
+            return read_json(sandbox.exit_record)
+    else:
+        files = monitor_files(sandbox)
+        wait_until(lambda: files.exit_code() is not None
+                   or not process_alive(state.get("conmon_pid"), "conmon"), 10, max_delay=0.002)
+    return record_exit_from_monitor(paths, name)
 
 
 def not_running(paths: HostPaths, name: str) -> LifecycleError:
