@@ -52,8 +52,10 @@ def test_a_plain_user_runs_an_agent_from_an_image_in_its_own_namespace(runtime, 
     try:
         log = ""
         for _ in range(600):
-            log = user.tappass("logs", name, namespace=False).stdout
+            # the state first: the log of an agent that has exited is whole (conmon writes
+            # the exit after the last of its output), a log read before may not be
             status = json.loads(user.tappass("--json", "status", name, namespace=False).stdout)
+            log = user.tappass("logs", name, namespace=False).stdout
             if "SHOWN" in log or status["state"] != "running":
                 break
         assert "SHOWN" in log, (status, log)
