@@ -41,16 +41,21 @@ def test_a_start_waits_for_the_last_runs_conmon_to_end(tmp_path):
     import threading
 
     from tappass_host.paths import HostPaths
-    from tappass_host.runtime.start import await_last_monitor
+    from tappass_host.runtime.start import _monitors, await_last_monitor
 
     monitor = tmp_path / "conmon"  # a program named conmon, running until told to end
     shutil.copy("/bin/sh", monitor)
-    conmon = subprocess.Popen([str(monitor), "-c", "read line"], stdin=subprocess.PIPE)
+    conmon = subprocess.Popen([str(monitor), "-c", "read line", "tappass-s"],
+                              stdin=subprocess.PIPE)
     agent = subprocess.Popen(["true"])
     agent.wait()  # the run's agent has ended; its pid names no process now
     sandbox = HostPaths(state=tmp_path / "state", runtime=tmp_path / "run").sandbox("s")
     sandbox.run_state.parent.mkdir(parents=True)
-    sandbox.run_state.write_text(json.dumps({"pid": agent.pid, "conmon_pid": conmon.pid}))
+    state = {"pid": agent.pid, "conmon_pid": conmon.pid, "cid": "tappass-s"}
+    # a conmon where this run's was is waited for only if it monitors this run's container
+    # (not another's that took the pid since)
+    assert _monitors(conmon.pid, "tappass-s") and not _monitors(conmon.pid, "tappass-other")
+    sandbox.run_state.write_text(json.dumps(state))
     waiter = threading.Thread(target=await_last_monitor, args=(sandbox, 60))
     try:
         waiter.start()

@@ -187,6 +187,30 @@ def test_an_oom_killed_foreground_agent_is_reported(runtime, host):
     assert (host.exit_record(name)["signal"], host.exit_record(name)["oom"]) == ("SIGKILL", False)
 
 
+def test_a_start_right_after_a_stop_is_a_run_of_its_own(runtime, host):
+    """stop records the exit itself and returns while conmon's exit hook may
+    still run; a start at once waits for that hook, so each run keeps what it
+    holds (its workspace's mount) and has its own exit, recorded once."""
+    name = host.enroll(unique_name("again", runtime))
+    host.started.append(name)
+    agent = write_agent(host.root / "agent", [
+        "/bin/sh", "-c", "trap 'exit 0' TERM; echo ready; sleep 1000 & wait"])
+    workspace = host.paths.sandbox(name).workspace
+    for run in range(1, 4):
+        started = host.start(name, agent, runtime)
+        assert started.returncode == 0, started.stderr
+        wait_for(lambda: host.logs(name).count("ready") == run, what=f"run {run}'s trap")
+        assert host.status(name)["state"] == "running"
+        assert os.path.ismount(workspace)  # not released under it by the last run's hook
+        started_at = json.loads(host.paths.sandbox(name).run_state.read_text())["started_at"]
+        stopped = host.run("stop", name, "--timeout", "5")
+        assert stopped.stdout.strip() == f"{name}: stopped (exit code 0)", stopped.stderr
+        assert host.exit_record(name)["started_at"] == started_at
+    assert audit_events(host, name).count("sandbox.exited") == 3
+    assert [(event, code, by) for _, event, code, by in ends_recorded(host, name)] == [
+        ("sandbox.exited", 0, None), ("sandbox.stopped", 0, "operator")] * 3
+
+
 def test_stop_invokes_the_runtime_only_to_signal_and_delete(runtime, host, tmp_path):
     """The runtime start found on PATH is not asked its --version by stop (start
     never asks it); one configured by `runtime_path`, not on PATH, still is, as

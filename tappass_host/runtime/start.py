@@ -32,8 +32,21 @@ def await_last_monitor(sandbox: SandboxPaths, timeout: float = 10) -> None:
     (runtime.stop.stop). A new run begun under the old hook could lose them.
     Not under the host lock, which the hook takes to release them."""
     state = read_json(state_file(sandbox)) or {}
-    if not state.get("foreground") and not process_alive(state.get("pid")):
-        wait_ended(state.get("conmon_pid"), "conmon", timeout)
+    conmon = state.get("conmon_pid")
+    if (not state.get("foreground") and not process_alive(state.get("pid"))
+            and _monitors(conmon, state.get("cid"))):
+        wait_ended(conmon, "conmon", timeout)
+
+
+def _monitors(pid: int | None, cid: str | None) -> bool:
+    """Whether `pid` runs with container `cid` among its arguments (conmon's
+    -c): not a process that has taken the number since, another sandbox's
+    conmon say."""
+    try:
+        with open(f"/proc/{int(pid)}/cmdline", "rb") as f:
+            return bool(cid) and cid.encode() in f.read().split(b"\0")
+    except (OSError, TypeError, ValueError):
+        return False
 
 
 def _refuse_expired(name: str, keyring: dict) -> None:
