@@ -200,7 +200,11 @@ def _stage(root: Path) -> tuple[str, Path]:
 
 
 def _next_subid_start() -> int:
-    end = 100000
+    # Above the root sandboxes' agent ids (agent_id_range, 200000-299999): a user whose
+    # range covered them could act as those agents, and this fixture's teardown, which
+    # kills whatever runs under the user's ids, killed another worker's agents (CI: a
+    # running agent ended by SIGKILL; a second worker's user got 165536-231071).
+    end = 300000
     for path in ("/etc/subuid", "/etc/subgid"):
         try:
             for line in Path(path).read_text().splitlines():

@@ -829,11 +829,12 @@ def test_published_allowlist_takes_effect_live_and_daemon_cleans_up(devplane, tm
         run_host(host, "stop", name, "--timeout", "1")
         subprocess.run(["crun", "--root", str(host.paths.runtime / "oci" / "crun"), "delete",
                         "--force", f"tappass-{name}"], capture_output=True)
-        pid_file = host.paths.runtime / "network" / "proxy.pid"
-        try:
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
-        except (OSError, ValueError):
-            pass
+        # the proxy the file names only if it is still ours: the one killed above left its
+        # number there, which on a busy host (pid_max 32768 here) another process may have
+        # by now, e.g. another test's agent
+        proxy = world.proxy_pid(host)
+        if proxy:
+            os.kill(proxy, signal.SIGKILL)
         subprocess.run(["ip", "netns", "del", f"tappass-{name}"], capture_output=True)
         subprocess.run(["ip", "netns", "del", network.hub_name(host.paths)], capture_output=True)
 
