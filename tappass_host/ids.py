@@ -31,6 +31,7 @@ from tappass_host.errors import TappassError
 from tappass_host.paths import HostPaths, is_rootless
 
 FALLBACK_AGENT_ID = 1000
+SUBORDINATE_IDS = "/etc/sub{kind}id"  # kind: u or g
 ROOTLESS_FIRST_AGENT_ID = 1000  # below it, container ids look like the host's system users
 
 
@@ -40,6 +41,10 @@ class NoFreeIds(TappassError):
 
 class RootlessUnsupported(TappassError):
     pass
+
+
+class IdsDelegated(TappassError):
+    """A root-mode agent id lies in a user's subordinate range."""
 
 
 class IdSpace(NamedTuple):
@@ -88,16 +93,38 @@ def _subid_file(kind: str, own: int) -> IdSpace:
         names = {str(os.geteuid()), pwd.getpwuid(os.geteuid()).pw_name}
     except KeyError:
         names = {str(os.geteuid())}
-    ranges = []
+    return IdSpace(own, tuple((start, count) for owner, start, count in _subid_lines(kind)
+                              if owner in names))
+
+
+def _subid_lines(kind: str) -> list[tuple[str, int, int]]:
+    """(owner, start, count) of each line of /etc/sub{u,g}id."""
+    lines = []
     try:
-        with open(f"/etc/sub{kind}") as f:
+        with open(SUBORDINATE_IDS.format(kind=kind[0])) as f:
             for line in f:
                 fields = line.strip().split(":")
-                if len(fields) == 3 and fields[0] in names:
-                    ranges.append((int(fields[1]), int(fields[2])))
-    except (FileNotFoundError, ValueError):
+                if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
+                    lines.append((fields[0], int(fields[1]), int(fields[2])))
+    except FileNotFoundError:
         pass
-    return IdSpace(own, tuple(ranges))
+    return lines
+
+
+def _refuse_delegated(name: str, uid: int, gid: int) -> None:
+    """A root-mode agent's ids must be no user's subordinate ids: that user
+    could map them in a user namespace of its own and be the agent on this
+    host (signal it, write its workspace). On a stock Debian, the second user
+    given subordinate ids gets 165536-231071, which covers the start of the
+    default agent_id_range."""
+    for kind, agent_id in (("uid", uid), ("gid", gid)):
+        for owner, start, count in _subid_lines(kind):
+            if start <= agent_id < start + count:
+                raise IdsDelegated(
+                    f"sandbox {name!r}'s agent {kind} {agent_id} is one of {owner!r}'s "
+                    f"subordinate ids (/etc/sub{kind}: {start}-{start + count - 1}), so "
+                    f"{owner!r} could act as the agent: set agent_id_range outside every "
+                    f"range of /etc/subuid and /etc/subgid, or move {owner!r}'s range")
 
 
 def id_spaces() -> tuple[IdSpace, IdSpace]:
@@ -140,6 +167,7 @@ def agent_ids(paths: HostPaths, name: str, id_range: tuple[int, int]) -> AgentId
     """The agent ids of sandbox `name`, allocating (and recording) them if needed."""
     if not is_rootless():
         record = _allocate(paths, name, id_range, rootless=False)
+        _refuse_delegated(name, record.agent_uid, record.agent_gid)
         return AgentIds(record.agent_uid, record.agent_gid, record.agent_uid, record.agent_gid)
     uids, gids = id_spaces()
     size = min(uids.size, gids.size)

@@ -24,6 +24,7 @@ import escape_expectations as expect
 from rootless_fixture import SIGN, rootless_users, staged  # noqa: F401  (fixtures)
 from sandbox_fixture import (  # noqa: F401  (fixtures: runtime, host)
     RUNTIMES,
+    host,
     python_agent,
     require_runtime,
     runtime,
@@ -389,3 +390,21 @@ def test_detached_lifecycle_in_one_user_namespace(runtime, rootless_users):
     assert "policy changed: policy_version=2" in result.stdout
     assert f"{name}: stopped (exit code 0)" in result.stdout
     assert docs[1]["state"] == "exited" and docs[1]["exit"]["code"] == 0
+
+
+def test_a_root_agent_id_among_a_users_subordinate_ids_is_refused(host, tmp_path, monkeypatch):
+    """That user could map the id in a user namespace of its own and be the agent on this
+    host. On a stock Debian the second user given subordinate ids gets 165536-231071,
+    across the start of the default agent_id_range (200000-299999)."""
+    name = host.enroll(unique_name("delegated"))
+    monkeypatch.setattr(ids, "SUBORDINATE_IDS", str(tmp_path / "sub{kind}id"))
+    for kind in "ug":
+        (tmp_path / f"sub{kind}id").write_text("alice:100000:65536\n")
+    assert ids.agent_ids(host.paths, name, (200000, 299999)).uid == 200000
+    (tmp_path / "subgid").write_text("alice:100000:65536\nbob:165536:65536\n")
+    with pytest.raises(ids.IdsDelegated) as refused:
+        ids.agent_ids(host.paths, name, (200000, 299999))
+    assert str(refused.value).startswith(
+        f"sandbox {name!r}'s agent gid 200000 is one of 'bob''s subordinate ids "
+        "(/etc/subgid: 165536-231071), so 'bob' could act as the agent: set agent_id_range")
+    assert "\n" not in str(refused.value)
