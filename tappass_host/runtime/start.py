@@ -15,8 +15,7 @@ from tappass_host.processes import process_alive, wait_ended
 from tappass_host.runtime import container_id, runintent
 from tappass_host.runtime.runstate import (
     LifecycleError, ensure_known, host_lock, is_running, monitor_files, read_json,
-    restart_aspects,
-    running_names, state_file, write_exit, write_state)
+    restart_aspects, running_names, state_file, write_exit, write_state)
 from tappass_host.runtime.stop import detach_network, release_image_root, release_workspace
 
 
