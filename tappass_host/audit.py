@@ -361,7 +361,7 @@ class AuditLog:
         """The private audit key; called under the exclusive lock, so creation cannot race."""
         if self._key is None:
             if self.key_path.exists():
-                self._key = signing.load_or_create_private_key(self.key_path)
+                self._key = signing.load_signer(self.key_path)
             elif log_is_empty:
                 self._key = signing.load_or_create_private_key(self.key_path)
                 # Durable before it signs anything; its directory may be new too.

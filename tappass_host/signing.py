@@ -3,8 +3,8 @@
 A key's id is the hex SHA-256 of its raw 32-byte public key (the DSSE keyid).
 Keys are cryptography's Ed25519PrivateKey and Ed25519PublicKey, imported
 where a key is made or read: importing this module for PREFIX (the audit log's
-readers, a `stop` whose exit hook signed its record) costs no cryptography
-(issue 13).
+readers) costs no cryptography, and the audit log's signer (load_signer) signs
+through libcrypto without it (issue 13).
 """
 
 from pathlib import Path
@@ -98,10 +98,36 @@ def load_or_create_private_key(path: Path):
     return key
 
 
+def load_signer(path: Path):
+    """What signs with the key at `path` (`.sign(data) -> bytes`), as
+    load_or_create_private_key makes and reads it: a key of the PKCS#8 form
+    that makes signs through libcrypto without importing cryptography
+    (tappass_host.libcrypto: the audit log's signature on the hot commands);
+    a missing key, any other form, or a Python whose libcrypto cannot be
+    loaded, through load_or_create_private_key."""
+    try:
+        seed = _pkcs8_ed25519_seed(Path(path).read_bytes())
+    except FileNotFoundError:
+        seed = None
+    if seed is not None:
+        from tappass_host import libcrypto
+
+        signer = libcrypto.signer(seed)
+        if signer is not None:
+            return signer
+    return load_or_create_private_key(path)
+
+
 def _pkcs8_ed25519(pem: bytes):
     """The key (Ed25519PrivateKey) of an unencrypted PKCS#8 Ed25519 PEM; None for any other PEM."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    seed = _pkcs8_ed25519_seed(pem)
+    return None if seed is None else Ed25519PrivateKey.from_private_bytes(seed)
+
+
+def _pkcs8_ed25519_seed(pem: bytes) -> bytes | None:
+    """The 32-byte seed of an unencrypted PKCS#8 Ed25519 PEM; None for any other PEM."""
     lines = pem.strip().splitlines()
     if len(lines) < 3 or lines[0] != b"-----BEGIN PRIVATE KEY-----" \
             or lines[-1] != b"-----END PRIVATE KEY-----":
@@ -115,4 +141,4 @@ def _pkcs8_ed25519(pem: bytes):
         return None
     if len(der) != len(PKCS8_ED25519_PREFIX) + 32 or not der.startswith(PKCS8_ED25519_PREFIX):
         return None
-    return Ed25519PrivateKey.from_private_bytes(der[len(PKCS8_ED25519_PREFIX):])
+    return der[len(PKCS8_ED25519_PREFIX):]

@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tappass_host import signing, strictjson
-from tappass_host.audit import AuditError, AuditLog
+from tappass_host.audit import AuditError, AuditLog, VerifyReport
 from tappass_host.paths import HostPaths
 
 
@@ -92,6 +92,41 @@ def test_key_is_created_on_first_append_with_mode_0600(log, paths):
     log.append("trust.tofu")
     assert stat.S_IMODE(paths.audit_key.stat().st_mode) == 0o600
     assert stat.S_IMODE(paths.audit_log.stat().st_mode) == 0o600
+
+
+def test_the_audit_signer_signs_through_libcrypto_exactly_as_cryptography(log, paths):
+    """A key that exists signs through OpenSSL's libcrypto by ctypes, without
+    importing cryptography (issue 13); Ed25519 is deterministic, so its
+    signatures are byte for byte cryptography's with the same key."""
+    log.append("trust.tofu")  # makes the key (cryptography)
+    signer = signing.load_signer(paths.audit_key)
+    key = signing.load_or_create_private_key(paths.audit_key)
+    assert type(signer).__module__ == "tappass_host.libcrypto"
+    assert signer.public_bytes_raw() == key.public_key().public_bytes_raw()
+    for message in (b"", b"a", b"\x00" * 3, bytes(range(256)) * 40):
+        assert signer.sign(message) == key.sign(message)
+        key.public_key().verify(signer.sign(message), message)
+    later = AuditLog.for_host(paths)
+    fill(later, 3)
+    assert later.verify() == VerifyReport(ok=True, events=4)
+
+
+def test_without_libcrypto_the_audit_log_signs_through_cryptography(log, paths, monkeypatch):
+    from tappass_host import libcrypto
+
+    log.append("trust.tofu")
+    monkeypatch.setattr(libcrypto, "_library", lambda: None)  # a Python with OpenSSL linked in
+    signer = signing.load_signer(paths.audit_key)
+    assert isinstance(signer, Ed25519PrivateKey)
+    fill(AuditLog.for_host(paths), 2)
+    assert AuditLog.for_host(paths).verify() == VerifyReport(ok=True, events=3)
+
+
+def test_a_seed_of_the_wrong_length_is_refused():
+    from tappass_host import libcrypto
+
+    with pytest.raises(ValueError, match="32 bytes"):
+        libcrypto.signer(b"\x01" * 31)
 
 
 def test_details_must_be_json_serializable(log, paths):
