@@ -12,15 +12,15 @@ The package directory is mounted read-only at /opt/agent.
 import os
 import posixpath
 import re
-import tomllib
-from collections.abc import Mapping
+import stat
+from collections import namedtuple
 from pathlib import Path
 from types import MappingProxyType
-from typing import NamedTuple
 
 from tappass_host.errors import TappassError
 
 MANIFEST = "tappass-agent.toml"
+MAX_MANIFEST_BYTES = 256 * 1024
 RESTART_POLICIES = ("no", "on-failure", "always")
 ROOTFS_TYPES = ("host", "image")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -37,15 +37,12 @@ class BadAgent(TappassError):
     """The agent package or its manifest is unusable."""
 
 
-class AgentManifest(NamedTuple):
-    name: str
-    version: str
-    entrypoint: tuple[str, ...]
-    directory: Path
-    restart: str = "no"
-    env: Mapping[str, str] = MappingProxyType({})
-    rootfs: str = "host"
-    image: str = ""  # rootfs "image": the image source (tappass_host.image.source)
+# name, version: str; entrypoint: tuple[str, ...]; directory: Path; restart: str;
+# env: a read-only mapping of str; rootfs: "host" or "image"; image: for rootfs
+# "image", the image source (tappass_host.image.source)
+AgentManifest = namedtuple(
+    "AgentManifest", "name version entrypoint directory restart env rootfs image",
+    defaults=("no", MappingProxyType({}), "host", ""))
 
 
 def _locate(spec: str) -> Path:
@@ -69,19 +66,46 @@ def _locate(spec: str) -> Path:
                    f"'tappass.agents' entry point (for a directory, give its path: ./{spec})")
 
 
-def load(spec: str) -> AgentManifest:
+def load(spec: str, cache: Path | None = None) -> AgentManifest:
+    """The manifest of the package `spec`; `cache`: where its parse may be
+    kept (tappass_host.toml_document)."""
+    from tappass_host import toml_document
+
     directory = _locate(spec)
     manifest = directory / MANIFEST
+    data = _read_manifest(manifest)
     try:
-        with open(manifest, "rb") as f:
-            doc = tomllib.load(f)
-    except FileNotFoundError:
-        raise BadAgent(f"agent package {directory} has no {MANIFEST}") from None
-    except OSError as exc:
-        raise BadAgent(f"cannot read {manifest}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+        doc = toml_document.parse(data, cache)
+    except UnicodeDecodeError as exc:
+        raise BadAgent(f"{manifest} is not UTF-8 text (byte {exc.start} is not UTF-8)") from None
+    except ValueError as exc:
         raise BadAgent(f"{manifest} is not valid TOML: {exc}") from None
     return _parse(doc, directory, manifest)
+
+
+def _read_manifest(manifest: Path) -> bytes:
+    """The manifest's bytes: a regular file of at most MAX_MANIFEST_BYTES (the
+    package is hostile input: not a FIFO to hang on, nor a file to fill memory)."""
+    try:
+        fd = os.open(manifest, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise BadAgent(f"agent package {manifest.parent} has no {MANIFEST}") from None
+    except OSError as exc:
+        raise BadAgent(f"cannot read {manifest}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BadAgent(f"{manifest} is not a regular file")
+        data = b""
+        while len(data) <= MAX_MANIFEST_BYTES and (chunk := os.read(fd, MAX_MANIFEST_BYTES + 1)):
+            data += chunk
+    except OSError as exc:
+        raise BadAgent(f"cannot read {manifest}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise BadAgent(f"{manifest} is larger than {MAX_MANIFEST_BYTES // 1024} KiB")
+    return data
 
 
 def _parse(doc: dict, directory: Path, where: Path) -> AgentManifest:

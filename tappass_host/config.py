@@ -6,14 +6,14 @@ optional: without it every default applies.
 """
 
 import copy
+from collections import namedtuple
 from pathlib import Path
-from typing import Any, NamedTuple
 
 from tappass_host.errors import ConfigError
 
 OCI_SCHEMA_DIR = "/usr/share/gocode/src/github.com/opencontainers/runtime-spec/schema"
 
-DEFAULTS: dict[str, Any] = {
+DEFAULTS: dict = {
     "runtime": "crun",
     "runtime_path": "",  # empty: look the runtime up on PATH
     "conmon_path": "",
@@ -93,12 +93,13 @@ BOUNDS = {
 }
 
 
-class Config(NamedTuple):
-    values: dict[str, Any]
-    source: Path | None
+class Config(namedtuple("Config", "values source")):
+    """values: the merged settings (dict); source: the file read (Path), None for none."""
 
-    def __getitem__(self, key: str) -> Any:
-        node: Any = self.values
+    __slots__ = ()
+
+    def __getitem__(self, key: str):
+        node = self.values
         for part in key.split("."):
             node = node[part]
         return node
@@ -109,7 +110,7 @@ class Config(NamedTuple):
         return low, high
 
 
-def _type_name(value: Any) -> str:
+def _type_name(value) -> str:
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
             list: "a list", dict: "a table"}[type(value)]
 
@@ -180,8 +181,9 @@ def _check_agent_id_range(text: str) -> None:
         raise ConfigError("config key 'agent_id_range' must be a non-empty range above 0")
 
 
-def load(path: Path | None, required: bool = False) -> Config:
-    """Load `path` over the defaults. A missing file is fine unless `required`."""
+def load(path: Path | None, required: bool = False, cache: Path | None = None) -> Config:
+    """Load `path` over the defaults. A missing file is fine unless `required`.
+    `cache`: where its parse may be kept (tappass_host.toml_document)."""
     given: dict = {}
     data = b""
     if path is not None:
@@ -195,15 +197,15 @@ def load(path: Path | None, required: bool = False) -> Config:
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     if data.strip():  # tomllib (its regexes) only for a file that says something
-        import tomllib
+        from tappass_host import toml_document
 
         try:
-            given = tomllib.loads(data.decode())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+            given = toml_document.parse(data, cache)
         except UnicodeDecodeError as exc:
             raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start} is "
                               "not UTF-8)") from None
+        except ValueError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     values = _merge(DEFAULTS, given, "")
     _check_agent_id_range(values["agent_id_range"])
     _check_address_pool(values["network"]["address_pool"])

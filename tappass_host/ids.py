@@ -23,7 +23,7 @@ sandboxes never share an id even when started concurrently.
 """
 
 import os
-from typing import NamedTuple
+from collections import namedtuple
 
 from tappass_host import sandbox_record
 from tappass_host import statefile
@@ -47,12 +47,11 @@ class IdsDelegated(TappassError):
     """A root-mode agent id lies in a user's subordinate range."""
 
 
-class IdSpace(NamedTuple):
+class IdSpace(namedtuple("IdSpace", "own subordinate")):
     """The ids this process can give a sandbox, in this process's numbering:
-    its own, and its subordinate ranges as (start, count)."""
+    its own (int), and its subordinate ranges as (start, count) pairs."""
 
-    own: int
-    subordinate: tuple[tuple[int, int], ...]
+    __slots__ = ()
 
     @property
     def size(self) -> int:
@@ -147,13 +146,10 @@ def subordinate_ids() -> tuple[IdSpace, IdSpace]:
     return _subid_file("uid", os.geteuid()), _subid_file("gid", os.getegid())
 
 
-class AgentIds(NamedTuple):
-    uid: int                # process.user inside the sandbox
-    gid: int
-    owner_uid: int          # the same ids as this process numbers them (for chown)
-    owner_gid: int
-    uid_mappings: tuple[dict, ...] = ()   # rootless only
-    gid_mappings: tuple[dict, ...] = ()
+# uid, gid: process.user inside the sandbox; owner_uid, owner_gid: the same ids as this
+# process numbers them (for chown); uid_mappings, gid_mappings: rootless only
+AgentIds = namedtuple("AgentIds", "uid gid owner_uid owner_gid uid_mappings gid_mappings",
+                      defaults=((), ()))
 
 
 def _to_host(container_id: int, mappings: tuple[dict, ...]) -> int | None:

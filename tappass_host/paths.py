@@ -310,6 +310,12 @@ class HostPaths(namedtuple("HostPaths", "state runtime")):  # both Paths
         return self.bundle_cache / f"{key}.json"
 
     @property
+    def toml_cache(self) -> Path:
+        """The parses of the TOML documents starts read, by digest of their bytes
+        (tappass_host.toml_document), 0700, one 0600 entry per document."""
+        return self.state / "toml-cache"
+
+    @property
     def network(self) -> Path:
         """The egress proxy's runtime directory (tappass_host.network)."""
         return self.runtime / "network"

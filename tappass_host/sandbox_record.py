@@ -4,10 +4,9 @@ Written by enrollment, extended by `start`; always written atomically.
 """
 
 import json
-from collections.abc import Mapping
+from collections import namedtuple
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NamedTuple
 
 from tappass_host import statefile
 from tappass_host.errors import NotFound, TappassError
@@ -18,21 +17,16 @@ class BadRecord(TappassError):
     """sandbox.json exists but cannot be used."""
 
 
-class SandboxRecord(NamedTuple):
-    """Immutable: a change is a `_replace` and a `save`."""
-    name: str
-    sandbox_id: str
-    org_id: str
-    spiffe_id: str
-    sync_url: str
-    signing_keys: list[str]
-    threshold: int
-    created_at: str
-    agent: str | None = None
-    runtime: str | None = None
-    agent_uid: int | None = None
-    agent_gid: int | None = None
-    extra: Mapping[str, Any] = MappingProxyType({})  # fields other versions wrote; kept
+class SandboxRecord(namedtuple(
+        "SandboxRecord", "name sandbox_id org_id spiffe_id sync_url signing_keys threshold "
+                         "created_at agent runtime agent_uid agent_gid extra",
+        defaults=(None, None, None, None, MappingProxyType({})))):
+    """Immutable: a change is a `_replace` and a `save`. Strings but
+    signing_keys (list[str]), threshold (int), agent_uid and agent_gid (int);
+    agent, runtime, agent_uid and agent_gid None until set; extra: the fields
+    other versions wrote, kept (a read-only mapping)."""
+
+    __slots__ = ()
 
     def to_json(self) -> bytes:
         doc = {k: v for k, v in zip(self._fields, self) if k != "extra" and v is not None}

@@ -29,12 +29,10 @@ Only the built-in appliers: a third-party applier's code is not in the
 fingerprint, so a config naming one is never kept.
 
 Entries are `<state>/bundle-cache/<key>.json` (paths.HostPaths.bundle_cache),
-0600 in a 0700 directory owned by this user (a directory or entry with other
-owners or modes is not used). An entry's first line is `sha256:<hex>` of the
-rest; an entry that is unreadable, corrupt, of another format or key, or whose
-digest does not match is a miss, never an error: the full path runs and
-replaces it. A reuse sets the entry's mtime (the oldest go first past
-MAX_ENTRIES). Entries are written without fsync: a torn one is a miss.
+a cache of this user's alone (tappass_host.private_cache: 0600 in a 0700
+directory, a digest line before the body, at most MAX_ENTRIES); an entry that
+is unreadable, corrupt, of another format or key is a miss, never an error: the
+full path runs and replaces it.
 """
 
 import binascii
@@ -43,15 +41,16 @@ import json
 import os
 import stat
 import sys
+from collections import namedtuple
 from collections.abc import Iterable
 from pathlib import Path
-from typing import NamedTuple
 
 from tappass_host import __version__, landlock, systemd
 from tappass_host.oci import rootfs
 from tappass_host.paths import HostPaths
 from tappass_host.processes import is_host_netns
-from tappass_host.statefile import prune_oldest, write_runtime_file
+from tappass_host.private_cache import PrivateCache
+from tappass_host.statefile import write_runtime_file
 
 FORMAT = 1
 MAX_ENTRIES = 64
@@ -64,19 +63,19 @@ WHEEL_RECORD = "tappass_host-{version}.dist-info/RECORD"  # the install's metada
 RECORD_WRITTEN_BY_START = ("agent", "runtime", "image")
 
 
-class Prepared(NamedTuple):
-    """What a start writes into its bundle, rendered and checked once."""
+class Prepared(namedtuple("Prepared", "config layers inputs agent_env mounts files warnings "
+                                       "restart unavailable facts")):
+    """What a start writes into its bundle, rendered and checked once:
+    config: bytes, config.json; layers: bytes, layers.json (provenance,
+    warnings, ...); inputs: bytes, layer-inputs.json (tappass_host.layers.files);
+    agent_env: list[str] | None, the launcher's AGENT_ENV (None: no launcher);
+    mounts: list[str], mount destinations, made in the rootfs; files:
+    dict[str, bytes], every layer's files in the keyring version; warnings:
+    tuple[str, ...]; restart: frozenset[str]; unavailable: tuple[tuple[str,
+    str], ...]; facts: dict[str, list], fact_paths -> path_fact, before the
+    invariants."""
 
-    config: bytes                         # config.json
-    layers: bytes                         # layers.json: provenance, warnings, ...
-    inputs: bytes                         # layer-inputs.json (tappass_host.layers.files)
-    agent_env: list[str] | None           # the launcher's AGENT_ENV (None: no launcher)
-    mounts: list[str]                     # mount destinations, made in the rootfs
-    files: dict[str, bytes]               # every layer's files in the keyring version
-    warnings: tuple[str, ...]
-    restart: frozenset[str]
-    unavailable: tuple[tuple[str, str], ...]
-    facts: dict[str, list]                # fact_paths -> path_fact, before the invariants
+    __slots__ = ()
 
 
 # --- the key ---------------------------------------------------------------
@@ -256,19 +255,8 @@ def _same_facts(stored: dict[str, list]) -> bool:
 # --- entries ---------------------------------------------------------------
 
 
-def _directory(paths: HostPaths, create: bool = True) -> Path | None:
-    """The cache directory (`create`: made 0700 if missing); None when it is
-    not there or not ours alone."""
-    directory = paths.bundle_cache
-    try:
-        if create:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = os.lstat(directory)
-    except OSError:
-        return None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        return None
-    return directory
+def _cache(paths: HostPaths) -> PrivateCache:
+    return PrivateCache(paths.bundle_cache, MAX_ENTRIES)
 
 
 def _encode(key: str, prepared: Prepared) -> bytes:
@@ -283,13 +271,10 @@ def _encode(key: str, prepared: Prepared) -> bytes:
         "unavailable": [list(pair) for pair in prepared.unavailable],
         "facts": prepared.facts,
     }, sort_keys=True, separators=(",", ":")).encode()
-    return b"sha256:" + hashlib.sha256(body).hexdigest().encode() + b"\n" + body
+    return body
 
 
-def _decode(data: bytes, key: str) -> Prepared | None:
-    header, _, body = data.partition(b"\n")
-    if header != b"sha256:" + hashlib.sha256(body).hexdigest().encode():
-        return None
+def _decode(body: bytes, key: str) -> Prepared | None:
     try:
         doc = json.loads(body)
         if doc["format"] != FORMAT or doc["key"] != key:
@@ -310,50 +295,23 @@ def _decode(data: bytes, key: str) -> Prepared | None:
         return None
 
 
-def _read(path: Path) -> bytes | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            return None
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read()
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
 def lookup(paths: HostPaths, key: str | None) -> Prepared | None:
     """The prepared bundle kept under `key`, if it is intact and the host
     paths it was checked against are as they were; else None."""
-    if key is None or _directory(paths, create=False) is None:
+    if key is None:
         return None
-    entry = paths.bundle_cache_entry(key)
-    data = _read(entry)
-    prepared = _decode(data, key) if data is not None else None
+    body = _cache(paths).read(paths.bundle_cache_entry(key).name)
+    prepared = _decode(body, key) if body is not None else None
     if prepared is None or not _same_facts(prepared.facts):
         return None
-    try:
-        os.utime(entry)
-    except OSError:
-        pass
     return prepared
 
 
 def keep(paths: HostPaths, key: str | None, prepared: Prepared) -> None:
     """Keep `prepared` (which passed the invariants and the schema) for the
     next start of the same inputs. A cache: failing to write it is nothing."""
-    if key is None or (directory := _directory(paths)) is None:
-        return
-    try:
-        write_runtime_file(paths.bundle_cache_entry(key), _encode(key, prepared), 0o600)
-        prune_oldest(directory, MAX_ENTRIES)
-    except OSError:
-        pass
+    if key is not None:
+        _cache(paths).write(paths.bundle_cache_entry(key).name, _encode(key, prepared))
 
 
 # --- a start's own part ----------------------------------------------------

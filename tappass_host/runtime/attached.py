@@ -12,17 +12,15 @@ the cgroup's `oom_kill` counter, and only then delete the container.
 
 import os
 import signal as signals
+from collections import namedtuple
 from pathlib import Path
-from typing import NamedTuple
 
 from tappass_host import libc, paths
 
 PR_SET_CHILD_SUBREAPER = 36
 
 
-class Exit(NamedTuple):
-    code: int
-    oom: bool
+Exit = namedtuple("Exit", "code oom")  # int, bool
 
 
 def become_subreaper() -> None:

@@ -11,8 +11,8 @@ message) to it; the caller then runs `<runtime> start`.
 
 import json
 import os
+from collections import namedtuple
 from pathlib import Path
-from typing import NamedTuple
 
 from tappass_host import paths
 from tappass_host.errors import TappassError
@@ -22,10 +22,10 @@ class MonitorError(TappassError):
     pass
 
 
-class MonitorFiles(NamedTuple):
-    """conmon's files for one sandbox, under `<runtime>/<name>/`."""
+class MonitorFiles(namedtuple("MonitorFiles", "root")):
+    """conmon's files for one sandbox, under `<runtime>/<name>/` (root: Path)."""
 
-    root: Path
+    __slots__ = ()
 
     @property
     def conmon_pid(self) -> Path:

@@ -7,7 +7,7 @@ the CLI is a thin client and no process of ours stays behind per sandbox.
 import os
 import signal as signals
 import sys
-from typing import NamedTuple
+from collections import namedtuple
 
 from tappass_host import clock
 from tappass_host.paths import HostPaths, SandboxPaths
@@ -57,13 +57,12 @@ def _refuse_expired(name: str, keyring: dict) -> None:
             f"{keyring.get('expires_at')}: run 'tappass-host daemon' or 'sync apply' a fresh one")
 
 
-class Started(NamedTuple):
-    name: str
-    pid: int
-    runtime: str
-    policy_version: int
-    warnings: tuple[str, ...]
-    exit_code: int | None = None  # foreground only
+class Started(namedtuple("Started", "name pid runtime policy_version warnings exit_code",
+                         defaults=(None,))):
+    # name: str, pid: int, runtime: str, policy_version: int, warnings: tuple[str, ...],
+    # exit_code: int | None (foreground only). collections', not typing's: typing is
+    # 12M instructions of a start (issue 13; as tappass_host.keyring)
+    __slots__ = ()
 
 
 def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: str | None = None,
@@ -82,7 +81,7 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
     from tappass_host.runtime import monitor
 
     sandbox = ensure_known(paths, name)
-    manifest = agent.load(agent_spec)
+    manifest = agent.load(agent_spec, paths.toml_cache)
     if not image:  # from an image: checked in its root (_admit_image)
         agent.check_entrypoint(manifest)
     runtime = find_runtime(paths, config, runtime_name)
