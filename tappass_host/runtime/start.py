@@ -16,7 +16,7 @@ from tappass_host.runtime import container_id, runintent
 from tappass_host.runtime.runstate import (
     LifecycleError, ensure_known, host_lock, is_running, monitor_files, read_json,
     restart_aspects, running_names, state_file, write_exit, write_state)
-from tappass_host.runtime.stop import detach_network, release_image_root, release_workspace
+from tappass_host.runtime.stop import Release, detach_network, release
 
 
 def exit_command(paths: HostPaths, name: str) -> list[str]:
@@ -204,12 +204,13 @@ def _run_attached(paths: HostPaths, name: str, sandbox: SandboxPaths, state: dic
         ended = attached.run(creating)
     finally:
         deleting = _deleting(creating)  # its cgroup counted OOM kills until now
+        releasing = Release(paths, name, ours=True)
         try:
             if ended is not None:
                 write_exit(paths, name, ended.code, oom=ended.oom,
                            started_at=state["started_at"])
         finally:
-            _end_attached(paths, name, sandbox, remove, deleting)
+            _end_attached(paths, name, sandbox, remove, deleting, releasing)
     return ended.code
 
 
@@ -249,15 +250,16 @@ def _deleting(creating):
 
 
 def _end_attached(paths: HostPaths, name: str, sandbox: SandboxPaths, remove: bool,
-                  deleting) -> None:
+                  deleting, releasing=None) -> None:
     """After an attached run: its network, workspace and image root released
-    while the runtime deletes the container; then its state (which kept any
-    other start of it out until the container was gone) and, with --rm, its
-    runtime directory removed."""
+    (by `releasing`, if begun) while the runtime deletes the container; then
+    its state (which kept any other start of it out until the container was
+    gone) and, with --rm, its runtime directory removed."""
     try:
-        detach_network(paths, name)
-        release_workspace(paths, name, ours=True)
-        release_image_root(paths, name, ours=True)
+        if releasing is not None:
+            releasing.wait()
+        else:
+            release(paths, name, ours=True)
     finally:
         if deleting is not None:
             deleting.wait()

@@ -49,6 +49,7 @@ def stop(paths: HostPaths, name: str, runtime, timeout: float = 10,
         wait_ended(state["pid"], None, 10)
     # a foreground start deletes its container after the exit it records
     deleting = None if state.get("foreground") else runtime.begin_delete(cid)
+    releasing = Release(paths, name)
     unrecorded = []
     try:
         exit_record = _recorded_exit(paths, name, state)
@@ -58,10 +59,9 @@ def stop(paths: HostPaths, name: str, runtime, timeout: float = 10,
         files = monitor_files(sandbox)
         exit_record = exit_details(files.exit_code(), files.oom_killed(), clock.now_text("microseconds"))
         unrecorded.append(("its exit", exc))
-    (deleting or runtime.begin_delete(cid)).wait()
-    detach_network(paths, name)
-    release_workspace(paths, name)
-    release_image_root(paths, name)
+    finally:
+        (deleting or runtime.begin_delete(cid)).wait()
+        releasing.wait()
     try:
         with statefile.locked(sandbox.exit_lock):  # the exit's appends are done
             recorded = any(e.get("event") == "sandbox.stopped" and e.get("sandbox") == name
@@ -115,12 +115,47 @@ def exit_hook(paths: HostPaths, name: str) -> dict | None:
     """conmon's exit command. conmon runs it even when `<runtime> create`
     failed, i.e. when no agent ever ran (and `start` has undone itself): it
     then has no exit code, and there is no exit to record."""
+    releasing = Release(paths, name)
+    try:
+        if monitor_files(paths.sandbox(name)).exit_code() is None:
+            return None
+        return record_exit_from_monitor(paths, name)
+    finally:
+        releasing.wait()
+
+
+def release(paths: HostPaths, name: str, *, ours: bool = False) -> None:
+    """What a run holds once its agent has ended, let go: its network, its
+    workspace's mount, its image root (`ours`: release_workspace's)."""
     detach_network(paths, name)
-    release_workspace(paths, name)
-    release_image_root(paths, name)
-    if monitor_files(paths.sandbox(name)).exit_code() is None:
-        return None
-    return record_exit_from_monitor(paths, name)
+    release_workspace(paths, name, ours=ours)
+    release_image_root(paths, name, ours=ours)
+
+
+class Release:
+    """`release` in a thread of its own, begun once the agent has ended, while
+    the caller records the exit: the one waits on a trim and an unmount, the
+    other on fsyncs, neither on the other (issue 13). `wait` raises what the
+    release raised."""
+
+    def __init__(self, paths: HostPaths, name: str, *, ours: bool = False):
+        import threading
+
+        self.error = None
+        self.thread = threading.Thread(target=self._release, args=(paths, name, ours),
+                                       name=f"release {name}")
+        self.thread.start()
+
+    def _release(self, paths: HostPaths, name: str, ours: bool) -> None:
+        try:
+            release(paths, name, ours=ours)
+        except BaseException as exc:
+            self.error = exc
+
+    def wait(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def release_workspace(paths: HostPaths, name: str, *, ours: bool = False) -> None:
