@@ -15,7 +15,6 @@ class with the module (under tappass_host/) that defines and raises it:
         BadKey                      signing.py
         BadRecord                   sandbox_record.py
         NoFreeIds                   ids.py
-        IdsDelegated                ids.py
         RootlessUnsupported         ids.py
         UserNamespaceUnavailable    userns.py
         TooLarge                    responses.py

@@ -43,10 +43,6 @@ class RootlessUnsupported(TappassError):
     pass
 
 
-class IdsDelegated(TappassError):
-    """A root-mode agent id lies in a user's subordinate range."""
-
-
 class IdSpace(namedtuple("IdSpace", "own subordinate")):
     """The ids this process can give a sandbox, in this process's numbering:
     its own (int), and its subordinate ranges as (start, count) pairs."""
@@ -110,20 +106,24 @@ def _subid_lines(kind: str) -> list[tuple[str, int, int]]:
     return lines
 
 
-def _refuse_delegated(name: str, uid: int, gid: int) -> None:
-    """A root-mode agent's ids must be no user's subordinate ids: that user
-    could map them in a user namespace of its own and be the agent on this
-    host (signal it, write its workspace). On a stock Debian, the second user
-    given subordinate ids gets 165536-231071, which covers the start of the
-    default agent_id_range."""
+def _delegated() -> dict:
+    """Every user's subordinate ranges, by kind (uid, gid)."""
+    return {kind: _subid_lines(kind) for kind in ("uid", "gid")}
+
+
+def _delegation(uid: int, gid: int, ranges: dict) -> str | None:
+    """Whose subordinate ids `uid` or `gid` are, said in words (None: no
+    one's). A root-mode agent's ids must be no user's subordinate ids: that
+    user could map them in a user namespace of its own and be the agent on
+    this host (signal it, write its workspace). On a stock Debian, the second
+    user given subordinate ids gets 165536-231071, which covers the start of
+    the default agent_id_range."""
     for kind, agent_id in (("uid", uid), ("gid", gid)):
-        for owner, start, count in _subid_lines(kind):
+        for owner, start, count in ranges[kind]:
             if start <= agent_id < start + count:
-                raise IdsDelegated(
-                    f"sandbox {name!r}'s agent {kind} {agent_id} is one of {owner!r}'s "
-                    f"subordinate ids (/etc/sub{kind}: {start}-{start + count - 1}), so "
-                    f"{owner!r} could act as the agent: set agent_id_range outside every "
-                    f"range of /etc/subuid and /etc/subgid, or move {owner!r}'s range")
+                return (f"agent {kind} {agent_id} is one of {owner!r}'s subordinate ids "
+                        f"(/etc/sub{kind}: {start}-{start + count - 1})")
+    return None
 
 
 def id_spaces() -> tuple[IdSpace, IdSpace]:
@@ -147,9 +147,11 @@ def subordinate_ids() -> tuple[IdSpace, IdSpace]:
 
 
 # uid, gid: process.user inside the sandbox; owner_uid, owner_gid: the same ids as this
-# process numbers them (for chown); uid_mappings, gid_mappings: rootless only
-AgentIds = namedtuple("AgentIds", "uid gid owner_uid owner_gid uid_mappings gid_mappings",
-                      defaults=((), ()))
+# process numbers them (for chown); uid_mappings, gid_mappings: rootless only; moved: why
+# the sandbox's recorded ids were given up for these (None: they were not)
+AgentIds = namedtuple("AgentIds",
+                      "uid gid owner_uid owner_gid uid_mappings gid_mappings moved",
+                      defaults=((), (), None))
 
 
 def _to_host(container_id: int, mappings: tuple[dict, ...]) -> int | None:
@@ -162,19 +164,19 @@ def _to_host(container_id: int, mappings: tuple[dict, ...]) -> int | None:
 def agent_ids(paths: HostPaths, name: str, id_range: tuple[int, int]) -> AgentIds:
     """The agent ids of sandbox `name`, allocating (and recording) them if needed."""
     if not is_rootless():
-        record = _allocate(paths, name, id_range, rootless=False)
-        _refuse_delegated(name, record.agent_uid, record.agent_gid)
-        return AgentIds(record.agent_uid, record.agent_gid, record.agent_uid, record.agent_gid)
+        record, moved = _allocate(paths, name, id_range, rootless=False)
+        return AgentIds(record.agent_uid, record.agent_gid, record.agent_uid, record.agent_gid,
+                        moved=moved)
     uids, gids = id_spaces()
     size = min(uids.size, gids.size)
     if size == 0:
         return _single_id(uids, gids)
     low = ROOTLESS_FIRST_AGENT_ID if size >= ROOTLESS_FIRST_AGENT_ID else 1
-    record = _allocate(paths, name, (low, size), rootless=True)
+    record, moved = _allocate(paths, name, (low, size), rootless=True)
     uid_maps, gid_maps = uids.mappings(), gids.mappings()
     return AgentIds(record.agent_uid, record.agent_gid,
                     _to_host(record.agent_uid, uid_maps), _to_host(record.agent_gid, gid_maps),
-                    uid_maps, gid_maps)
+                    uid_maps, gid_maps, moved)
 
 
 def _single_id(uids: IdSpace, gids: IdSpace) -> AgentIds:
@@ -198,28 +200,39 @@ def keyring_group(record) -> int | None:
 
 
 def _allocate(paths: HostPaths, name: str, id_range: tuple[int, int], rootless: bool):
-    """Return the record of `name`, with agent_uid/agent_gid allocated if absent
-    (or, rootless, if the recorded ids lie outside the ids we can map)."""
+    """(the record of `name`, with agent_uid/agent_gid allocated if absent,
+    why its recorded ids were given up or None). Given up: rootless, ids that
+    lie outside the ids we can map; as root, ids that are a user's subordinate
+    ids (_delegation), which a new allocation passes over too."""
     low, high = id_range
     paths.state.mkdir(parents=True, exist_ok=True)
     with statefile.locked(paths.agent_ids_lock):
         record = sandbox_record.load(paths, name)
-        if record.agent_uid is not None and record.agent_gid is not None and (
-                not rootless or 1 <= min(record.agent_uid, record.agent_gid)
-                and max(record.agent_uid, record.agent_gid) <= high):
-            return record
+        moved = delegated = None
+        if record.agent_uid is not None and record.agent_gid is not None:
+            if rootless:
+                if 1 <= min(record.agent_uid, record.agent_gid) \
+                        and max(record.agent_uid, record.agent_gid) <= high:
+                    return record, None
+                moved = f"agent ids {record.agent_uid}:{record.agent_gid} cannot be mapped"
+            elif (moved := _delegation(record.agent_uid, record.agent_gid,
+                                       delegated := _delegated())) is None:
+                return record, None
         used = set()
         for other in paths.sandbox_names():
             if other != name:
                 rec = sandbox_record.load(paths, other)
                 used.update(x for x in (rec.agent_uid, rec.agent_gid) if x is not None)
-        free = next((i for i in range(low, high + 1) if i not in used), None)
+        delegated = {"uid": (), "gid": ()} if rootless else delegated or _delegated()
+        free = next((i for i in range(low, high + 1)
+                     if i not in used and _delegation(i, i, delegated) is None), None)
         if free is None:
             kind = "subordinate ids" if rootless else "agent_id_range"
-            raise NoFreeIds(f"no free agent id left in {kind} {low}-{high}")
+            unless = "" if rootless else " that is no user's subordinate id (/etc/subuid, /etc/subgid)"
+            raise NoFreeIds(f"no free agent id left in {kind} {low}-{high}{unless}")
         record = record._replace(agent_uid=free, agent_gid=free)
         sandbox_record.save(paths.sandbox(name), record)
-        return record
+        return record, moved
 
 
 def check_runtime(agent: AgentIds, runtime: str) -> None:

@@ -151,9 +151,33 @@ def _trim_on_own_mount(sandbox: SandboxPaths) -> None:
 
 
 def _give(workspace: Path, uid: int, gid: int) -> None:
+    """The workspace to the agent: its root and, when the sandbox's agent ids
+    have moved since the last run (tappass_host.ids: the root belongs to
+    other ids than root's), the files the last ids owned."""
     if os.geteuid() == 0:
+        st = os.lstat(workspace)
+        if st.st_uid != 0 and (st.st_uid, st.st_gid) != (uid, gid):
+            _hand_over(workspace, st.st_dev, (st.st_uid, st.st_gid), (uid, gid))
         os.chown(workspace, uid, gid)
     os.chmod(workspace, 0o700)
+
+
+def _hand_over(top: Path, device: int, old: tuple[int, int], new: tuple[int, int]) -> None:
+    """Give every entry under `top` that `old` (uid, gid) owned to `new`:
+    symlinks themselves (never followed), nothing on another filesystem. The
+    agent is not running (start holds the host lock)."""
+    for directory, subdirectories, files in os.walk(top):
+        for name in [*subdirectories, *files]:
+            path = os.path.join(directory, name)
+            st = os.lstat(path)
+            if st.st_dev != device:
+                if name in subdirectories:
+                    subdirectories.remove(name)  # a mount inside: not ours to change
+                continue
+            uid = new[0] if st.st_uid == old[0] else -1
+            gid = new[1] if st.st_gid == old[1] else -1
+            if (uid, gid) != (-1, -1):
+                os.lchown(path, uid, gid)
 
 
 def _has_entries(directory: Path) -> bool:

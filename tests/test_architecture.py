@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "tappass_host", "paths", "statefile", "clock", "errors", "config", "strictjson",
         "unixaddress", "domains", "responses", "shipped", "signing", "sandbox_record", "ids",
         "libc", "loopdev", "workspace", "agent", "audit", "systemd", "processes", "userns",
-        "sandbox_launcher")),
+        "sandbox_launcher", "libcrypto", "private_cache", "toml_document")),
     # The keyring (envelope, verification, the store), and the TLS contexts
     # pinned to the control plane's CA.
     ("keyring and the pinned TLS", ("keyring", "identity.tls")),

@@ -392,19 +392,54 @@ def test_detached_lifecycle_in_one_user_namespace(runtime, rootless_users):
     assert docs[1]["state"] == "exited" and docs[1]["exit"]["code"] == 0
 
 
-def test_a_root_agent_id_among_a_users_subordinate_ids_is_refused(host, tmp_path, monkeypatch):
+def test_a_root_agent_id_among_a_users_subordinate_ids_is_given_up(host, tmp_path, monkeypatch):
     """That user could map the id in a user namespace of its own and be the agent on this
     host. On a stock Debian the second user given subordinate ids gets 165536-231071,
-    across the start of the default agent_id_range (200000-299999)."""
+    across the start of the default agent_id_range (200000-299999): a new sandbox passes
+    over those ids, and one that has them is given others (its start warns)."""
     name = host.enroll(unique_name("delegated"))
     monkeypatch.setattr(ids, "SUBORDINATE_IDS", str(tmp_path / "sub{kind}id"))
     for kind in "ug":
         (tmp_path / f"sub{kind}id").write_text("alice:100000:65536\n")
-    assert ids.agent_ids(host.paths, name, (200000, 299999)).uid == 200000
+    first = ids.agent_ids(host.paths, name, (200000, 299999))
+    assert (first.uid, first.gid, first.moved) == (200000, 200000, None)
     (tmp_path / "subgid").write_text("alice:100000:65536\nbob:165536:65536\n")
-    with pytest.raises(ids.IdsDelegated) as refused:
-        ids.agent_ids(host.paths, name, (200000, 299999))
-    assert str(refused.value).startswith(
-        f"sandbox {name!r}'s agent gid 200000 is one of 'bob''s subordinate ids "
-        "(/etc/subgid: 165536-231071), so 'bob' could act as the agent: set agent_id_range")
-    assert "\n" not in str(refused.value)
+    moved = ids.agent_ids(host.paths, name, (200000, 299999))
+    assert (moved.uid, moved.gid, moved.owner_uid) == (231072, 231072, 231072)
+    assert moved.moved == ("agent gid 200000 is one of 'bob''s subordinate ids "
+                           "(/etc/subgid: 165536-231071)")
+    assert ids.agent_ids(host.paths, name, (200000, 299999)).moved is None  # recorded
+    other = host.enroll(unique_name("delegated"))
+    assert ids.agent_ids(host.paths, other, (200000, 299999)).uid == 231073
+    (tmp_path / "subuid").write_text("carol:200000:100000\n")  # the whole range
+    with pytest.raises(ids.NoFreeIds) as refused:
+        ids.agent_ids(host.paths, host.enroll(unique_name("delegated")), (200000, 299999))
+    assert str(refused.value) == ("no free agent id left in agent_id_range 200000-299999 that "
+                                  "is no user's subordinate id (/etc/subuid, /etc/subgid)")
+
+
+def test_a_workspace_follows_its_agents_moved_ids_and_nothing_else(tmp_path):
+    from tappass_host import workspace
+
+    top, outside = tmp_path / "workspace", tmp_path / "outside"
+    (top / "dir").mkdir(parents=True)
+    outside.write_text("host file")
+    for path in (top / "dir" / "file", top / "kept"):
+        path.write_text("x")
+    (top / "dir" / "link").symlink_to(outside)
+    for path in (top, top / "dir", top / "dir" / "file"):
+        os.lchown(path, 200000, 200000)
+    os.lchown(top / "dir" / "link", 200000, 200000)
+    os.chown(top / "kept", 4242, 200000)      # another owner, the old group
+    os.chown(outside, 200000, 200000)         # what the symlink points at: not followed
+    workspace._give(top, 231072, 231072)
+    owners = {p.name: (os.lstat(p).st_uid, os.lstat(p).st_gid)
+              for p in (top, top / "dir", top / "dir" / "file", top / "dir" / "link",
+                        top / "kept", outside)}
+    assert owners == {"workspace": (231072, 231072), "dir": (231072, 231072),
+                      "file": (231072, 231072), "link": (231072, 231072),
+                      "kept": (4242, 231072), "outside": (200000, 200000)}
+    os.chown(top, 0, 0)  # a workspace new to its agent: nothing else is changed
+    os.chown(top / "kept", 4242, 4242)
+    workspace._give(top, 300001, 300001)
+    assert os.lstat(top / "kept").st_gid == 4242 and os.lstat(top / "dir").st_uid == 231072

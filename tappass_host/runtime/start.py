@@ -130,6 +130,10 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
             workspace.release(sandbox)
             raise
         warnings = prepared.warnings + workspace_warnings
+        if agent_ids.moved:
+            warnings += (f"sandbox {name!r}'s {agent_ids.moved}: its agent runs as "
+                         f"{agent_ids.uid}:{agent_ids.gid} from now on, and its workspace's "
+                         "files were given to those ids",)
         if runtime.has_state(cid):
             runtime.delete(cid)  # a stopped container of an earlier run
         digest = admitted.digest if admitted else None
