@@ -17,6 +17,7 @@ from collections import namedtuple
 from pathlib import Path
 from types import MappingProxyType
 
+from tappass_host import toml_document
 from tappass_host.errors import TappassError
 
 MANIFEST = "tappass-agent.toml"
@@ -66,16 +67,14 @@ def _locate(spec: str) -> Path:
                    f"'tappass.agents' entry point (for a directory, give its path: ./{spec})")
 
 
-def load(spec: str, cache: Path | None = None) -> AgentManifest:
-    """The manifest of the package `spec`; `cache`: where its parse may be
-    kept (tappass_host.toml_document)."""
-    from tappass_host import toml_document
-
+def load(spec: str, paths=None) -> AgentManifest:
+    """The manifest of the package `spec`; `paths` (HostPaths): whose cache
+    its parse may be kept in (tappass_host.toml_document)."""
     directory = _locate(spec)
     manifest = directory / MANIFEST
     data = _read_manifest(manifest)
     try:
-        doc = toml_document.parse(data, cache)
+        doc = toml_document.parse(data, paths)
     except UnicodeDecodeError as exc:
         raise BadAgent(f"{manifest} is not UTF-8 text (byte {exc.start} is not UTF-8)") from None
     except ValueError as exc:

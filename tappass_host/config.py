@@ -9,6 +9,7 @@ import copy
 from collections import namedtuple
 from pathlib import Path
 
+from tappass_host import toml_document
 from tappass_host.errors import ConfigError
 
 OCI_SCHEMA_DIR = "/usr/share/gocode/src/github.com/opencontainers/runtime-spec/schema"
@@ -181,9 +182,10 @@ def _check_agent_id_range(text: str) -> None:
         raise ConfigError("config key 'agent_id_range' must be a non-empty range above 0")
 
 
-def load(path: Path | None, required: bool = False, cache: Path | None = None) -> Config:
+def load(path: Path | None, required: bool = False, paths=None) -> Config:
     """Load `path` over the defaults. A missing file is fine unless `required`.
-    `cache`: where its parse may be kept (tappass_host.toml_document)."""
+    `paths` (HostPaths): whose cache its parse may be kept in
+    (tappass_host.toml_document)."""
     given: dict = {}
     data = b""
     if path is not None:
@@ -197,10 +199,8 @@ def load(path: Path | None, required: bool = False, cache: Path | None = None) -
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     if data.strip():  # tomllib (its regexes) only for a file that says something
-        from tappass_host import toml_document
-
         try:
-            given = toml_document.parse(data, cache)
+            given = toml_document.parse(data, paths)
         except UnicodeDecodeError as exc:
             raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start} is "
                               "not UTF-8)") from None

@@ -315,6 +315,9 @@ class HostPaths(namedtuple("HostPaths", "state runtime")):  # both Paths
         (tappass_host.toml_document), 0700, one 0600 entry per document."""
         return self.state / "toml-cache"
 
+    def toml_cache_entry(self, digest: str) -> Path:
+        return self.toml_cache / f"{digest}.json"
+
     @property
     def network(self) -> Path:
         """The egress proxy's runtime directory (tappass_host.network)."""

@@ -18,21 +18,21 @@ caller catches them without importing tomllib.
 import hashlib
 import json
 import sys
-from pathlib import Path
 
+from tappass_host.paths import HostPaths
 from tappass_host.private_cache import PrivateCache
 
 MAX_ENTRIES = 64
 _SALT = b"toml %d.%d\0" % sys.version_info[:2]
 
 
-def parse(data: bytes, cache: Path | None = None) -> dict:
-    """The document `data`; `cache`: the directory its parse is kept in."""
+def parse(data: bytes, paths: HostPaths | None = None) -> dict:
+    """The document `data`; `paths`: whose cache its parse is kept in."""
     text = data.decode("utf-8")
-    if cache is None:
+    if paths is None:
         return _parse(text)
-    store = PrivateCache(cache, MAX_ENTRIES)
-    name = hashlib.sha256(_SALT + data).hexdigest() + ".json"
+    store = PrivateCache(paths.toml_cache, MAX_ENTRIES)
+    name = paths.toml_cache_entry(hashlib.sha256(_SALT + data).hexdigest()).name
     kept = store.read(name)
     if kept is not None:
         try:

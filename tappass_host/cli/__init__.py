@@ -80,10 +80,10 @@ class Host:
         from tappass_host.paths import default_config_file
 
         # its parse kept in the state directory once the command has resolved it (start)
-        cache = self.paths.toml_cache if "paths" in vars(self) else None
+        paths = self.paths if "paths" in vars(self) else None
         if self.config_file is not None:
-            return config.load(self.config_file, required=True, cache=cache)
-        return config.load(default_config_file(), cache=cache)
+            return config.load(self.config_file, required=True, paths=paths)
+        return config.load(default_config_file(), paths=paths)
 
     def emit(self, data, text: str | None = None) -> None:
         """Print `data` as JSON under --json, else `text` (or nothing)."""

@@ -81,7 +81,7 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
     from tappass_host.runtime import monitor
 
     sandbox = ensure_known(paths, name)
-    manifest = agent.load(agent_spec, paths.toml_cache)
+    manifest = agent.load(agent_spec, paths)
     if not image:  # from an image: checked in its root (_admit_image)
         agent.check_entrypoint(manifest)
     runtime = find_runtime(paths, config, runtime_name)
