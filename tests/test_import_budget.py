@@ -49,13 +49,13 @@ UNUSED_STDLIB = {
     "start": set(),
     # a start of the same inputs as one before: the agent's manifest and the config file
     # parsed before (tappass_host.toml_document), no tomllib, and with it no typing
-    "start_reused": {"tomllib", "typing"},
+    "start_reused": {"tomllib", "typing", "contextlib", "threading"},
     # its run's state.json names the runtime: the config (tomllib) is not read; the
     # runtime's kill and delete are spawned (posix_spawn), not run by subprocess; no
     # shutil.which. It signs the exit's audit record (hashlib, base64, datetime, and
     # cryptography's typing) and unmounts the workspace (ctypes: libc's umount2), as the
     # exit hook does, whichever of the two comes first.
-    "stop": {"tomllib", "subprocess", "shutil", "contextlib", "typing"},
+    "stop": {"tomllib", "subprocess", "shutil", "contextlib", "typing", "threading"},
     "status": LEAN | {"contextlib"},  # it reads; statefile and keyring.store lock for writers
     "logs": LEAN | {"shutil", "hashlib", "datetime", "contextlib"},
     "_exited": {"tomllib", "typing"},  # conmon's exit hook reads no config
