@@ -59,6 +59,8 @@ FIELDS = frozenset({"seq", "ts", "event", "sandbox", "details", "prev_hash", "ha
 EVENT_NAME = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*")
 _HASH = re.compile(r"sha256:[0-9a-f]{64}")
 _BLOCK = 8192
+# the next append's record of the remains of one that never completed, cut off (_torn_tail)
+TORN_TAIL_CUT = "audit.torn_tail_cut"
 
 
 class AuditError(TappassError):
@@ -148,6 +150,22 @@ def _last_lines(fd: int, end: int, count: int) -> list[bytes]:
     if pos > 0:
         lines = lines[1:]  # may have started mid-line
     return lines[-count:] if count else []
+
+
+def _torn_tail(fd: int, size: int) -> int:
+    """How many bytes at the log's end follow its last newline: what is left of
+    an append that never completed. Every completed append ends in a newline
+    and is fsynced before it returns; SIGKILL can stop a write between two
+    pages (a crash, between the write and its fsync), and `_write_line`'s
+    truncation never runs. Such a tail is no event anyone was told of."""
+    pos = size
+    while pos > 0:
+        step = min(_BLOCK, pos)
+        pos -= step
+        newline = os.pread(fd, step, pos).rfind(b"\n")
+        if newline >= 0:
+            return size - (pos + newline + 1)
+    return size
 
 
 def _tail_events(fd: int, size: int, count: int) -> list[dict]:
@@ -253,14 +271,19 @@ class AuditLog:
 
             fcntl.flock(fd, fcntl.LOCK_EX)
             size = os.fstat(fd).st_size
+            cut = []
+            if torn := _torn_tail(fd, size):
+                size -= torn
+                os.ftruncate(fd, size)
+                cut = [(TORN_TAIL_CUT, {"bytes": torn}, None)]
             key = self._signing_key(log_is_empty=size == 0)
             last = _tail_events(fd, size, 1)
             seq, prev_hash = (last[0]["seq"], last[0]["hash"]) if last else (0, None)
             records = []
-            for event, details in events:
+            for event, details, of in [*cut, *((e, d, sandbox) for e, d in events)]:
                 seq += 1
                 record = {"seq": seq, "ts": clock.now_text("milliseconds"), "event": event,
-                          "sandbox": sandbox, "details": details, "prev_hash": prev_hash}
+                          "sandbox": of, "details": details, "prev_hash": prev_hash}
                 record["hash"] = prev_hash = event_hash(record)
                 record["sig"] = signing.PREFIX + base64.b64encode(
                     key.sign(record["hash"].encode("utf-8"))
@@ -269,7 +292,7 @@ class AuditLog:
             self._write_line(fd, size, b"".join(strictjson.canonical(r) + b"\n" for r in records))
             if size == 0:
                 statefile.fsync_dir(self.log_path.parent)
-            return records
+            return records[len(cut):]
         finally:
             os.close(fd)
 

@@ -306,17 +306,69 @@ def test_garbled_line_is_detected(log, paths, garble):
     assert (report.ok, report.broken_line) == (False, 5)
 
 
-def test_torn_last_line_is_detected_and_blocks_appends(log, paths):
+@pytest.mark.parametrize("missing", [30, 1])  # a torn line; only its newline missing
+def test_a_torn_last_line_is_reported_then_cut_by_the_next_append(log, paths, missing):
+    """What follows the last newline is what is left of an append that never
+    completed (SIGKILL between two pages of its write): `verify` reports it,
+    and the next append cuts it off, says so in the chain, and goes on."""
     fill(log, 4)
     data = paths.audit_log.read_bytes()
-    paths.audit_log.write_bytes(data[:-30])
-    assert_broken_at(log, 4, "truncated or garbled")
+    paths.audit_log.write_bytes(data[:-missing])
+    assert_broken_at(log, 4, "truncated or garbled" if missing > 1 else "does not end in a newline")
+    event = AuditLog.for_host(paths).append("trust.tofu")
+    assert event["event"] == "trust.tofu" and event["seq"] == 5
+    lines, before = read_lines(paths.audit_log), data.splitlines(keepends=True)
+    assert lines[:3] == before[:3]
+    cut = json.loads(lines[3])
+    torn = len(before[3]) - missing
+    assert (cut["event"], cut["sandbox"], cut["details"], cut["seq"]) == (
+        "audit.torn_tail_cut", None, {"bytes": torn}, 4)
+    assert log.verify() == VerifyReport(ok=True, events=5)
+
+
+def test_a_garbled_whole_last_line_still_blocks_appends(log, paths):
+    """Not a crash's remains (it ends in a newline): tampering or a damaged disk."""
+    fill(log, 3)
+    data = paths.audit_log.read_bytes()
+    paths.audit_log.write_bytes(data[:-20] + b"x" * 19 + b"\n")
     with pytest.raises(AuditError, match="damaged line"):
         log.append("trust.tofu")
-    assert paths.audit_log.read_bytes() == data[:-30]
+    assert paths.audit_log.read_bytes() == data[:-20] + b"x" * 19 + b"\n"
 
-    paths.audit_log.write_bytes(data[:-1])  # only the newline is missing
-    assert_broken_at(log, 4, "does not end in a newline")
+
+def test_appends_killed_at_random_instants_leave_a_log_that_verifies(paths):
+    """SIGKILL at random instants of appends (between two pages of a write,
+    now and then, as a keyring test's kill once landed): whatever a killed
+    append leaves, the next one goes on and the whole log verifies."""
+    import os
+    import random
+    import signal
+    import time
+
+    rng = random.Random(7)
+    big = {"blob": "x" * 20000}  # each line spans several pages
+    AuditLog.for_host(paths).append("trust.tofu")
+    for _ in range(30):
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            try:
+                child = AuditLog.for_host(paths)
+                while True:
+                    os.write(write_fd, b".")
+                    child.append("keyring.applied", "web", big)
+            finally:
+                os._exit(1)
+        os.close(write_fd)
+        os.read(read_fd, 1)
+        time.sleep(rng.uniform(0, 0.004))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read_fd)
+        AuditLog.for_host(paths).append("trust.tofu")
+        report = AuditLog.for_host(paths).verify()
+        assert report.ok, report
 
 
 def test_non_canonical_line_is_detected(log, paths):
