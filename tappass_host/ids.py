@@ -208,22 +208,21 @@ def _allocate(paths: HostPaths, name: str, id_range: tuple[int, int], rootless: 
     paths.state.mkdir(parents=True, exist_ok=True)
     with statefile.locked(paths.agent_ids_lock):
         record = sandbox_record.load(paths, name)
-        moved = delegated = None
+        delegated = {"uid": (), "gid": ()} if rootless else _delegated()
+        moved = None
         if record.agent_uid is not None and record.agent_gid is not None:
             if rootless:
                 if 1 <= min(record.agent_uid, record.agent_gid) \
                         and max(record.agent_uid, record.agent_gid) <= high:
                     return record, None
                 moved = f"agent ids {record.agent_uid}:{record.agent_gid} cannot be mapped"
-            elif (moved := _delegation(record.agent_uid, record.agent_gid,
-                                       delegated := _delegated())) is None:
+            elif (moved := _delegation(record.agent_uid, record.agent_gid, delegated)) is None:
                 return record, None
         used = set()
         for other in paths.sandbox_names():
             if other != name:
                 rec = sandbox_record.load(paths, other)
                 used.update(x for x in (rec.agent_uid, rec.agent_gid) if x is not None)
-        delegated = {"uid": (), "gid": ()} if rootless else delegated or _delegated()
         free = next((i for i in range(low, high + 1)
                      if i not in used and _delegation(i, i, delegated) is None), None)
         if free is None:

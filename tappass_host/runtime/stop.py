@@ -60,8 +60,10 @@ def stop(paths: HostPaths, name: str, runtime, timeout: float = 10,
         exit_record = exit_details(files.exit_code(), files.oom_killed(), clock.now_text("microseconds"))
         unrecorded.append(("its exit", exc))
     finally:
-        (deleting or runtime.begin_delete(cid)).wait()
-        releasing.wait()
+        try:
+            (deleting or runtime.begin_delete(cid)).wait()
+        finally:
+            releasing.wait()  # not left running while a failed delete is raised
     try:
         with statefile.locked(sandbox.exit_lock):  # the exit's appends are done
             recorded = any(e.get("event") == "sandbox.stopped" and e.get("sandbox") == name
