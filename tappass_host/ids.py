@@ -96,10 +96,11 @@ def _subid_lines(kind: str) -> list[tuple[str, int, int]]:
     """(owner, start, count) of each line of /etc/sub{u,g}id."""
     lines = []
     try:
-        with open(SUBORDINATE_IDS.format(kind=kind[0])) as f:
+        # errors="replace": a stray byte spoils only its own line (no name matches it)
+        with open(SUBORDINATE_IDS.format(kind=kind[0]), errors="replace") as f:
             for line in f:
                 fields = line.strip().split(":")
-                if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
+                if len(fields) == 3 and fields[1].isdecimal() and fields[2].isdecimal():
                     lines.append((fields[0], int(fields[1]), int(fields[2])))
     except FileNotFoundError:
         pass

@@ -418,6 +418,17 @@ def test_a_root_agent_id_among_a_users_subordinate_ids_is_given_up(host, tmp_pat
                                   "is no user's subordinate id (/etc/subuid, /etc/subgid)")
 
 
+def test_malformed_subordinate_id_lines_are_passed_over_not_trusted(host, tmp_path, monkeypatch):
+    """/etc/subuid is the administrator's, but a broken line must neither stop a start nor
+    hide the valid lines around it."""
+    monkeypatch.setattr(ids, "SUBORDINATE_IDS", str(tmp_path / "sub{kind}id"))
+    (tmp_path / "subuid").write_text("bob:abc:10\nbob:200000\n\ncarol:-5:10\nfrank:²:3\n"
+                                     "dave:200000:1:extra\nerin:200000:2\n")
+    (tmp_path / "subgid").write_bytes(b"\xff\xfe:1:2\n")
+    moved = ids.agent_ids(host.paths, host.enroll(unique_name("subid")), (200000, 299999))
+    assert (moved.uid, moved.gid) == (200002, 200002)  # erin's 200000-200001 passed over
+
+
 def test_a_workspace_follows_its_agents_moved_ids_and_nothing_else(tmp_path):
     from tappass_host import workspace
 
