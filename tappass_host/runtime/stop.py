@@ -116,14 +116,13 @@ def not_running(paths: HostPaths, name: str) -> LifecycleError:
 def exit_hook(paths: HostPaths, name: str) -> dict | None:
     """conmon's exit command. conmon runs it even when `<runtime> create`
     failed, i.e. when no agent ever ran (and `start` has undone itself): it
-    then has no exit code, and there is no exit to record."""
-    releasing = Release(paths, name)
-    try:
-        if monitor_files(paths.sandbox(name)).exit_code() is None:
-            return None
-        return record_exit_from_monitor(paths, name)
-    finally:
-        releasing.wait()
+    then has no exit code, and there is no exit to record. The release comes
+    first, not beside the record: an exit on record means the run has let go
+    of its mounts (which `status` readers and tests wait on)."""
+    release(paths, name)
+    if monitor_files(paths.sandbox(name)).exit_code() is None:
+        return None
+    return record_exit_from_monitor(paths, name)
 
 
 def release(paths: HostPaths, name: str, *, ours: bool = False) -> None:
