@@ -205,9 +205,11 @@ class Host:
         assert result.returncode == 0, result.stderr
         return result.stdout
 
-    def wait_log(self, name: str, text: str, timeout: float = 10) -> str:
-        return wait_for(lambda: out if text in (out := self.logs(name)) else None, timeout,
-                        what=f"{text!r} in the log of {name}")
+    def wait_log(self, name: str, text: str, timeout: float = 10, seen: int = 0) -> str:
+        """The log once it holds `text` more than `seen` times: the log is kept across
+        runs, so a run started again waits for one more than its log held before."""
+        return wait_for(lambda: out if (out := self.logs(name)).count(text) > seen else None,
+                        timeout, what=f"{text!r} in the log of {name}")
 
     def wait_exited(self, name: str, timeout: float = 10) -> dict:
         return wait_for(lambda: (s := self.status(name))["state"] == "exited" and s, timeout,

@@ -112,11 +112,13 @@ def test_start_and_stop_read_plainly_answer_as_click(host, runtime, tmp_path):
                                 "--runtime", runtime, "--foreground", "--rm")
     assert result.returncode == 3
     def start_waiting():
+        # Until its trap is set, a SIGTERM to the shell (PID 1 of its namespace) is dropped.
+        seen = host.logs(name).count("ready")
         started = host.run("start", name, "--agent", str(waiting), "--runtime", runtime)
         assert started.returncode == 0, started.stderr
         assert re.fullmatch(rf"{name}: started \(pid \d+, {runtime}, policy_version 1\)\n",
                             started.stdout)
-        host.wait_log(name, "ready")
+        host.wait_log(name, "ready", seen=seen)
 
     for form in (("--json", "stop", name, "--timeout", "10"), ("stop", name, "--timeout=5"),
                  ("stop", name)):  # a running agent for each

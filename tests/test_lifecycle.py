@@ -227,9 +227,10 @@ def test_stop_invokes_the_runtime_only_to_signal_and_delete(runtime, host, tmp_p
 
     def stop_calls() -> list[str]:
         host.started.append(name)
+        seen = host.logs(name).count("ready")
         assert host.run("start", name, "--agent", str(agent), "--runtime", runtime,
                         env=env).returncode == 0
-        host.wait_log(name, "ready")
+        host.wait_log(name, "ready", seen=seen)
         calls.write_text("")
         assert host.run("stop", name, "--timeout", "5", env=env).returncode == 0
         return [" ".join(line.split()[-3:]) for line in calls.read_text().splitlines()]
