@@ -2,7 +2,8 @@
 (DESIGN §8).
 
 Root mode: each sandbox's agent gets its own host UID/GID, allocated once
-from config `agent_id_range` and recorded in sandbox.json; no user namespace.
+from config `agent_id_range` and recorded in sandbox.json, moved only when
+they may no longer be the agent's (_given_up); no user namespace.
 
 Rootless mode: the sandbox gets a user namespace laid out as rootless podman
 lays out its own: container id 0 is the user, container ids 1..N are the
@@ -202,9 +203,7 @@ def keyring_group(record) -> int | None:
 
 def _allocate(paths: HostPaths, name: str, id_range: tuple[int, int], rootless: bool):
     """(the record of `name`, with agent_uid/agent_gid allocated if absent,
-    why its recorded ids were given up or None). Given up: rootless, ids that
-    lie outside the ids we can map; as root, ids that are a user's subordinate
-    ids (_delegation), which a new allocation passes over too."""
+    why its recorded ids were given up or None: _given_up)."""
     low, high = id_range
     paths.state.mkdir(parents=True, exist_ok=True)
     with statefile.locked(paths.agent_ids_lock):
@@ -212,12 +211,8 @@ def _allocate(paths: HostPaths, name: str, id_range: tuple[int, int], rootless: 
         delegated = {"uid": (), "gid": ()} if rootless else _delegated()
         moved = None
         if record.agent_uid is not None and record.agent_gid is not None:
-            if rootless:
-                if 1 <= min(record.agent_uid, record.agent_gid) \
-                        and max(record.agent_uid, record.agent_gid) <= high:
-                    return record, None
-                moved = f"agent ids {record.agent_uid}:{record.agent_gid} cannot be mapped"
-            elif (moved := _delegation(record.agent_uid, record.agent_gid, delegated)) is None:
+            moved = _given_up(record.agent_uid, record.agent_gid, id_range, rootless, delegated)
+            if moved is None:
                 return record, None
         used = set()
         for other in paths.sandbox_names():
@@ -233,6 +228,23 @@ def _allocate(paths: HostPaths, name: str, id_range: tuple[int, int], rootless: 
         record = record._replace(agent_uid=free, agent_gid=free)
         sandbox_record.save(paths.sandbox(name), record)
         return record, moved
+
+
+def _given_up(uid: int, gid: int, id_range: tuple[int, int], rootless: bool,
+              delegated: dict) -> str | None:
+    """Why recorded agent ids cannot stay, in words (None: they stay).
+    Rootless: ids outside the ids we can map. As root: ids outside the
+    configured agent_id_range (an operator who moves the range frees the old
+    one, for users say: an agent left there would share their ids), and ids
+    that are a user's subordinate ids (_delegation), which a new allocation
+    passes over too."""
+    low, high = id_range
+    if rootless:
+        return None if 1 <= min(uid, gid) and max(uid, gid) <= high \
+            else f"agent ids {uid}:{gid} cannot be mapped"
+    if not (low <= min(uid, gid) and max(uid, gid) <= high):
+        return f"agent ids {uid}:{gid} lie outside agent_id_range {low}-{high}"
+    return _delegation(uid, gid, delegated)
 
 
 def check_runtime(agent: AgentIds, runtime: str) -> None:

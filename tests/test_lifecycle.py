@@ -405,6 +405,42 @@ def test_starting_a_running_sandbox_and_stopping_a_stopped_one_are_clear_errors(
     assert "no sandbox named" in one_line_error(host.run("stop", "ghost"))
 
 
+def test_a_moved_agent_id_range_moves_a_stopped_agent_never_a_running_one(runtime, host):
+    """An operator moves agent_id_range to free the old one (for users, say): an agent left
+    there would share their ids. A start refused because the sandbox runs changes nothing
+    (its keyring and workspace stay its running agent's); the next start moves it."""
+    name = host.enroll(unique_name("idmove", runtime))
+    agent = python_agent(host.root / "ids-agent", """
+        import os, time
+        with open("/workspace/mine", "a") as f:
+            f.write("x")
+        print(f"agent ids {os.getuid()}:{os.getgid()}", flush=True)
+        time.sleep(600)
+    """)
+    assert host.start(name, agent, runtime).returncode == 0
+    host.wait_log(name, "agent ids")
+    record_file = host.paths.sandbox(name).record
+    old = json.loads(record_file.read_text())["agent_uid"]
+    assert 200000 <= old <= 299999
+    host.configure('agent_id_range = "300000-300999"\n')
+    error = one_line_error(host.start(name, agent, runtime))
+    assert error == f"tappass-host: error: sandbox {name!r} is already running"
+    record = json.loads(record_file.read_text())
+    assert (record["agent_uid"], record["agent_gid"]) == (old, old)
+    mine = host.paths.sandbox(name).workspace / "mine"
+    assert (os.stat(mine).st_uid, os.stat(mine).st_gid) == (old, old)
+
+    assert host.run("stop", name, "--timeout", "5").returncode == 0
+    moved = host.start(name, agent, runtime)
+    assert moved.returncode == 0, moved.stderr
+    assert (f"sandbox {name!r}'s agent ids {old}:{old} lie outside agent_id_range "
+            "300000-300999: its agent runs as 300000:300000 from now on") in moved.stderr
+    host.wait_log(name, "agent ids 300000:300000")
+    assert os.stat(mine).st_uid == os.stat(mine).st_gid == 300000
+    record = json.loads(record_file.read_text())
+    assert (record["agent_uid"], record["agent_gid"]) == (300000, 300000)
+
+
 def test_max_sandboxes_holds_under_concurrent_starts(runtime, host):
     host.configure("max_sandboxes = 2\n")
     names = [host.enroll(unique_name(f"cap{i}", runtime)) for i in range(4)]

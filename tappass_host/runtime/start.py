@@ -90,12 +90,7 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
     admitted = None
     if image or manifest.rootfs == "image":
         manifest, admitted = _admit_image(paths, config, name, manifest, image, keyring)
-    agent_ids = ids.agent_ids(paths, name, config.agent_id_range)
-    ids.check_runtime(agent_ids, runtime.name)
-    record = sandbox_record.load(paths, name)
     rootless = is_rootless()
-    if not rootless:  # rootless: the agent's host id is a mapped one; the runtime decides
-        agent.check_readable(manifest, agent_ids.uid, agent_ids.gid)
     cid = container_id(name)
     await_last_monitor(sandbox)
     with host_lock(paths):
@@ -106,6 +101,13 @@ def start(paths: HostPaths, name: str, agent_spec: str, config, runtime_name: st
             raise LifecycleError(
                 f"{len(running)} sandboxes are running, the limit (max_sandboxes) is "
                 f"{config['max_sandboxes']}: stop one first")
+        # Under the lock, once the sandbox is known not to run: the ids may move
+        # (ids._given_up), which a running agent's keyring and workspace must not see.
+        agent_ids = ids.agent_ids(paths, name, config.agent_id_range)
+        ids.check_runtime(agent_ids, runtime.name)
+        record = sandbox_record.load(paths, name)
+        if not rootless:  # rootless: the agent's host id is a mapped one; the runtime decides
+            agent.check_readable(manifest, agent_ids.uid, agent_ids.gid)
         store = store_for(paths, record)
         with store.transaction():
             store.adopt_group()
