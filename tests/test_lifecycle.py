@@ -421,8 +421,10 @@ def test_a_moved_agent_id_range_moves_a_stopped_agent_never_a_running_one(runtim
     host.wait_log(name, "agent ids")
     record_file = host.paths.sandbox(name).record
     old = json.loads(record_file.read_text())["agent_uid"]
-    assert 200000 <= old <= 299999
-    host.configure('agent_id_range = "300000-300999"\n')
+    assert 200000 <= old < 250000
+    # In the default range, away from stock Debian's subordinate ids (100000-231071 for two
+    # users) and from the test users' (300000 up, rootless_fixture)
+    host.configure('agent_id_range = "250000-250999"\n')
     error = one_line_error(host.start(name, agent, runtime))
     assert error == f"tappass-host: error: sandbox {name!r} is already running"
     record = json.loads(record_file.read_text())
@@ -434,11 +436,11 @@ def test_a_moved_agent_id_range_moves_a_stopped_agent_never_a_running_one(runtim
     moved = host.start(name, agent, runtime)
     assert moved.returncode == 0, moved.stderr
     assert (f"sandbox {name!r}'s agent ids {old}:{old} lie outside agent_id_range "
-            "300000-300999: its agent runs as 300000:300000 from now on") in moved.stderr
-    host.wait_log(name, "agent ids 300000:300000")
-    assert os.stat(mine).st_uid == os.stat(mine).st_gid == 300000
+            "250000-250999: its agent runs as 250000:250000 from now on") in moved.stderr
+    host.wait_log(name, "agent ids 250000:250000")
+    assert os.stat(mine).st_uid == os.stat(mine).st_gid == 250000
     record = json.loads(record_file.read_text())
-    assert (record["agent_uid"], record["agent_gid"]) == (300000, 300000)
+    assert (record["agent_uid"], record["agent_gid"]) == (250000, 250000)
 
 
 def test_max_sandboxes_holds_under_concurrent_starts(runtime, host):
