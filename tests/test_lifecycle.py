@@ -411,7 +411,8 @@ def test_a_moved_agent_id_range_moves_a_stopped_agent_never_a_running_one(runtim
     (its keyring and workspace stay its running agent's); the next start moves it."""
     name = host.enroll(unique_name("idmove", runtime))
     agent = python_agent(host.root / "ids-agent", """
-        import os, time
+        import os, signal, sys, time
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # PID 1: no default handling
         with open("/workspace/mine", "a") as f:
             f.write("x")
         print(f"agent ids {os.getuid()}:{os.getgid()}", flush=True)
