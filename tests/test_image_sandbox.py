@@ -98,8 +98,10 @@ def test_an_allowed_image_runs_and_the_agent_sees_its_root_not_the_hosts(runtime
     assert started[-1]["details"]["image"] == image.digest
     # Started and exited: the run's overlay and upper are gone, the shared root unchanged.
     host.wait_exited(name, timeout=60)
-    wait_for(lambda: not overlay_mounts(host), what="the overlay to be unmounted")
-    assert not host.paths.sandbox(name).image_layer.exists()
+    # The exit hook unmounts, then removes the upper: wait for both, not just the first.
+    layer = host.paths.sandbox(name).image_layer
+    wait_for(lambda: not overlay_mounts(host) and not layer.exists(),
+             what="the overlay to be unmounted and its upper removed")
 
 
 def test_the_shared_root_is_never_written(host, images, tmp_path):
